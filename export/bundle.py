@@ -1,0 +1,173 @@
+"""Writing a bundle: graphs, manifest, and the parity report that gates it.
+
+The bundle is assembled in a staging directory beside ``out``; only when every parity row
+passes is it moved into place. A failed export leaves ``OUT.rejected/`` for inspection and
+never a bundle that looks valid.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, Bundle, write_manifest
+from ..runtime.masks import make_masks, n_keep_for
+from ..runtime.preprocess import InputError, preprocess
+from .head import CinemaeHead
+from .model import MaskedAutoencoderViT
+from .onnx_export import OPSET, export_decoder, export_encoder, export_head
+from .parity import FP16_TOLERANCES, FP32_TOLERANCES, ParityRow, compare, format_rows
+from .reference import TorchReference
+
+
+class ParityError(RuntimeError):
+    """An exported form differs from the torch reference by more than its tolerance."""
+
+
+@dataclass
+class ExportOptions:
+    k: int = 2
+    mask_ratio: float = 0.75
+    mask_seed: int = 0
+    lam: float = 1.0
+    crop_ratio: float = 224 / 256
+    precisions: tuple[str, ...] = ("fp32",)
+    parity_images: list[Path] = field(default_factory=list)
+    parity_random: int = 4
+    tolerances: dict[str, float] | None = None
+    model_id: str = "cinemae"
+    model_version: str = "0"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    head_record: dict[str, Any] = field(default_factory=dict)  # training/calibration summary
+
+
+def parity_inputs(opts: ExportOptions, img_size: int) -> list[tuple[str, np.ndarray]]:
+    """(name, images [N, 3, S, S]) sets: random normal images, smooth synthetic images, and
+    the real files given (decoded and preprocessed by the runtime)."""
+    rng = np.random.default_rng(1234)
+    sets = [("random", rng.standard_normal((opts.parity_random, 3, img_size, img_size))
+             .astype(np.float32))]
+    yy, xx = np.mgrid[0:img_size, 0:img_size] / img_size
+    smooth = np.stack([np.stack([np.sin(3 * xx + i), np.cos(2 * yy - i), xx * yy], 0)
+                       for i in range(2)]).astype(np.float32) * 1.5
+    sets.append(("synthetic", smooth))
+    real = []
+    for p in opts.parity_images:
+        try:
+            real.append(preprocess(p, img_size, opts.crop_ratio))
+        except InputError:
+            continue
+    if real:
+        sets.append(("real", np.stack(real)))
+    return sets
+
+
+def _manifest(model: MaskedAutoencoderViT, head: CinemaeHead, opts: ExportOptions,
+              graphs: dict[str, dict[str, str]], trained: bool) -> dict[str, Any]:
+    cfg = model.cfg
+    rec = opts.head_record
+    decision = rec.get("decision") or {"threshold": 0.5, "abstain_band": [0.5, 0.5],
+                                       "calibration": None}
+    return {
+        "format_version": 1,
+        "model_id": opts.model_id,
+        "model_version": opts.model_version,
+        "backbone": cfg.to_dict(),
+        "target": "norm_pix" if cfg.norm_pix else "pixel",
+        "preprocess": {"img_size": cfg.img_size, "crop_ratio": opts.crop_ratio,
+                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       "resize": "shorter side to round(H/crop_ratio): area down, bicubic up"},
+        "k": opts.k,
+        "mask_ratio": opts.mask_ratio,
+        "n_keep": n_keep_for(cfg.num_patches, opts.mask_ratio),
+        "mask_seed": opts.mask_seed,
+        "lambda": opts.lam,
+        "head": {**head.cfg.to_dict(), "trained": trained,
+                 **({"note": "untrained head (random initialisation): scores are meaningless "
+                     "until `cinemae-train` writes a trained head"} if not trained else {}),
+                 **{k: v for k, v in rec.items() if k not in ("decision",)}},
+        "decision": decision,
+        "graphs": graphs,
+        "opset": OPSET,
+        "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "python": platform.python_version(), **_versions(), **opts.provenance},
+    }
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.PathLike[str],
+                  opts: ExportOptions, trained: bool = False, log: Callable[[str], None] = print
+                  ) -> tuple[Path, list[ParityRow]]:
+    """Export the three graphs (and FP16 variants when asked), check parity, and move the
+    bundle into ``out``. Raises ParityError (bundle left at ``OUT.rejected``) on failure."""
+    from ..runtime.backends.onnxruntime_cpu import OnnxRuntimeCPU
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "cinemae.json").is_file():
+        raise FileExistsError(f"{out} exists and is not a bundle; choose an empty or new --out")
+    stage = out.with_name(out.name + ".staging")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    cfg = model.cfg
+    model.eval()
+    head.eval()
+    n_keep = n_keep_for(cfg.num_patches, opts.mask_ratio)
+    log(f"exporting {cfg.embed_dim}x{cfg.depth} encoder, {cfg.decoder_embed_dim}x"
+        f"{cfg.decoder_depth} decoder, head ({head.cfg.fusion}) to {out}")
+    export_encoder(model, stage / "encoder.onnx")
+    export_decoder(model, stage / "decoder.onnx", n_keep)
+    export_head(head, cfg.num_patches, stage / "head.onnx")
+    graphs = {"fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "head": "head.onnx"}}
+    if "fp16" in opts.precisions:
+        from .fp16 import convert_graphs_fp16  # noqa: PLC0415
+
+        graphs["fp16"] = convert_graphs_fp16(stage, graphs["fp32"], model, log=log)
+    manifest = _manifest(model, head, opts, graphs, trained)
+    write_manifest(stage, manifest)
+
+    bundle = Bundle(stage)
+    masks = make_masks(cfg.num_patches, opts.k, opts.mask_ratio, opts.mask_seed)
+    ref = TorchReference(model, head, opts.lam)
+    rows: list[ParityRow] = []
+    for precision in graphs:
+        tol = dict(opts.tolerances or (FP32_TOLERANCES if precision == "fp32" else FP16_TOLERANCES))
+        backend = OnnxRuntimeCPU(bundle, precision)
+        for name, images in parity_inputs(opts, cfg.img_size):
+            rows.append(compare(ref, backend, images, masks, name, tol, bundle.threshold))
+        backend.close()
+    report = {"passed": all(r.passed for r in rows), "rows": [r.to_dict() for r in rows],
+              "reference": "torch eager fp32 (cinemae.export.reference)"}
+    (stage / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest["parity"] = {"passed": report["passed"],
+                          "max_logit_abs": {p: max(r.metrics["logit_abs"] for r in rows
+                                                   if r.form.endswith(p)) for p in graphs}}
+    write_manifest(stage, manifest)
+    log("parity (torch reference vs ONNX Runtime CPU):")
+    log(format_rows(rows))
+    if not report["passed"]:
+        rejected = out.with_name(out.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        os.replace(stage, rejected)
+        raise ParityError(f"parity failed; the bundle was not written (inspect {rejected})")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(stage, out)
+    return out, rows

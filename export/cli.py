@@ -1,0 +1,118 @@
+"""``cinemae-export``: checkpoint -> bundle (ONNX graphs, FP16 variants, parity report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cinemae-export",
+        description="Export a frozen MAE (+ CINEMAE head) to a cinemae bundle: ONNX graphs, "
+                    "FP16 variants and a parity report that fails the export when exceeded.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="facebookresearch/mae .pth (with decoder) or a Hugging "
+                     "Face ViTMAEForPreTraining state dict (.bin / .safetensors)")
+    src.add_argument("--arch", help="no checkpoint: random weights of a preset (vit-base, "
+                     "vit-large, vit-huge, tiny, ...) for latency work; marked in the manifest")
+    ap.add_argument("--head", help="a head file written by cinemae-train (default: an untrained "
+                    "head, stated in the manifest)")
+    ap.add_argument("--out", required=True, help="bundle directory to write")
+    ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                    help="fp16 also writes the fp32 graphs (the reference)")
+    ap.add_argument("--k", type=int, default=2, help="masking runs K (0..8)")
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--seed", type=int, default=0, help="mask seed")
+    ap.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    ap.add_argument("--crop-ratio", type=float, default=224 / 256)
+    ap.add_argument("--fusion", choices=["add", "concat", "gate"], default="add",
+                    help="fusion of an untrained head (a --head file carries its own)")
+    ap.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+    target = ap.add_mutually_exclusive_group()
+    target.add_argument("--norm-pix", dest="norm_pix", action="store_const", const=True,
+                        help="the decoder predicts per-patch normalised pixels")
+    target.add_argument("--pixel", dest="norm_pix", action="store_const", const=False,
+                        help="the decoder predicts pixels")
+    ap.add_argument("--parity-images", help="folder of real images for the parity report")
+    ap.add_argument("--model-id", default=None)
+    ap.add_argument("--init-seed", type=int, default=0, help="seed for --arch / untrained heads")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("cinemae-export needs torch: pip install 'cinemae[export]'", file=sys.stderr)
+        return 2
+    from .bundle import ExportOptions, ParityError, export_bundle
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .head import CinemaeHead, HeadConfig, load_head
+    from .model import MaskedAutoencoderViT, preset
+
+    torch.manual_seed(args.init_seed)
+    try:
+        if args.checkpoint:
+            model, prov = load_checkpoint(args.checkpoint, norm_pix=args.norm_pix)
+        else:
+            cfg = preset(args.arch)
+            if args.norm_pix is not None:
+                cfg = cfg.with_(norm_pix=args.norm_pix)
+            model = MaskedAutoencoderViT(cfg).eval()
+            prov = {"format": "random-init", "arch": args.arch, "init_seed": args.init_seed,
+                    "note": "random weights: latency only"}
+    except (CheckpointError, ValueError) as e:
+        print(f"cinemae-export: {e}", file=sys.stderr)
+        return 2
+    head_record: dict = {}
+    trained = False
+    if args.head:
+        try:
+            head, rec = load_head(args.head)
+        except (ValueError, OSError, RuntimeError) as e:
+            print(f"cinemae-export: {args.head}: {e}", file=sys.stderr)
+            return 2
+        if head.cfg.embed_dim != model.cfg.embed_dim:
+            print(f"cinemae-export: the head expects D={head.cfg.embed_dim}, the backbone has "
+                  f"D={model.cfg.embed_dim}", file=sys.stderr)
+            return 2
+        head_record = {k: v for k, v in rec.items() if k not in ("config", "state_dict")}
+        trained = True
+        k = head.cfg.k
+        if k != args.k:
+            print(f"note: the head was trained for K={k}; the bundle uses K={k}")
+    else:
+        head = CinemaeHead(HeadConfig(model.cfg.embed_dim, fusion=args.fusion,
+                                      pooling=args.pooling, k=args.k)).eval()
+        k = args.k
+    images = []
+    if args.parity_images:
+        root = Path(args.parity_images)
+        images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:8]
+    opts = ExportOptions(k=k, mask_ratio=args.mask_ratio, mask_seed=args.seed, lam=args.lam,
+                         crop_ratio=args.crop_ratio,
+                         precisions=("fp32", "fp16") if args.precision == "fp16" else ("fp32",),
+                         parity_images=images, model_id=args.model_id or Path(args.out).name,
+                         provenance={"checkpoint": prov}, head_record=head_record)
+    try:
+        out, _ = export_bundle(model, head, args.out, opts, trained=trained)
+    except ParityError as e:
+        print(f"cinemae-export: {e}", file=sys.stderr)
+        return 1
+    except FileExistsError as e:
+        print(f"cinemae-export: {e}", file=sys.stderr)
+        return 2
+    if not trained:
+        print("note: the head is untrained (random initialisation); train it with "
+              f"`cinemae-train --bundle {out} --real DIR --fake DIR`")
+    print(f"wrote {out}\nnext: cinemae-detect {out} IMAGE_OR_FOLDER")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

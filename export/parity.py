@@ -1,0 +1,84 @@
+"""Parity: the torch reference against every exported form, with tolerances.
+
+A conversion is only accepted when this check passes (reference, convert, check), the way the
+TensorRT samples gate every conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..runtime.backends.base import Backend
+from ..runtime.masks import MaskSet
+from .reference import TorchReference
+
+# fp32: ONNX Runtime vs torch on the same CPU
+FP32_TOLERANCES = {"logit_abs": 1e-4, "stats_rel": 1e-3, "feature_abs": 1e-3}
+# fp16 graphs vs the fp32 reference (decision agreement is checked separately)
+FP16_TOLERANCES = {"logit_abs": 5e-2, "stats_rel": 5e-2, "feature_abs": 5e-2,
+                   "decision_agreement": 0.99}
+
+
+@dataclass
+class ParityRow:
+    """One comparison: a backend/precision on one input set."""
+
+    form: str
+    inputs: str
+    n: int
+    metrics: dict[str, float]
+    tolerances: dict[str, float]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"form": self.form, "inputs": self.inputs, "n": self.n, "metrics": self.metrics,
+                "tolerances": self.tolerances, "passed": self.passed, "failures": self.failures}
+
+
+def compare(ref: TorchReference, backend: Backend, images: np.ndarray, masks: MaskSet,
+            inputs: str, tolerances: dict[str, float], threshold: float = 0.5) -> ParityRow:
+    """Run both on ``images`` [B, 3, H, W] and measure the differences."""
+    r = ref.run(images, masks)
+    out = backend.run(images, masks, want_feature=True)
+    g_ref = ref.head.pool(torch.from_numpy(r.global_tokens)).numpy()
+    logit_abs = float(np.max(np.abs(out.logit - r.logit)))
+    denom = np.maximum(np.abs(r.stats), 1e-6)
+    stats_rel = float(np.max(np.abs(out.stats - r.stats) / denom)) if masks.k else 0.0
+    feature_abs = float(np.max(np.abs(out.feature - g_ref)))
+    agree = float(np.mean((out.logit >= _logit(threshold)) == (r.logit >= _logit(threshold))))
+    metrics = {"logit_abs": logit_abs, "stats_rel": stats_rel, "feature_abs": feature_abs,
+               "decision_agreement": agree, "logit_ref_absmax": float(np.max(np.abs(r.logit)))}
+    failures = []
+    for key, tol in tolerances.items():
+        v = metrics[key]
+        bad = v < tol if key == "decision_agreement" else not v <= tol
+        if bad:
+            failures.append(f"{key} = {v:.3g} (tolerance {tol:g})")
+    return ParityRow(f"{backend.name}/{backend.precision}", inputs, int(images.shape[0]),
+                     metrics, dict(tolerances), failures)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return float(np.log(p / (1 - p)))
+
+
+def format_rows(rows: list[ParityRow]) -> str:
+    """A plain table of the parity rows."""
+    lines = [f"{'form':<26} {'inputs':<10} {'n':>3} {'|dlogit|':>10} {'stats rel':>10} "
+             f"{'|dfeature|':>10} {'agree':>6}  result"]
+    for r in rows:
+        m = r.metrics
+        lines.append(f"{r.form:<26} {r.inputs:<10} {r.n:>3} {m['logit_abs']:>10.2e} "
+                     f"{m['stats_rel']:>10.2e} {m['feature_abs']:>10.2e} "
+                     f"{m['decision_agreement']:>6.3f}  "
+                     + ("ok" if r.passed else "FAIL: " + "; ".join(r.failures)))
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""What every backend provides (DESIGN.md section 2, "Backends").
+
+A backend runs one batch of preprocessed images through the whole pipeline: the global encoder
+pass, the masked encoder pass on B*K rows, one decoder call on B*K rows, the LCAS statistics and
+the head. GPU backends keep every intermediate on the device; only the inputs and the outputs
+below cross to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..masks import MaskSet
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here (no GPU, library missing). The message is one sentence."""
+
+
+@dataclass
+class BatchOutput:
+    """What one batch produces.
+
+    logit:   [B] float32
+    stats:   [B, 3] float32 (s1 variability, s2 mean anomaly, s3 perturbation sensitivity)
+    feature: [B, D] float32 pooled global feature g before standardisation (when asked for)
+    lcas:    [B, K, L] float32 per-patch LCAS, NaN at visible patches (when asked for)
+    timings: seconds per stage ("global_encoder", "masked_encoder", "decoder", "lcas", "head")
+    """
+
+    logit: np.ndarray
+    stats: np.ndarray
+    feature: np.ndarray | None = None
+    lcas: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A runnable form of a bundle's three graphs."""
+
+    name: str  # "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu"
+    precision: str  # "fp32" or "fp16"
+
+    def run(
+        self,
+        images: np.ndarray,
+        masks: MaskSet,
+        *,
+        want_feature: bool = False,
+        want_lcas: bool = False,
+    ) -> BatchOutput:
+        """images: [B, 3, H, W] float32, normalised; masks: K runs (K may be 0)."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions, engines and device memory."""
+        ...

@@ -1,0 +1,128 @@
+"""``cinemae-detect [BUNDLE] PATH...``: score files and folders.
+
+Prints a table (or ``--json`` lines), shows a progress bar on a terminal, reports each input
+that fails without stopping, and exits 1 when any input failed (2 on a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .bundle import MANIFEST, BundleError
+
+IMAGE_SUFFIXES = frozenset((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                            ".jfif", ".pgm", ".ppm", ".pbm", ".tga", ".ico"))
+
+
+def iter_inputs(paths: list[str]) -> Iterator[str]:
+    """Files as given (whatever their suffix), folders walked recursively in sorted order for
+    files with an image suffix."""
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                        yield os.path.join(root, f)
+        else:
+            yield p
+
+
+def split_bundle(positional: list[str], bundle: str | None) -> tuple[str | None, list[str]]:
+    """``cinemae-detect BUNDLE PATH...`` or ``cinemae-detect PATH...`` (embedded bundle)."""
+    if bundle is None and positional and (Path(positional[0]) / MANIFEST).is_file():
+        return positional[0], positional[1:]
+    return bundle, positional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cinemae-detect",
+                                 description="Score images as real or AI-generated.")
+    ap.add_argument("paths", nargs="*", metavar="[BUNDLE] PATH",
+                    help="a bundle directory (optional; default: the embedded bundle), then "
+                         "image files and folders")
+    ap.add_argument("--bundle", help="bundle directory (instead of the first positional)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--k", type=int, default=None, help="masking runs (default: the bundle's)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="per-image decoded pixel limit (decompression-bomb guard)")
+    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --out: skip inputs whose content hash is already in the file")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _row(r) -> str:  # noqa: ANN001 - a Result
+    if r.error:
+        return f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {r.source}  [{r.error_code}] {r.error}"
+    s1, s2, s3 = r.stats
+    return f"{r.verdict:<9} {r.score:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {r.source}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bundle, paths = split_bundle(args.paths, args.bundle)
+    if not paths:
+        print("cinemae-detect: give at least one image file or folder", file=sys.stderr)
+        return 2
+    if args.resume and not args.out:
+        print("cinemae-detect: --resume needs --out FILE", file=sys.stderr)
+        return 2
+    from .backends import BackendUnavailable
+    from .detector import Detector
+    from .preprocess import DEFAULT_MAX_PIXELS
+
+    try:
+        det = Detector(bundle, backend=args.backend, device=args.device,
+                       precision=args.precision, k=args.k, batch_size=args.batch_size,
+                       threads=args.threads, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    except (BundleError, BackendUnavailable, ValueError) as e:
+        print(f"cinemae-detect: {e}", file=sys.stderr)
+        return 2
+    print(f"# {det.bundle.model_id}: {det.describe()}"
+          + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
+          file=sys.stderr)
+    inputs = list(iter_inputs(paths))
+    if args.out:
+        from .scan import scan
+
+        return scan(det, inputs, args.out, resume=args.resume, as_json=args.json,
+                    progress=not args.no_progress)
+    from tqdm import tqdm
+
+    failed = 0
+    if not args.json:
+        print(f"{'verdict':<9} {'score':>7} {'s1':>9} {'s2':>9} {'s3':>9}  path")
+    bar = tqdm(total=len(inputs), unit="img", file=sys.stderr,
+               disable=True if args.no_progress else None)
+    try:
+        for r in det.detect_many(inputs):
+            failed += not r.ok
+            line = json.dumps(r.to_dict()) if args.json else _row(r)
+            if bar.disable:
+                print(line, flush=True)
+            else:
+                bar.write(line, file=sys.stdout)
+            bar.update(1)
+    except BrokenPipeError:  # `cinemae-detect ... | head`
+        sys.stderr.close()
+        return 0
+    finally:
+        bar.close()
+    print(f"# {len(inputs) - failed} scored, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The ``Detector`` API: bundle + backend + masks + preprocessing, one call per image or batch.
+
+    from cinemae.runtime import Detector
+    det = Detector("bundle/")            # or Detector() for the embedded default bundle
+    r = det.detect("photo.jpg")          # paths, encoded bytes or RGB numpy arrays
+    r.score, r.verdict, r.stats          # p(AI), "ai" | "real" | "uncertain", (s1, s2, s3)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends import BatchOutput, create_backend
+from .bundle import Bundle, resolve_bundle
+from .masks import MaskSet, make_masks
+from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, InputError, preprocess
+
+
+@dataclass
+class Result:
+    """The verdict on one input. ``error`` is set (and score/verdict are None) when the input
+    could not be scored; ``error_code`` is one of InputError's codes or ``internal``."""
+
+    source: str
+    score: float | None = None  # p = sigmoid(logit), the probability of "AI-generated"
+    logit: float | None = None
+    verdict: str | None = None  # "ai", "real" or "uncertain"
+    stats: tuple[float, float, float] | None = None  # (s1, s2, s3)
+    error: str | None = None
+    error_code: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def source_name(src: Any, index: int) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, np.ndarray):
+        return f"<array {index}>"
+    return f"<bytes {index}>"
+
+
+class Detector:
+    """Scores images with a bundle.
+
+    bundle:     a bundle directory or :class:`Bundle`; None for the embedded default
+    backend:    auto | tensorrt | onnxruntime;  device: cpu | cuda[:N]
+    precision:  fp32 | fp16 (graphs of that precision must be in the bundle)
+    k:          masking runs (default: the bundle's K, the one its head was trained for)
+    batch_size: images per backend call in ``detect_many``
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, *,
+                 backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+                 k: int | None = None, batch_size: int = 16, threads: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+                 ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle)
+        self.k = self.bundle.k if k is None else int(k)
+        if self.k != self.bundle.k and self.bundle.trained:
+            warnings.warn(f"the head was trained for K={self.bundle.k}; scores at K={self.k} are "
+                          "not calibrated", stacklevel=2)
+        bb = self.bundle.backbone
+        self.masks: MaskSet = make_masks(bb.num_patches, self.k, self.bundle.mask_ratio,
+                                         self.bundle.mask_seed)
+        self.backend, self.skipped = create_backend(self.bundle, backend, device, precision,
+                                                    threads)
+        self.batch_size = max(1, int(batch_size))
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.threshold = self.bundle.threshold
+        self.abstain_band = self.bundle.abstain_band
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def describe(self) -> str:
+        """One line: which backend ran and why faster ones did not."""
+        line = f"backend {self.backend.name} ({self.backend.precision}), K={self.k}"
+        return line + ("; passed over: " + "; ".join(self.skipped) if self.skipped else "")
+
+    # preprocessing ---------------------------------------------------------------------------
+    def preprocess(self, src: ImageSource) -> np.ndarray:
+        """One source -> [3, S, S] float32 (raises InputError)."""
+        bb = self.bundle.backbone
+        return preprocess(src, bb.img_size, self.bundle.crop_ratio, self.max_pixels,
+                          self.max_bytes)
+
+    # scoring -----------------------------------------------------------------------------------
+    def run_arrays(self, images: np.ndarray, *, want_feature: bool = False,
+                   want_lcas: bool = False) -> BatchOutput:
+        """Preprocessed images [B, 3, S, S] -> BatchOutput (logit [B], stats [B, 3], ...)."""
+        return self.backend.run(images, self.masks, want_feature=want_feature,
+                                want_lcas=want_lcas)
+
+    def verdict(self, p: float) -> str:
+        lo, hi = self.abstain_band
+        if lo < hi and lo <= p <= hi:
+            return "uncertain"
+        return "ai" if p >= self.threshold else "real"
+
+    def detect(self, src: ImageSource, name: str | None = None) -> Result:
+        """Score one image (a path, encoded bytes or an RGB array)."""
+        return self.detect_batch([src], [name] if name else None)[0]
+
+    def detect_batch(self, sources: Sequence[ImageSource],
+                     names: Sequence[str] | None = None) -> list[Result]:
+        """Score a list of images in one backend call; a bad input gives an error Result and
+        does not affect the others."""
+        t0 = time.perf_counter()
+        arrays: list[np.ndarray | None] = []
+        results: list[Result] = []
+        for i, src in enumerate(sources):
+            r = Result(source=names[i] if names else source_name(src, i))
+            try:
+                arrays.append(self.preprocess(src))
+            except InputError as e:
+                arrays.append(None)
+                r.error, r.error_code = str(e), e.code
+            results.append(r)
+        return self._score(results, arrays, time.perf_counter() - t0)
+
+    def _score(self, results: list[Result], arrays: list[np.ndarray | None],
+               preprocess_s: float) -> list[Result]:
+        idx = [i for i, a in enumerate(arrays) if a is not None]
+        if not idx:
+            return results
+        batch = np.stack([arrays[i] for i in idx])
+        try:
+            out = self.run_arrays(batch)
+        except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
+            for i in idx:
+                results[i].error = f"backend {self.backend.name} failed: {e}"
+                results[i].error_code = "internal"
+            return results
+        timings = {"preprocess": preprocess_s, **out.timings}
+        per = {k: v / len(idx) for k, v in timings.items()}
+        for j, i in enumerate(idx):
+            logit = float(out.logit[j])
+            p = sigmoid(logit)
+            r = results[i]
+            r.logit, r.score, r.verdict = logit, p, self.verdict(p)
+            r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
+            r.timings = per
+        return results
+
+    def detect_many(self, sources: Iterable[ImageSource], batch_size: int | None = None,
+                    workers: int = 2) -> Iterator[Result]:
+        """Stream results in input order, decoding ahead on ``workers`` threads while the
+        backend runs; memory stays bounded by a few batches."""
+        bs = batch_size or self.batch_size
+
+        def prep(item: tuple[int, ImageSource]) -> tuple[Result, np.ndarray | None, float]:
+            i, src = item
+            t = time.perf_counter()
+            r = Result(source=source_name(src, i))
+            try:
+                return r, self.preprocess(src), time.perf_counter() - t
+            except InputError as e:
+                r.error, r.error_code = str(e), e.code
+                return r, None, time.perf_counter() - t
+            except Exception as e:  # noqa: BLE001 - never let one input stop the run
+                r.error, r.error_code = f"{type(e).__name__}: {e}", "internal"
+                return r, None, time.perf_counter() - t
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            it = iter(enumerate(sources))
+            pending: list = []
+            done = False
+            while not done or pending:
+                while not done and len(pending) < 2 * bs:
+                    try:
+                        pending.append(pool.submit(prep, next(it)))
+                    except StopIteration:
+                        done = True
+                chunk, pending = pending[:bs], pending[bs:]
+                got = [f.result() for f in chunk]
+                yield from self._score([g[0] for g in got], [g[1] for g in got],
+                                       sum(g[2] for g in got))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Detector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
