@@ -59,10 +59,13 @@ def infer_config(sd: dict[str, torch.Tensor], norm_pix: bool = False, norm_eps: 
     ddepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k)))
     dd = sd["decoder_embed.weight"].shape[0]
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    # heads are not stored; MAE's presets use head dim 64 (ViT-H/14: 80) and 16 decoder heads
-    heads = next((cfg.num_heads for cfg in PRESETS.values()
-                  if cfg.embed_dim == d and cfg.depth == depth), max(1, d // 64))
-    dheads = 16 if dd % 16 == 0 else max(1, dd // 32)
+    # head counts are not stored: take them from the preset with the same shapes (MAE's own
+    # sizes use head dim 64, ViT-H/14 80, and 16 decoder heads), else head dim 64 / 16 heads
+    shape = (d, depth, dd, ddepth, p)
+    match = next((c for c in PRESETS.values() if (c.embed_dim, c.depth, c.decoder_embed_dim,
+                                                   c.decoder_depth, c.patch_size) == shape), None)
+    heads = match.num_heads if match else max(1, d // 64)
+    dheads = match.decoder_num_heads if match else (16 if dd % 16 == 0 else max(1, dd // 32))
     return MAEConfig(img_size=grid * p, patch_size=p, in_chans=c, embed_dim=d, depth=depth,
                      num_heads=heads, decoder_embed_dim=dd, decoder_depth=ddepth,
                      decoder_num_heads=dheads, mlp_ratio=hidden / d, norm_eps=norm_eps,

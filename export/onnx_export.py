@@ -40,7 +40,8 @@ class DecoderGraph(nn.Module):
 
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
             input_names: list[str], output_names: list[str],
-            dynamic_axes: dict[str, dict[int, str]]) -> Path:
+            dynamic_axes: dict[str, dict[int, str]], output_shapes: dict[str, list[int | str]]
+            ) -> Path:
     module.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".onnx.tmp")
@@ -49,8 +50,27 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
         torch.onnx.export(module, args, str(tmp), input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    _set_output_shapes(tmp, output_shapes)
     os.replace(tmp, path)
     return path
+
+
+def _set_output_shapes(path: Path, shapes: dict[str, list[int | str]]) -> None:
+    """Write the contract's output shapes (the exporter leaves names like 'Slicepred_dim_1')."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for out in m.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for d, want in zip(dims, shapes[out.name], strict=True):
+            if isinstance(want, int):
+                d.ClearField("dim_param")
+                d.dim_value = want
+            else:
+                d.ClearField("dim_value")
+                d.dim_param = want
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
 
 
 def export_encoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -> Path:
@@ -59,7 +79,8 @@ def export_encoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) ->
     ids = torch.arange(cfg.num_patches, dtype=torch.int32).repeat(2, 1)[:, : max(1, cfg.num_patches // 4)]
     return _export(EncoderGraph(model), (img, ids), Path(path), ["image", "ids_keep"], ["tokens"],
                    {"image": {0: "batch"}, "ids_keep": {0: "batch", 1: "n"},
-                    "tokens": {0: "batch", 1: "n_plus_1"}})
+                    "tokens": {0: "batch", 1: "n_plus_1"}},
+                   {"tokens": ["batch", "n_plus_1", cfg.embed_dim]})
 
 
 def export_decoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str], n_keep: int
@@ -69,19 +90,17 @@ def export_decoder(model: MaskedAutoencoderViT, path: str | os.PathLike[str], n_
     restore = torch.arange(cfg.num_patches, dtype=torch.int32).repeat(2, 1)
     return _export(DecoderGraph(model), (tokens, restore), Path(path), ["tokens", "ids_restore"],
                    ["pred"], {"tokens": {0: "rows", 1: "n_plus_1"}, "ids_restore": {0: "rows"},
-                              "pred": {0: "rows"}})
+                              "pred": {0: "rows"}},
+                   {"pred": ["rows", cfg.num_patches, cfg.patch_dim]})
 
 
 def export_head(head: CinemaeHead, num_patches: int, path: str | os.PathLike[str]) -> Path:
     d = head.cfg.embed_dim
     args = (torch.zeros(2, 1 + num_patches, d), torch.zeros(2, 3))
     return _export(head, args, Path(path), ["global_tokens", "stats"], ["logit"],
-                   {"global_tokens": {0: "batch"}, "stats": {0: "batch"}, "logit": {0: "batch"}})
-
-
-def onnx_bytes_size(path: str | os.PathLike[str]) -> int:
-    return Path(path).stat().st_size
+                   {"global_tokens": {0: "batch"}, "stats": {0: "batch"}, "logit": {0: "batch"}},
+                   {"logit": ["batch", 1]})
 
 
 __all__ = ["OPSET", "EncoderGraph", "DecoderGraph", "export_encoder", "export_decoder",
-           "export_head", "onnx_bytes_size"]
+           "export_head"]

@@ -1,0 +1,215 @@
+"""Decoding and preprocessing: every bad-input class gets its own error, odd colour modes are
+scored as their RGB equivalent, and one bad item never affects the others."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cinemae.runtime.preprocess import (
+    InputError,
+    decode,
+    from_array,
+    load_image,
+    normalise,
+    preprocess,
+    resize_crop,
+)
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:  # noqa: ANN003
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def sample_rgb(w: int = 48, h: int = 40) -> Image.Image:
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1).astype(np.uint8)
+    return Image.fromarray(a, "RGB")
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels: a decompression bomb needs no more to be caught."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + chunk(b"IEND", b"")
+
+
+def bomb_png(side: int) -> bytes:
+    """A real, valid greyscale PNG of side x side zeros: tiny on disk, huge decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = zlib.compress(b"\0" * ((side + 1) * side), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)) \
+        + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+class TestBadInput:
+    def test_empty(self) -> None:
+        with pytest.raises(InputError) as e:
+            decode(b"")
+        assert e.value.code == "empty"
+
+    def test_truncated_jpeg(self) -> None:
+        data = encode(sample_rgb(256, 256), "JPEG", quality=90)
+        with pytest.raises(InputError) as e:
+            decode(data[: len(data) // 2])
+        assert e.value.code == "truncated"
+
+    def test_truncated_png(self) -> None:
+        data = encode(sample_rgb(256, 256), "PNG")
+        with pytest.raises(InputError) as e:
+            decode(data[: len(data) // 2])
+        assert e.value.code in ("truncated", "undecodable")
+
+    def test_corrupt_body(self) -> None:
+        data = bytearray(encode(sample_rgb(64, 64), "PNG"))
+        data[60:200] = b"\xff" * 140
+        with pytest.raises(InputError) as e:
+            decode(bytes(data))
+        assert e.value.code in ("undecodable", "truncated")
+
+    @pytest.mark.parametrize("data", [b"hello, world", b"%PDF-1.7\n...", b"<svg></svg>",
+                                      b"\x00" * 100])
+    def test_unsupported(self, data: bytes) -> None:
+        with pytest.raises(InputError) as e:
+            decode(data)
+        assert e.value.code == "unsupported"
+
+    def test_pixel_limit_from_header_alone(self) -> None:
+        with pytest.raises(InputError) as e:
+            decode(png_header_only(100_000, 100_000))
+        assert e.value.code == "too_large" and "pixel" in str(e.value)
+
+    def test_decompression_bomb(self) -> None:
+        data = bomb_png(8000)  # 64 Mpx decoded from ~60 kB
+        assert len(data) < 200_000
+        with pytest.raises(InputError) as e:
+            decode(data, max_pixels=50_000_000)
+        assert e.value.code == "too_large"
+
+    def test_byte_limit(self, tmp_path: Path) -> None:
+        p = tmp_path / "big.jpg"
+        p.write_bytes(b"\xff" * 2048)
+        with pytest.raises(InputError) as e:
+            load_image(p, max_bytes=1024)
+        assert e.value.code == "too_large"
+
+    def test_missing_and_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(InputError) as e:
+            load_image(tmp_path / "none.jpg")
+        assert e.value.code == "not_found"
+        with pytest.raises(InputError) as e:
+            load_image(tmp_path)
+        assert e.value.code == "unsupported"
+
+    @pytest.mark.parametrize("arr", [np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4, 3), np.uint8),
+                                     np.zeros((4, 4, 3), np.int64),
+                                     np.full((4, 4, 3), np.nan, np.float32)])
+    def test_bad_arrays(self, arr: np.ndarray) -> None:
+        with pytest.raises(InputError) as e:
+            from_array(arr)
+        assert e.value.code == "bad_array"
+
+    def test_wrong_type(self) -> None:
+        with pytest.raises(InputError) as e:
+            load_image(12345)  # type: ignore[arg-type]
+        assert e.value.code == "bad_array"
+
+
+class TestColourModes:
+    """Each mode decodes to what its RGB equivalent decodes to."""
+
+    def rgb(self) -> np.ndarray:
+        return decode(encode(sample_rgb(), "PNG"))
+
+    def test_grey(self) -> None:
+        g = sample_rgb().convert("L")
+        out = decode(encode(g, "PNG"))
+        assert out.shape == (40, 48, 3)
+        np.testing.assert_array_equal(out[..., 0], np.asarray(g) / np.float32(255))
+        assert np.array_equal(out[..., 0], out[..., 2])
+
+    def test_sixteen_bit_grey(self) -> None:
+        a = (np.arange(40 * 48).reshape(40, 48) * 30).astype(np.uint16)
+        out = decode(encode(Image.fromarray(a), "PNG"))
+        np.testing.assert_allclose(out[..., 1], a / 65535.0, atol=1e-6)
+
+    def test_alpha_opaque_and_transparent(self) -> None:
+        rgba = sample_rgb().convert("RGBA")
+        np.testing.assert_array_equal(decode(encode(rgba, "PNG")), self.rgb())
+        a = np.asarray(rgba).copy()
+        a[..., 3] = 0
+        out = decode(encode(Image.fromarray(a, "RGBA"), "PNG"))
+        assert np.all(out == 1.0)  # fully transparent -> white
+        la = sample_rgb().convert("LA")
+        assert decode(encode(la, "PNG")).shape == (40, 48, 3)
+
+    def test_palette(self) -> None:
+        p = sample_rgb().convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+        np.testing.assert_array_equal(decode(encode(p, "PNG")),
+                                      np.asarray(p.convert("RGB")) / np.float32(255))
+        p.info["transparency"] = 0
+        assert decode(encode(p, "PNG", transparency=0)).shape == (40, 48, 3)
+
+    def test_cmyk_jpeg(self) -> None:
+        rgb = sample_rgb(64, 64)
+        cmyk = rgb.convert("CMYK")
+        out = decode(encode(cmyk, "JPEG", quality=100))
+        ref = decode(encode(rgb, "JPEG", quality=100))
+        assert np.abs(out - ref).mean() < 0.02
+
+    @pytest.mark.parametrize("orientation,transpose", [
+        (3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90),
+        (8, Image.Transpose.ROTATE_270)])
+    def test_exif_rotation(self, orientation: int, transpose: Image.Transpose) -> None:
+        upright = sample_rgb()
+        stored = upright.transpose(transpose)  # what a camera writes, to be rotated back
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = decode(encode(stored, "PNG", exif=exif))
+        np.testing.assert_array_equal(out, decode(encode(upright, "PNG")))
+
+    def test_other_formats(self) -> None:
+        ref = self.rgb()
+        for fmt in ("BMP", "TIFF", "WEBP"):
+            kw = {"lossless": True} if fmt == "WEBP" else {}
+            np.testing.assert_allclose(decode(encode(sample_rgb(), fmt, **kw)), ref, atol=1 / 255)
+
+    def test_arrays(self) -> None:
+        a = np.asarray(sample_rgb())
+        np.testing.assert_array_equal(from_array(a), self.rgb())
+        np.testing.assert_allclose(from_array(a.astype(np.uint16) * 257), self.rgb(), atol=1e-6)
+        assert from_array(a[..., 0]).shape == (40, 48, 3)
+
+
+class TestGeometry:
+    def test_untouched_at_target_size(self) -> None:
+        rgb = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+        np.testing.assert_array_equal(resize_crop(rgb, 32, 1.0), rgb)
+
+    def test_shorter_side_and_centre_crop(self) -> None:
+        rgb = np.random.default_rng(0).random((300, 400, 3), dtype=np.float32)
+        out = resize_crop(rgb, 224, 224 / 256)
+        assert out.shape == (224, 224, 3)
+        small = np.random.default_rng(0).random((100, 120, 3), dtype=np.float32)
+        out = resize_crop(small, 224, 224 / 256)  # enlarged (bicubic), clipped to [0, 1]
+        assert out.shape == (224, 224, 3) and out.min() >= 0 and out.max() <= 1
+
+    def test_normalise(self) -> None:
+        x = normalise(np.full((2, 2, 3), 0.485, np.float32))
+        assert x.shape == (3, 2, 2) and x.dtype == np.float32
+        assert abs(float(x[0, 0, 0])) < 1e-6
+
+    def test_preprocess_end_to_end(self) -> None:
+        x = preprocess(encode(sample_rgb(512, 384), "JPEG"), 224, 0.875)
+        assert x.shape == (3, 224, 224) and x.dtype == np.float32
