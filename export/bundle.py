@@ -137,10 +137,15 @@ def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.
     export_head(head, cfg.num_patches, stage / "head.onnx")
     graphs = {"fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "head": "head.onnx"}}
     if "fp16" in opts.precisions:
-        from .fp16 import convert_graphs_fp16  # noqa: PLC0415
+        from .fp16 import convert_graphs_fp16, fp16_summary  # noqa: PLC0415
 
-        graphs["fp16"] = convert_graphs_fp16(stage, graphs["fp32"], model, log=log)
+        calib = np.concatenate([imgs for _, imgs in parity_inputs(opts, cfg.img_size)])
+        graphs["fp16"] = convert_graphs_fp16(
+            stage, graphs["fp32"], model, log=log, calibration=calib, lam=opts.lam,
+            masks=make_masks(cfg.num_patches, opts.k, opts.mask_ratio, opts.mask_seed))
     manifest = _manifest(model, head, opts, graphs, trained)
+    if "fp16" in graphs:
+        manifest["fp16"] = fp16_summary(stage)
     write_manifest(stage, manifest)
 
     bundle = Bundle(stage)

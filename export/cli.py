@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--parity-images", help="folder of real images for the parity report")
     ap.add_argument("--model-id", default=None)
     ap.add_argument("--init-seed", type=int, default=0, help="seed for --arch / untrained heads")
+    ap.add_argument("--tensorrt", choices=["auto", "skip", "require"], default="auto",
+                    help="build TensorRT engines into BUNDLE/engines: auto = when TensorRT and a "
+                         "GPU are present, require = fail without them")
+    ap.add_argument("--trt-max-batch", type=int, default=16,
+                    help="largest batch the TensorRT engines' profiles accept")
     return ap
 
 
@@ -107,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as e:
         print(f"cinemae-export: {e}", file=sys.stderr)
         return 2
+    if args.tensorrt != "skip":
+        from ..runtime.backends.base import BackendUnavailable
+        from .tensorrt_build import EngineBuildError, build_bundle_engines
+
+        try:
+            build_bundle_engines(out, opts.precisions, max_batch=args.trt_max_batch,
+                                 required=args.tensorrt == "require")
+        except (BackendUnavailable, EngineBuildError) as e:
+            print(f"cinemae-export: {e}", file=sys.stderr)
+            return 1
     if not trained:
         print("note: the head is untrained (random initialisation); train it with "
               f"`cinemae-train --bundle {out} --real DIR --fake DIR`")

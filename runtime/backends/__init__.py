@@ -1,6 +1,8 @@
 """Backends and the choice between them (``--backend auto|tensorrt|onnxruntime``,
-``--device cpu|cuda[:N]``). ``auto`` takes the fastest available: TensorRT, then ONNX Runtime
-CUDA, then ONNX Runtime CPU, and records why each faster one was passed over."""
+``--device cpu|cuda[:N]|auto``). ``--backend auto`` takes the fastest available: TensorRT, then
+ONNX Runtime CUDA, then (only with ``--device auto``) ONNX Runtime CPU, and records why each
+faster one was passed over. ``--device cuda`` never falls back to the CPU: without a usable GPU
+backend it raises BackendUnavailable with one sentence."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
 
 def _parse_device(device: str) -> tuple[str, int]:
-    if device == "cpu":
-        return "cpu", 0
+    if device in ("cpu", "auto"):
+        return device, 0
     if device == "cuda" or device.startswith("cuda:"):
         idx = device.split(":", 1)[1] if ":" in device else "0"
         if not idx.isdigit():
@@ -30,6 +32,9 @@ def _candidates(backend: str, kind: str) -> list[str]:
         return ["onnxruntime-cpu"]
     if backend == "tensorrt":
         return ["tensorrt"]
+    if kind == "auto":  # any device: the GPU backends first, the CPU last
+        return ["onnxruntime-cuda", "onnxruntime-cpu"] if backend == "onnxruntime" else \
+            ["tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"]
     if backend == "onnxruntime":
         return ["onnxruntime-cuda"]
     return ["tensorrt", "onnxruntime-cuda"]
@@ -60,7 +65,16 @@ def create_backend(bundle: Bundle, backend: str = "auto", device: str = "cpu",
             skipped.append(f"{name}: {e}")
         except ImportError as e:
             skipped.append(f"{name}: {e}")
-    raise BackendUnavailable("no backend could run here (" + "; ".join(skipped) + ")")
+        except Exception as e:
+            from .tensorrt_engine import EngineBuildError
+
+            if not isinstance(e, EngineBuildError):
+                raise
+            skipped.append(f"{name}: {e}")
+    reasons = {s.split(": ", 1)[1] for s in skipped}
+    if kind == "cuda" and len(reasons) == 1:
+        raise BackendUnavailable(f"{reasons.pop()} (asked for --device {device})")
+    raise BackendUnavailable(f"no backend could run on {device} (" + "; ".join(skipped) + ")")
 
 
 __all__ = ["Backend", "BackendUnavailable", "BatchOutput", "BACKENDS", "create_backend"]

@@ -1,0 +1,203 @@
+"""ONNX Runtime with the CUDA execution provider (``onnxruntime-gpu``), with IO binding.
+
+All three sessions run on one CUDA stream of ours (``user_compute_stream``). Tensors stay on the
+GPU between the stages: the global tokens, the masked tokens and ``pred`` are ONNX Runtime device
+outputs (``OrtValue`` on ``cuda``) bound as the next session's inputs; the fused LCAS kernel
+reads the decoder's output buffer directly (``OrtValue.data_ptr()``) and writes the statistics
+into a device OrtValue that the head reads. Only the image goes in and the logit and statistics
+(and, when asked, the pooled feature and the LCAS map) come out.
+
+Without the fused kernel (no NVRTC), ``pred`` is copied to the host and the numpy reference
+computes the statistics; :attr:`lcas_impl` says which ran.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..lcas import lcas_map, stats_from_map
+from ..masks import MaskSet, full_ids_keep
+from .base import BackendUnavailable, BatchOutput
+from .cuda_memory import Stream, check, d2h, d2h_rows, h2d, lcas_on_device, require_gpu
+
+
+def _require_ort_cuda() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime-gpu is not installed (pip install onnxruntime-gpu)") from None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable("onnxruntime-gpu is not installed (this onnxruntime has no CUDA "
+                                 "provider; pip install onnxruntime-gpu)")
+    return ort
+
+
+class OnnxRuntimeCUDA:
+    """The three graphs in ONNX Runtime CUDA sessions sharing one stream, with IO binding."""
+
+    name = "onnxruntime-cuda"
+
+    def __init__(self, bundle: Bundle, precision: str = "fp32", device_index: int = 0) -> None:
+        self.gpu = require_gpu(device_index)  # BackendUnavailable: "no CUDA GPU found"
+        ort = _require_ort_cuda()
+        self.ort = ort
+        self.bundle = bundle
+        self.precision = precision
+        self.device_index = device_index
+        self.stream = Stream(non_blocking=False)  # ordered with ORT's own default-stream copies
+        provider = ("CUDAExecutionProvider", {"device_id": str(device_index),
+                                              "user_compute_stream": str(self.stream.ptr)})
+
+        def session(name: str) -> Any:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.log_severity_level = 3
+            s = ort.InferenceSession(str(bundle.graph(name, precision)), sess_options=so,
+                                     providers=[provider, "CPUExecutionProvider"])
+            if s.get_providers()[0] != "CUDAExecutionProvider":
+                raise BackendUnavailable("onnxruntime-gpu could not start its CUDA provider "
+                                         "(CUDA or cuDNN libraries missing or of the wrong version)")
+            return s
+
+        self.encoder = session("encoder")
+        self.decoder = session("decoder") if bundle.k else None
+        self.head = session("head")
+        self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
+        self.lcas_impl = "kernel"
+        self.notes: list[str] = []
+        self._dev: dict[Any, Any] = {}  # cached device OrtValues (ids, masks)
+        self._mask_id: bytes | None = None
+
+    # device values -----------------------------------------------------------------------------
+    def _on_device(self, arr: np.ndarray) -> Any:
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), "cuda", self.device_index)
+
+    def _empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_index)
+
+    def _masks(self, masks: MaskSet, b: int) -> tuple[Any, Any, Any]:
+        ident = masks.ids_keep.tobytes() + masks.ids_restore.tobytes()
+        if ident != self._mask_id:
+            self._dev = {k: v for k, v in self._dev.items() if k[0] == "full"}
+            self._mask_id = ident
+        key = ("masks", b)
+        if key not in self._dev:
+            keep, restore = masks.tile(b)
+            self._dev[key] = (self._on_device(keep), self._on_device(restore),
+                              self._on_device(masks.visible.astype(np.uint8)))
+        return self._dev[key]
+
+    def _full_ids(self, b: int) -> Any:
+        key = ("full", b)
+        if key not in self._dev:
+            self._dev[key] = self._on_device(full_ids_keep(b, self.bundle.backbone.num_patches))
+        return self._dev[key]
+
+    def _bind_run(self, sess: Any, inputs: dict[str, Any], output: str) -> Any:
+        io = sess.io_binding()
+        for name, val in inputs.items():
+            io.bind_ortvalue_input(name, val)
+        io.bind_output(output, "cuda", self.device_index)
+        sess.run_with_iobinding(io)
+        return io.get_outputs()[0]
+
+    # the pipeline -----------------------------------------------------------------------------
+    def run(self, images: np.ndarray, masks: MaskSet, *, want_feature: bool = False,
+            want_lcas: bool = False) -> BatchOutput:
+        """images [B, 3, H, W] float32 -> BatchOutput (logit [B], stats [B, 3], ...)."""
+        bb = self.bundle.backbone
+        b, k = images.shape[0], masks.k
+        s, big_l, d = bb.img_size, bb.num_patches, bb.embed_dim
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        x = self._empty((b, 3, s, s))
+        h2d(x.data_ptr(), images, self.stream)
+        g_tok = self._bind_run(self.encoder, {"image": x, "ids_keep": self._full_ids(b)}, "tokens")
+        self.stream.synchronize()
+        t1 = time.perf_counter()
+        timings["global_encoder"] = t1 - t0
+        stats_dev = self._empty((b, 3))
+        lmap = None
+        if k:
+            keep, restore, visible = self._masks(masks, b)
+            r = b * k
+            xk = self._empty((r, 3, s, s))
+            rt = _rt()
+            img_bytes = 3 * s * s * 4
+            for j in range(k):  # row b*K + j <- image b, on the device
+                check(rt.cudaMemcpy2DAsync(xk.data_ptr() + j * img_bytes, k * img_bytes, x.data_ptr(),
+                                           img_bytes, img_bytes, b,
+                                           rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream.handle),
+                      "cudaMemcpy2DAsync(D2D)")
+            tokens = self._bind_run(self.encoder, {"image": xk, "ids_keep": keep}, "tokens")
+            self.stream.synchronize()
+            t2 = time.perf_counter()
+            pred = self._bind_run(self.decoder, {"tokens": tokens, "ids_restore": restore}, "pred")
+            self.stream.synchronize()
+            t3 = time.perf_counter()
+            map_dev = self._empty((b, k, big_l)) if want_lcas else None
+            if self.lcas_impl == "kernel":
+                try:
+                    lcas_on_device(x.data_ptr(), pred.data_ptr(), visible.data_ptr(), b, k, s, s,
+                                   bb.patch_size, self.bundle.lam, bb.norm_pix, stats_dev.data_ptr(),
+                                   map_dev.data_ptr() if map_dev is not None else 0, self.stream,
+                                   pred_fp16=pred.data_type() == "tensor(float16)")
+                    self.stream.synchronize()
+                    if map_dev is not None:
+                        lmap = np.empty((b, k, big_l), np.float32)
+                        d2h(lmap, map_dev.data_ptr(), self.stream)
+                except Exception as e:
+                    if not isinstance(e, ImportError) and "Kernel" not in type(e).__name__:
+                        raise
+                    self.lcas_impl = "host"
+                    self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
+            if self.lcas_impl == "host":
+                full = lcas_map(images, pred.numpy().astype(np.float32), masks.visible, bb.patch_size,
+                                self.bundle.lam, bb.norm_pix)
+                h2d(stats_dev.data_ptr(), stats_from_map(full), self.stream)
+                lmap = full if want_lcas else None
+            t4 = time.perf_counter()
+            timings.update(masked_encoder=t2 - t1, decoder=t3 - t2, lcas=t4 - t3)
+        else:
+            h2d(stats_dev.data_ptr(), np.zeros((b, 3), np.float32), self.stream)
+            t4 = time.perf_counter()
+        logit_dev = self._bind_run(self.head, {"global_tokens": g_tok, "stats": stats_dev}, "logit")
+        logit = np.empty((b, 1), np.float32)
+        stats = np.empty((b, 3), np.float32)
+        d2h(logit, logit_dev.data_ptr(), self.stream)
+        d2h(stats, stats_dev.data_ptr(), self.stream)
+        feature = None
+        if want_feature:
+            if self.pooling == "mean":
+                tok = np.empty((b, 1 + big_l, d), np.float32)
+                d2h(tok, g_tok.data_ptr(), self.stream)
+            else:
+                feature = np.empty((b, d), np.float32)
+                d2h_rows(feature, g_tok.data_ptr(), (1 + big_l) * d * 4, self.stream)
+        self.stream.synchronize()
+        if want_feature and self.pooling == "mean":
+            feature = tok[:, 1:].mean(axis=1).astype(np.float32)
+        timings["head"] = time.perf_counter() - t4
+        return BatchOutput(logit=logit[:, 0], stats=stats, feature=feature,
+                           lcas=lmap if want_lcas else None, timings=timings)
+
+    def close(self) -> None:
+        self._dev.clear()
+        self.encoder = self.decoder = self.head = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None  # type: ignore[assignment]
+
+
+def _rt() -> Any:
+    from cuda.bindings import runtime
+
+    return runtime
+
+
+__all__ = ["OnnxRuntimeCUDA"]
