@@ -1,0 +1,362 @@
+"""``cinemae-bench``: latency, throughput and accuracy sweeps, side by side with the torch reference.
+
+    cinemae-bench                         # default bundle (or a tiny random one), K 0,1,2,4
+    cinemae-bench --k 2                   # one K
+    cinemae-bench --arch vit-large --k 2 --batch 4 --out results/   # ViT-L/16, random weights
+    cinemae-bench --data ../shared/data/photos --perturb jpeg:50,jpeg:75,resize:0.5,blur:1.0
+
+Exit status: 0 when every requested row ran, 1 when some row is an error row, 2 on a usage
+error, 130 when interrupted (the rows measured so far are still printed and written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .runners import ALL_BACKENDS, RUNTIME_BACKENDS
+
+DEFAULT_KS = "0,1,2,4"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("empty list")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cinemae-bench",
+        description="Latency (p50/p95), throughput, per-stage time, FLOPs against the device peak and, "
+                    "with --data, accuracy/AUC sweeps over K, batch size, precision and backend, side by "
+                    "side with the torch reference in one run.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--bundle", help="bundle directory (default: the embedded bundle, or a tiny "
+                     "random-weight bundle when this install has none)")
+    src.add_argument("--arch", help="build (once, cached) a random-weight bundle of a preset for "
+                     "realistic latency: vit-large = ViT-L/16 224 px, vit-base, tiny, ...")
+    ap.add_argument("--checkpoint", help="MAE checkpoint for the torch reference rows of --bundle")
+    ap.add_argument("--head", help="head file (cinemae-train) for the torch reference rows "
+                    "(default: read from head.onnx)")
+    ap.add_argument("--init-seed", type=int, default=0, help="seed of --arch random weights")
+    ap.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
+                    help=f"masking runs to sweep (default {DEFAULT_KS})")
+    ap.add_argument("--batch", type=_int_list, default=None, metavar="B[,B...]",
+                    help="batch sizes (default 1,8; 1 for ViT-base and larger)")
+    ap.add_argument("--precision", default=None, metavar="P[,P...]",
+                    help="fp32, fp16 or both (default fp32 on the CPU, fp32,fp16 with a GPU)")
+    ap.add_argument("--backends", default=None, metavar="NAME[,NAME...]|all",
+                    help=f"of {', '.join(ALL_BACKENDS)}; 'all' asks for every one (unavailable ones "
+                         "become error rows). Default: every backend available here")
+    ap.add_argument("--device", default=None, help="cpu, cuda[:N] or all (default: all with a GPU, "
+                    "else cpu)")
+    ap.add_argument("--no-torch", action="store_true", help="leave out the torch reference rows")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for ONNX Runtime and torch (default: each library's default)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed batches per row")
+    ap.add_argument("--iters", type=int, default=20, help="at most this many timed batches per row")
+    ap.add_argument("--min-iters", type=int, default=3, help="at least this many timed batches per row")
+    ap.add_argument("--row-time", type=float, default=3.0,
+                    help="stop timing a row after this many seconds once it has --min-iters")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="device peak in TFLOP/s (default: measured once on the CPU, data sheet on a "
+                         "known GPU)")
+    ap.add_argument("--remeasure-peak", action="store_true",
+                    help="measure the CPU peak again instead of using the cached measurement")
+    ap.add_argument("--inputs", nargs="*", default=None,
+                    help="image files/folders to time (default: synthetic JPEGs at 1.5x input size)")
+    ap.add_argument("--data", help="labelled set for accuracy: folder with real/ and fake/, a CSV "
+                    "(path,label[,generator]), or REAL.tar,FAKE.tar")
+    ap.add_argument("--limit", type=int, default=200, help="images per class from --data (seeded subset)")
+    ap.add_argument("--perturb", default=None,
+                    help="robustness sweep, e.g. jpeg:50,jpeg:75,resize:0.5,blur:1.0 (both classes alike)")
+    ap.add_argument("--fpr", type=float, default=0.05, help="false-positive rate for the TPR column")
+    ap.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
+    ap.add_argument("--json", dest="json_path", help="write the JSON record here ('-' for stdout)")
+    ap.add_argument("--markdown", help="write the markdown table here")
+    ap.add_argument("--plot", help="write the PNG plot here")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    return ap
+
+
+def _gpu() -> bool:
+    from .environment import gpu_available
+
+    return gpu_available()
+
+
+def plan_specs(backends: str | None, device: str | None, precision: str | None, no_torch: bool,
+               has_gpu: bool) -> list[Any]:
+    """Which (backend, device, precision) rows to run.
+
+    Default: every backend available here (ONNX Runtime CPU + torch eager CPU without a GPU;
+    TensorRT, ONNX Runtime CUDA and torch on the GPU as well with one). Asking for a GPU backend
+    or device on a machine without one gives error rows, as asked."""
+    from .sweep import RunnerSpec
+
+    if device is None:
+        devices = ["cpu", "cuda"] if has_gpu else ["cpu"]
+    elif device == "all":
+        devices = ["cpu", "cuda"]
+    else:
+        devices = [device]
+    if backends is None or backends == "all":
+        names = list(ALL_BACKENDS)
+        if backends == "all" and device is None:
+            devices = ["cpu", "cuda"]
+    else:
+        names = [b.strip() for b in backends.split(",") if b.strip()]
+        bad = [b for b in names if b not in ALL_BACKENDS]
+        if bad:
+            raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(ALL_BACKENDS)} or all")
+        if device is None and any(b in ("tensorrt", "onnxruntime-cuda") for b in names):
+            devices = ["cpu", "cuda"]
+    if precision is None:
+        precs = ["fp32", "fp16"] if any(d.startswith("cuda") for d in devices) else ["fp32"]
+    else:
+        precs = [p.strip() for p in precision.split(",") if p.strip()]
+        if any(p not in ("fp32", "fp16") for p in precs):
+            raise ValueError(f"--precision takes fp32 and/or fp16, got {precision!r}")
+    if no_torch:
+        names = [n for n in names if n != "torch"]
+    specs = []
+    for dev in devices:
+        on_gpu = dev.startswith("cuda")
+        for name in names:
+            if name in RUNTIME_BACKENDS and (name == "onnxruntime-cpu") == on_gpu:
+                continue  # a CPU backend on a GPU device or the reverse: not a combination
+            for p in precs:
+                if name == "torch" and p == "fp16" and not on_gpu:
+                    continue  # autocast fp16 is the GPU configuration (see the README)
+                specs.append(RunnerSpec(name, dev, p))
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+
+    from ..runtime.bundle import BundleError
+    from . import report
+    from .accuracy import evaluate
+    from .bundles import resolve_target
+    from .datasets import DataError, load_labeled
+    from .environment import cpu_peak, environment, gpu_peak
+    from .perturb import parse_perturbations
+    from .sweep import SweepOptions, prepare_pool, run_sweep, synthetic_inputs
+
+    try:
+        has_gpu = _gpu()
+        specs = plan_specs(args.backends, args.device, args.precision, args.no_torch, has_gpu)
+        perts = parse_perturbations(args.perturb)
+        if args.perturb and not args.data:
+            raise ValueError("--perturb needs --data (labelled images)")
+    except ValueError as e:
+        print(f"cinemae-bench: {e}", file=sys.stderr)
+        return 2
+    ks = args.k or _int_list(DEFAULT_KS)
+    if any(not 0 <= k <= 8 for k in ks):
+        print(f"cinemae-bench: K must be in 0..8, got {ks}", file=sys.stderr)
+        return 2
+    want_fp16 = any(s.precision == "fp16" and s.backend != "torch" for s in specs)
+    try:
+        target = resolve_target(args.bundle, args.arch, args.checkpoint, args.head,
+                                k=2 if 2 in ks or not ks else max(ks), seed=args.init_seed,
+                                fp16=want_fp16 and bool(args.arch), log=log)
+    except (BundleError, ValueError, OSError) as e:
+        print(f"cinemae-bench: {e}", file=sys.stderr)
+        return 2
+    bundle = target.bundle
+    bb = bundle.backbone
+    batches = args.batch or ([1] if bb.embed_dim >= 768 else [1, 8])
+
+    env = environment()
+    peaks: dict[str, dict[str, Any]] = {}
+    if any(s.device == "cpu" for s in specs):
+        peaks["cpu"] = ({"tflops": args.peak_tflops, "source": "given (--peak-tflops)"}
+                        if args.peak_tflops else cpu_peak(args.threads, refresh=args.remeasure_peak))
+    for p in ("fp32", "fp16"):
+        if any(s.device.startswith("cuda") and s.precision == p for s in specs):
+            if args.peak_tflops:
+                peaks[f"cuda:{p}"] = {"tflops": args.peak_tflops, "source": "given (--peak-tflops)"}
+            elif env["gpus"] and (g := gpu_peak(env["gpus"][0], p)):
+                peaks[f"cuda:{p}"] = g
+
+    # inputs: synthetic JPEGs (or the user's files), decoded and preprocessed by the runtime
+    n_pool = max(batches)
+    if args.inputs:
+        from ..runtime.cli import iter_inputs
+
+        sources: list[Any] = list(iter_inputs(args.inputs))[: max(n_pool, 16)]
+        desc = f"{len(sources)} files from {' '.join(args.inputs)}"
+    else:
+        sources = synthetic_inputs(max(n_pool, 8), bb.img_size, bundle.crop_ratio)
+        desc = f"{len(sources)} synthetic JPEGs (q95, smooth and textured) at 1.5x the resize target"
+    try:
+        pool, pre_ms, input_errors = prepare_pool(sources, n_pool, bb.img_size, bundle.crop_ratio)
+    except ValueError as e:
+        print(f"cinemae-bench: {e}", file=sys.stderr)
+        return 2
+
+    command = "cinemae-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    result: dict[str, Any] = {
+        "format": "cinemae-bench/1",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command.strip(),
+        "environment": env,
+        "bundle": {"path": str(bundle.root), "model_id": bundle.model_id, "origin": target.origin,
+                   "note": target.note, "backbone": bundle.manifest["backbone"], "bundle_k": bundle.k,
+                   "n_keep": bundle.manifest.get("n_keep"), "precisions": bundle.precisions()},
+        "peaks": peaks,
+        "inputs": {"description": desc, "decode_preprocess_ms": pre_ms, "errors": input_errors},
+        "protocol": (f"warm-up {args.warmup} batch(es), then {args.min_iters}..{args.iters} timed batches per "
+                     f"row (stop after {args.row_time:g} s), runners interleaved round-robin; p50/p95 of "
+                     "wall time per batch; img/s = B / p50; e2e adds decode+preprocess serially; FLOPs = "
+                     "2 x MACs of matmuls/convolutions (benchmarks/flops.py)"),
+        "rows": [],
+        "accuracy": [],
+        "interrupted": False,
+    }
+    outputs = _outputs(args)
+
+    def save(final: bool = False) -> None:
+        if outputs["json"] and outputs["json"] != "-":
+            report.write_json(outputs["json"], result)
+        if final and outputs["markdown"]:
+            report.write_atomic(outputs["markdown"], report.markdown(result))
+
+    def on_row(row: Any) -> None:
+        result["rows"].append(row.to_dict())
+        save()
+
+    log(f"bundle {bundle.root} ({target.origin}; {bb.img_size} px, D={bb.embed_dim}, "
+        f"L={bb.num_patches}){' - ' + target.note if target.note else ''}")
+    log(f"decode+preprocess {pre_ms:.3f} ms/img; peaks: "
+        + ", ".join(f"{k} {v['tflops']} TFLOP/s ({v['source']})" for k, v in peaks.items()))
+    rows: list[Any] = []
+    status = 0
+    try:
+        opts = SweepOptions(warmup=args.warmup, iters=args.iters, min_iters=args.min_iters,
+                            row_time=args.row_time, threads=args.threads, peaks=peaks)
+        rows = run_sweep(target, specs, ks, batches, pool, pre_ms, opts, log, on_row)
+        if args.data:
+            acc_rows, acc_info = _accuracy(args, target, ks, perts, rows, log, evaluate, load_labeled)
+            result["accuracy"] = [a.to_dict() for a in acc_rows]
+            result["accuracy_info"] = acc_info
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        status = 130
+        log("interrupted: writing the rows measured so far")
+    except DataError as e:
+        print(f"cinemae-bench: {e}", file=sys.stderr)
+        result["accuracy_info"] = {"error": str(e)}
+        status = 2
+    from .sweep import Row
+
+    rows = [Row(**{k: v for k, v in r.items() if k != "label"}) for r in result["rows"]]
+    result["ratios"] = report.ratio_lines(rows)
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    if outputs["plot"]:
+        why = report.plot(result, outputs["plot"])
+        if why:
+            log(why)
+            result["plot"] = None
+        else:
+            result["plot"] = str(outputs["plot"])
+    save(final=True)
+
+    print(f"cinemae-bench: {bundle.model_id} ({target.origin}), {env['machine']}; CPU {env['cpu']}")
+    if target.note:
+        print(f"NOTE: {target.note}")
+    print(report.format_table(rows))
+    if result["ratios"]:
+        print()
+        print("\n".join(result["ratios"]))
+    print("\nper-stage ms per image (decode+prep is the runtime's CPU preprocessing, shared by all rows):")
+    print(report.format_stages(rows))
+    if result["accuracy"]:
+        print(f"\naccuracy ({result['accuracy_info']['data']}; threshold logit "
+              f"{result['accuracy_info']['threshold_logit']:.3f}; TPR at {args.fpr:.0%} FPR):")
+        print(report.format_accuracy(result["accuracy"]))
+    if outputs["json"] == "-":
+        import json
+
+        print(json.dumps(result, indent=2, default=str))
+    written = [str(v) for k, v in outputs.items() if v and v != "-" and (k != "plot" or result.get("plot"))]
+    if written:
+        print("\nwrote " + ", ".join(written))
+    print(f"({result['elapsed_s']} s)")
+    if status == 0 and any(r.status == "error" for r in rows):
+        status = 1
+    return status
+
+
+def _outputs(args: argparse.Namespace) -> dict[str, str | None]:
+    out = {"json": args.json_path, "markdown": args.markdown, "plot": args.plot}
+    if args.out:
+        d = Path(args.out)
+        out["json"] = out["json"] or str(d / "bench.json")
+        out["markdown"] = out["markdown"] or str(d / "bench.md")
+        out["plot"] = out["plot"] or str(d / "bench.png")
+    return out
+
+
+def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[Any], rows: list[Any],
+              log: Any, evaluate: Any, load_labeled: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Accuracy per K (and perturbation) through the first runtime backend that ran."""
+    import math
+
+    from ..runtime.masks import make_masks
+    from .sweep import RunnerSpec, make_runner
+
+    ok = [r for r in rows if r.status == "ok" and r.backend != "torch" and r.precision == "fp32"] or \
+        [r for r in rows if r.status == "ok"]
+    spec = RunnerSpec(ok[0].backend, ok[0].device, ok[0].precision) if ok else \
+        RunnerSpec("onnxruntime-cpu", "cpu", "fp32")
+    items = load_labeled(args.data, args.limit)
+    bundle = target.bundle
+    bb = bundle.backbone
+    runner = make_runner(spec, target, args.threads)
+    p = min(max(bundle.threshold, 1e-7), 1 - 1e-7)
+    thr = math.log(p / (1 - p))
+    log(f"accuracy on {len(items)} images from {args.data} with {spec.label}")
+
+    def run_logits(images: Any, k: int) -> Any:
+        import numpy as np
+
+        masks = make_masks(bb.num_patches, k, bundle.mask_ratio, bundle.mask_seed)
+        out = []
+        for i in range(0, len(images), 32):
+            out.append(runner.run(images[i:i + 32], masks)[0])
+        return np.concatenate(out)
+
+    try:
+        acc_rows, errors = evaluate(items, run_logits, ks, perts, bb.img_size, bundle.crop_ratio, thr,
+                                    args.fpr, log)
+    finally:
+        runner.close()
+    notes = []
+    if target.note:
+        notes.append(target.note)
+    for a in acc_rows:
+        if a.k != bundle.k and bundle.trained:
+            a.note = f"head trained for K={bundle.k}: scores at K={a.k} are not calibrated"
+    info = {"data": args.data, "backend": spec.label, "n_items": len(items), "errors": errors,
+            "threshold_logit": thr, "limit_per_class": args.limit, "note": "; ".join(notes),
+            "perturbations": [p.name for p in perts]}
+    return acc_rows, info
+
+
+if __name__ == "__main__":
+    sys.exit(main())

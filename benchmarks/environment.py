@@ -1,0 +1,203 @@
+"""The machine a benchmark ran on: CPU and GPU names, library versions, and the device peak.
+
+The CPU peak is *measured* (a large float32 matmul through numpy's BLAS, best of a few runs)
+and cached per CPU model and thread count; a GPU peak is taken from the vendor's data sheet for
+known GPUs (dense tensor-core FP16 and FP32 without sparsity) or from ``--peak-tflops``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("cinemae", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "opencv-python-headless",
+             "pillow", "tensorrt", "cuda-python", "matplotlib")
+
+# dense (no sparsity) peak TFLOP/s from NVIDIA data sheets: (fp32 non-tensor, fp16 tensor core)
+GPU_PEAKS: dict[str, tuple[float, float]] = {
+    "H200": (67.0, 989.0),
+    "H100 SXM": (67.0, 989.0),
+    "H100 NVL": (60.0, 835.0),
+    "H100 PCIe": (51.0, 756.0),
+    "H100": (51.0, 756.0),
+    "A100": (19.5, 312.0),
+    "L40S": (91.6, 362.0),
+    "L4": (30.3, 121.0),
+    "A10": (31.2, 125.0),
+    "T4": (8.1, 65.0),
+    "RTX 4090": (82.6, 165.0),
+}
+
+
+def cache_dir() -> Path:
+    """``$CINEMAE_CACHE`` or ``~/.cache/cinemae`` (bench bundles, the measured CPU peak)."""
+    root = os.environ.get("CINEMAE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cinemae")
+    return Path(root)
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo (or the platform) names it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags_summary() -> list[str]:
+    """The vector extensions that matter for GEMM speed (avx2, avx512f, amx, ...)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16",
+                                                    "avx512_vnni", "avx512_fp16", "amx_bf16",
+                                                    "amx_tile", "f16c"))
+    return []
+
+
+def gpu_names() -> list[str]:
+    """GPU names from ``nvidia-smi`` (empty without an NVIDIA driver)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def gpu_available() -> bool:
+    """True when a CUDA driver answers with a device (cuda-python), or nvidia-smi lists one."""
+    try:
+        from cuda.bindings import driver  # type: ignore[import-not-found]
+
+        (err,) = driver.cuInit(0)
+        if int(err) == 0:
+            err, n = driver.cuDeviceGetCount()
+            if int(err) == 0 and n > 0:
+                return True
+    except Exception:  # noqa: BLE001 - any failure means "no usable GPU from here"
+        pass
+    return bool(gpu_names())
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that decide the numbers (absent ones left out)."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import onnxruntime as ort
+
+        out["onnxruntime providers"] = ",".join(ort.get_available_providers())
+    except ImportError:
+        pass
+    return out
+
+
+def environment() -> dict[str, Any]:
+    """Everything a reader needs to compare two benchmark files."""
+    gpus = gpu_names()
+    return {
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, "
+                   + (", ".join(gpus) if gpus else "no GPU"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags_summary(),
+        "gpus": gpus,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "libraries": library_versions(),
+    }
+
+
+def measure_cpu_peak(threads: int | None = None, size: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul throughput on the CPU in TFLOP/s (best of ``repeats``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    ctx = _blas_threads(threads)
+    with ctx:
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e12
+
+
+def _blas_threads(threads: int | None):  # noqa: ANN202 - a context manager
+    try:
+        from threadpoolctl import threadpool_limits  # type: ignore[import-not-found]
+
+        return threadpool_limits(limits=threads) if threads else _Null()
+    except ImportError:
+        return _Null()
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def cpu_peak(threads: int | None = None, refresh: bool = False) -> dict[str, Any]:
+    """The CPU peak, measured once per CPU model and thread count and cached on disk.
+
+    Returns {"tflops": float, "source": "measured ..."}."""
+    key = f"{cpu_name()}|{os.cpu_count()}|{threads or 'default'}"
+    path = cache_dir() / "bench" / "cpu_peak.json"
+    cached: dict[str, Any] = {}
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not refresh and key in cached:
+        return cached[key]
+    value = measure_cpu_peak(threads)
+    rec = {"tflops": round(value, 4),
+           "source": "measured: float32 2048x2048 matmul via numpy BLAS, best of 5"
+                     + (f", {threads} threads" if threads else "")}
+    cached[key] = rec
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return rec
+
+
+def gpu_peak(name: str, precision: str) -> dict[str, Any] | None:
+    """Data-sheet peak for a known GPU name (fp16: dense tensor core; fp32: non-tensor)."""
+    for key, (fp32, fp16) in GPU_PEAKS.items():  # most specific names first
+        if key.lower() in name.lower():
+            return {"tflops": fp16 if precision == "fp16" else fp32,
+                    "source": f"data sheet ({key}, dense {precision})"}
+    return None
