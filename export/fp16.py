@@ -122,7 +122,18 @@ def _normalise(model: Any) -> Any:
 def _elem_types(model: Any) -> dict[str, int]:
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    if model.ByteSize() > 1_800_000_000:  # over protobuf's 2 GiB limit: infer through files
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "m.onnx", Path(tmp) / "inferred.onnx"
+            big = onnx.ModelProto()
+            big.CopyFrom(model)
+            onnx.save_model(big, str(src), save_as_external_data=True, location="m.onnx.data")
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), strict_mode=True)
+            inferred = onnx.load(str(dst), load_external_data=False)
+    else:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     types: dict[str, int] = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         types[vi.name] = vi.type.tensor_type.elem_type
@@ -174,8 +185,16 @@ def activation_ranges(model: Any, feeds: list[dict[str, np.ndarray]]) -> dict[st
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), sess_options=so,
-                                providers=["CPUExecutionProvider"])
+    if probe.ByteSize() > 1_800_000_000:  # protobuf's 2 GiB limit (ViT-H): go through a file
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.onnx"
+            onnx.save_model(probe, str(path), save_as_external_data=True, location="probe.onnx.data")
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(probe.SerializeToString(), sess_options=so,
+                                    providers=["CPUExecutionProvider"])
     out_names = [o.name for o in sess.get_outputs() if o.name in set(names)]
     ranges: dict[str, float] = {}
     for feed in feeds:

@@ -63,8 +63,13 @@ class OnnxRuntimeCUDA:
                                          "(CUDA or cuDNN libraries missing or of the wrong version)")
             return s
 
-        self.encoder = session("encoder")
-        self.decoder = session("decoder") if bundle.k else None
+        # a CUDA provider that cannot load logs its own multi-line error; our one sentence says it
+        ort.set_default_logger_severity(4)
+        try:
+            self.encoder = session("encoder")
+        finally:
+            ort.set_default_logger_severity(2)
+        self.decoder = session("decoder")  # also for a K=0 bundle: Detector(k=...) may ask for runs
         self.head = session("head")
         self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
         self.lcas_impl = "kernel"

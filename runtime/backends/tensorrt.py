@@ -25,6 +25,7 @@ from a copy of ``pred`` (numpy reference) and :attr:`lcas_impl` says so.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -104,7 +105,7 @@ class TensorRTBackend:
         self.max_batch = max(1, int(max_batch))
         self.cuda_graphs = cuda_graphs
         self.notes: list[str] = []
-        self._log = log or (lambda m: self.notes.append(m))
+        self._log = log or self._note
         bb = bundle.backbone
         self.k_built = bundle.k
         self.entries = ensure_engines(bundle, precision, device_index, self.max_batch, bundle.k, self._log)
@@ -129,9 +130,17 @@ class TensorRTBackend:
         self._shapes_set: tuple[int, bool] | None = None
         self.lcas_impl = "kernel"
         self._last_map: np.ndarray | None = None
+        # every device buffer at its largest size now: pointers never change, so captured CUDA
+        # graphs stay valid
+        self._ensure_buffers(self.max_batch, max(self.k_built, 1))
         ids = full_ids_keep(self.max_batch, big_l)
         h2d(self.buf["ids_full"].ensure(ids.nbytes), ids, self.stream)
         self.stream.synchronize()
+
+    def _note(self, msg: str) -> None:
+        """Engine builds take minutes: say so on stderr, and keep the line in :attr:`notes`."""
+        self.notes.append(msg)
+        print(f"cinemae: {msg}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------------
     def _upload_masks(self, masks: MaskSet) -> None:

@@ -131,7 +131,7 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cach
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errs = "; ".join(str(parser.get_error(i)) for i in range(int(getattr(parser, "num_errors", 0))))
         raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errs}")
     config = builder.create_builder_config()
     if workspace:
