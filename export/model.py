@@ -70,6 +70,12 @@ PRESETS: dict[str, MAEConfig] = {
                           decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
     "vit-tiny-32": MAEConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
                              decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    # the embedded demonstration backbone (runtime/bundles/cifake32): sized for a CPU pretraining
+    # run and a bundle of a few MB
+    "vit-mini-32": MAEConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
+                             decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "vit-micro-32": MAEConfig(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
+                              decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
 }
 
 

@@ -1,0 +1,270 @@
+"""cinemae-train: data sources, the feature cache, head training, calibration, writing a head
+into a bundle, and a pretraining smoke run. CPU-only, tiny models, synthetic images."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cinemae.train.calibrate import (
+    abstain_band,
+    auc,
+    average_precision,
+    metrics,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
+from cinemae.train.data import DataError, from_csv, from_dir, from_path, from_tar, gather
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image(label: int, i: int, size: int = 32) -> np.ndarray:
+    """Easy synthetic classes: 'real' = smooth gradients, 'fake' = high-frequency noise."""
+    rng = np.random.default_rng(1000 * label + i)
+    if label == 0:
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        base = np.stack([xx, yy, (xx + yy) / 2], -1) * rng.uniform(0.5, 1.0) + rng.uniform(0, 0.3)
+        return (np.clip(base, 0, 1) * 255).astype(np.uint8)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _write_dir(root: Path, label: int, n: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"{i:03d}.png").write_bytes(_png(_image(label, i)))
+    return root
+
+
+def _write_tar(path: Path, label: int, n: int, offset: int = 0) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            data = _png(_image(label, i + offset))
+            info = tarfile.TarInfo(f"{i:04d}_{label}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+# data -------------------------------------------------------------------------------------------
+def test_sources_dir_csv_tar(tmp_path: Path) -> None:
+    real = _write_dir(tmp_path / "real", 0, 3)
+    fake = _write_dir(tmp_path / "fake", 1, 2)
+    (tmp_path / "real" / "notes.txt").write_text("not an image")
+    items = gather([str(real)], [str(fake)])
+    assert [it.label for it in items] == [0, 0, 0, 1, 1]
+    assert all(it.read()[:4] == b"\x89PNG" for it in items)
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label,source\nreal/000.png,real,x\nfake/001.png,fake,y\n")
+    rows = from_csv(csv)
+    assert [(Path(r.source).name, r.label) for r in rows] == [("000.png", 0), ("001.png", 1)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("real/000.png,maybe\n")
+    with pytest.raises(DataError, match="unknown label"):
+        from_csv(bad)
+
+    tar = _write_tar(tmp_path / "f.tar", 1, 4)
+    t_items = from_tar(tar, 1)
+    assert len(t_items) == 4 and t_items[2].member == "0002_1.png"
+    assert t_items[2].read() == _png(_image(1, 2))
+    assert len(from_path(tar, 1)) == 4
+    with pytest.raises(DataError):
+        from_dir(tmp_path / "missing", 0)
+    with pytest.raises(DataError, match="no training data"):
+        gather()
+
+
+def test_cifake_tar_members_read(shared_data: Path) -> None:
+    items = from_tar(shared_data / "cifake" / "test-fake.tar", 1)
+    assert len(items) == 4973
+    assert items[-1].read()[:2] == b"\xff\xd8"  # JPEG
+
+
+# calibration ------------------------------------------------------------------------------------
+def test_metrics_against_known_values() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    assert average_precision(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx((1 + 2 / 3) / 2)
+    assert tpr_at_fpr(y, np.array([0.1, 0.2, 0.3, 0.9]), 0.05) == 1.0
+
+
+def test_threshold_meets_target_fpr() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 19, 20, 21, 1000):
+        real = rng.random(n)
+        for target in (0.0, 0.05, 0.2):
+            t = threshold_at_fpr(real, target)
+            fpr = float((real >= t).mean())
+            assert fpr <= target + 1e-12, (n, target, fpr)
+            # and it is the tightest such threshold: just below it the FPR would exceed the target
+            if n * target >= 1:
+                assert (real >= np.nextafter(t, -np.inf)).mean() > target or fpr == pytest.approx(target, abs=1 / n)
+    ties = np.array([0.9] * 10 + [0.1] * 90)
+    assert (ties >= threshold_at_fpr(ties, 0.05)).mean() == 0.0
+
+
+def test_abstain_band_and_metrics() -> None:
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(500), np.ones(500)].astype(int)
+    p = np.clip(np.r_[rng.normal(0.3, 0.1, 500), rng.normal(0.7, 0.1, 500)], 0, 1)
+    t = threshold_at_fpr(p[y == 0], 0.05)
+    lo, hi = abstain_band(p, t, 0.1)
+    assert lo <= t <= hi
+    inside = ((p >= lo) & (p <= hi)).mean()
+    assert 0.08 <= inside <= 0.12
+    m = metrics(y, p, t, (lo, hi))
+    assert m["at_threshold"]["fpr"] <= 0.05
+    assert m["abstain"]["coverage"] == pytest.approx(1 - inside)
+    assert m["auc"] > 0.95 and m["ap"] > 0.95
+    assert abstain_band(p, t, 0.0) == (t, t)
+
+
+# head training ----------------------------------------------------------------------------------
+def test_train_head_learns_easy_problem() -> None:
+    pytest.importorskip("torch")
+    from cinemae.train.head import TrainConfig, head_logits, train_head
+
+    rng = np.random.default_rng(0)
+    n, d = 600, 16
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    g = rng.standard_normal((n, d)).astype(np.float32) * 3 + 10  # offset/scale: standardisation matters
+    g[:, 0] += 6.0 * (2 * y - 1)  # separable along one direction
+    s = rng.standard_normal((n, 3)).astype(np.float32)
+    s[:, 1] += 1.5 * y  # and in the statistics
+    tr, va = slice(0, 480), slice(480, None)
+    th = train_head(g[tr], s[tr], y[tr], g[va], s[va], y[va], k=2, cfg=TrainConfig(epochs=15, batch=64),
+                    log=lambda *_: None)
+    lv = head_logits(th.head, g[va], s[va])
+    assert auc(y[va], lv) > 0.95
+    assert th.head.g_mean[0].item() == pytest.approx(float(g[tr, 0].mean()), rel=1e-4)
+    assert 1 <= th.best_epoch <= 15 and len(th.history) == 15
+    for fusion in ("concat", "gate"):
+        th2 = train_head(g[tr], s[tr], y[tr], g[va], s[va], y[va], fusion=fusion, k=2,
+                         cfg=TrainConfig(epochs=8, batch=64), log=lambda *_: None)
+        assert auc(y[va], head_logits(th2.head, g[va], s[va])) > 0.9
+
+
+# features + cache -------------------------------------------------------------------------------
+def test_feature_cache_hits_by_content(tiny_bundle: Path, tmp_path: Path) -> None:
+    from cinemae.runtime.lcas import stats_from_map
+    from cinemae.train.data import Item
+    from cinemae.train.features import FeatureCache, bundle_key, extract
+
+    real = _write_dir(tmp_path / "real", 0, 5)
+    items = from_dir(real, 0)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    items_bad = items + [Item(str(bad), 1), Item(str(tmp_path / "gone.png"), 1)]
+    cache = tmp_path / "cache"
+    fs1 = extract(tiny_bundle, items_bad, 3, cache_dir=cache, batch_size=2, progress=False,
+                  log=lambda *_: None)
+    assert fs1.extracted == 5 and fs1.cache_hits == 0
+    assert sorted(code for _, code, _ in fs1.errors) == ["not_found", "undecodable"] or len(fs1.errors) == 2
+    assert fs1.feature.shape == (5, 64) and fs1.lcas.shape == (5, 3, 64)
+    assert np.isnan(fs1.lcas).any() and np.isfinite(fs1.stats(2)).all()
+    assert np.allclose(fs1.stats(0), 0)
+    # a file copied under another name hits the cache (keyed by content); an edited one misses
+    moved = _write_dir(tmp_path / "moved", 0, 5)
+    (moved / "004.png").write_bytes(_png(_image(0, 99)))
+    fs2 = extract(tiny_bundle, from_dir(moved, 0), 3, cache_dir=cache, batch_size=4, progress=False)
+    assert fs2.cache_hits == 4 and fs2.extracted == 1
+    np.testing.assert_array_equal(fs2.feature[:4], fs1.feature[:4])
+    # the statistics for K=2 from the K_max=3 map equal a direct K=2 run of the runtime
+    from cinemae.runtime.detector import Detector
+
+    with Detector(tiny_bundle, k=2) as det:
+        x = np.stack([det.preprocess(it.read()) for it in items])
+        direct = det.run_arrays(x, want_feature=True)
+    np.testing.assert_allclose(fs1.stats(2), direct.stats, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats_from_map(fs1.lcas[:, :2]), direct.stats, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fs1.feature, direct.feature, rtol=1e-5, atol=1e-5)
+    # another K_max is another key; the cache on disk is what a new process would read
+    from cinemae.runtime.bundle import Bundle
+
+    b = Bundle(tiny_bundle)
+    assert bundle_key(b, 3) != bundle_key(b, 2)
+    assert len(FeatureCache(cache, bundle_key(b, 3)).data) == 6
+
+
+# writing a head into a bundle -------------------------------------------------------------------
+def test_cli_trains_and_writes_head(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cinemae.runtime.bundle import Bundle
+    from cinemae.runtime.detector import Detector
+    from cinemae.train.cli import main
+
+    real = _write_tar(tmp_path / "real.tar", 0, 40)
+    fake = _write_tar(tmp_path / "fake.tar", 1, 40)
+    test_real = _write_tar(tmp_path / "treal.tar", 0, 10, offset=500)
+    test_fake = _write_tar(tmp_path / "tfake.tar", 1, 10, offset=500)
+    probe = [_image(0, 777), _image(1, 777)]
+    with Detector(tiny_bundle_copy) as det:
+        before = [r.logit for r in det.detect_batch(probe)]
+    assert Bundle(tiny_bundle_copy).trained is False
+    report = tmp_path / "report.json"
+    rc = main(["--bundle", str(tiny_bundle_copy), "--real", str(real), "--fake", str(fake),
+               "--k", "2", "--ks", "0,1", "--epochs", "10", "--batch", "32", "--val-frac", "0.25",
+               "--test-real", str(test_real), "--test-fake", str(test_fake),
+               "--cache", str(tmp_path / "cache"), "--report", str(report), "--quiet", "--threads", "1"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    assert set(rep["per_k"]) == {"0", "1", "2"}
+    assert rep["per_k"]["2"]["validation"]["at_threshold"]["fpr"] <= 0.05
+    assert rep["per_k"]["2"]["test"]["auc"] > 0.9  # noise vs gradients is easy even for random weights
+    b = Bundle(tiny_bundle_copy)  # hashes verified
+    assert b.trained is True and b.k == 2
+    assert b.threshold == pytest.approx(rep["per_k"]["2"]["threshold"])
+    assert b.manifest["head_parity"]["passed"] and b.manifest["head"]["training"]["best_epoch"] >= 1
+    lo, hi = b.abstain_band
+    assert lo <= b.threshold <= hi
+    assert (tiny_bundle_copy / "head.pt").is_file()
+    with Detector(tiny_bundle_copy) as det:
+        res = det.detect_batch(probe)
+    assert [r.logit for r in res] != before
+    assert res[1].score > res[0].score
+    # a second run hits the cache for every image
+    rc = main(["--bundle", str(tiny_bundle_copy), "--real", str(real), "--fake", str(fake), "--epochs", "2",
+               "--cache", str(tmp_path / "cache"), "--report", str(report), "--quiet", "--no-write",
+               "--threads", "1"])
+    assert rc == 0
+    rep2 = json.loads(report.read_text())
+    assert rep2["data"]["all"]["cache_hits"] == 80 and rep2["data"]["all"]["extracted"] == 0
+
+
+def test_cli_errors(tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cinemae.train.cli import main
+
+    real = _write_dir(tmp_path / "real", 0, 3)
+    assert main(["--bundle", str(tiny_bundle), "--real", str(real), "--no-write"]) == 2
+    assert "need both classes" in capsys.readouterr().err
+    assert main(["--bundle", str(tiny_bundle), "--real", str(tmp_path / "nope")]) == 2
+
+
+# pretraining ------------------------------------------------------------------------------------
+def test_pretrain_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cinemae.train.pretrain_mae import main
+
+    tar = _write_tar(tmp_path / "real.tar", 0, 24)
+    out = tmp_path / "run"
+    args = ["--tar", str(tar), "--arch", "tiny", "--out", str(out), "--epochs", "2", "--batch", "8",
+            "--warmup-steps", "2", "--log-every", "0", "--threads", "1"]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["history"]) == 2 and np.isfinite(s["final_val_recon_loss"])
+    assert (out / "mae.pth").is_file() and (out / "checkpoint.pt").is_file()
+    # resuming a finished run does no more epochs and keeps the history
+    assert main(args + ["--resume"]) == 0
+    assert len(json.loads((out / "summary.json").read_text())["history"]) == 2

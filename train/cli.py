@@ -1,0 +1,240 @@
+"""``cinemae-train``: extract features through the runtime, train the head, calibrate the
+threshold and the abstain band, write the head into the bundle.
+
+    cinemae-train --bundle BUNDLE --real DIR --fake DIR --k 2
+    cinemae-train --bundle BUNDLE --csv labels.csv --k 2 --fusion concat
+    cinemae-train --bundle BUNDLE --real train-real.tar --fake train-fake.tar --k 2 --ks 0,1,2,4 \
+        --test-real test-real.tar --test-fake test-fake.tar --report report.json
+
+One extraction with K_max = max(--k, --ks) runs gives the heads for every K listed. The
+validation split (``--val-frac`` of the training items, per class, seeded) chooses the epoch
+and calibrates the threshold and the abstain band; test sets are only reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import DataError, Item, gather
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cinemae" / "features"
+
+
+def split_items(items: list[Item], val_frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified seeded split -> (train indices, validation indices)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in (0, 1):
+        idx = np.array([i for i, it in enumerate(items) if it.label == label])
+        if len(idx) == 0:
+            continue
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(val_frac * len(idx))) if len(idx) > 1 else 0
+        if val_frac > 0 and len(idx) > 1:
+            n_val = max(1, n_val)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return sorted(train), sorted(val)
+
+
+def limit_per_class(items: list[Item], n: int | None, seed: int) -> list[Item]:
+    if not n:
+        return items
+    rng = np.random.default_rng(seed + 1)
+    out: list[Item] = []
+    for label in (0, 1):
+        cls = [it for it in items if it.label == label]
+        if len(cls) > n:
+            keep = np.sort(rng.choice(len(cls), n, replace=False))
+            cls = [cls[i] for i in keep]
+        out += cls
+    return out
+
+
+def parse_ks(text: str | None, k: int) -> list[int]:
+    ks = {k}
+    if text:
+        for part in text.split(","):
+            if part.strip():
+                ks.add(int(part))
+    bad = [x for x in ks if not 0 <= x <= 8]
+    if bad:
+        raise ValueError(f"K must be in 0..8, got {bad}")
+    return sorted(ks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cinemae-train", description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", help="bundle directory (default: the embedded bundle, written into a "
+                    "copy given by --out-bundle)")
+    data = ap.add_argument_group("training data (any combination)")
+    data.add_argument("--real", action="append", default=[], help="folder or tar archive of real images")
+    data.add_argument("--fake", action="append", default=[], help="folder or tar archive of AI-generated images")
+    data.add_argument("--csv", action="append", default=[], help="CSV of path,label (label real|fake)")
+    data.add_argument("--limit-per-class", type=int, default=None,
+                      help="use a seeded random subset of at most N images per class")
+    test = ap.add_argument_group("held-out test data (reported only, never used for choices)")
+    test.add_argument("--test-real", action="append", default=[])
+    test.add_argument("--test-fake", action="append", default=[])
+    test.add_argument("--test-csv", action="append", default=[])
+    hp = ap.add_argument_group("head")
+    hp.add_argument("--k", type=int, default=2, help="masking runs K of the head written into the bundle")
+    hp.add_argument("--ks", default=None, help="also train and report heads for these K (e.g. 0,1,2,4); "
+                    "all come from one extraction with K_max = the largest")
+    hp.add_argument("--fusion", choices=["add", "concat", "gate"], default="add")
+    hp.add_argument("--epochs", type=int, default=25)
+    hp.add_argument("--batch", type=int, default=256)
+    hp.add_argument("--lr", type=float, default=1e-3)
+    hp.add_argument("--weight-decay", type=float, default=0.05)
+    hp.add_argument("--seed", type=int, default=0)
+    cal = ap.add_argument_group("calibration")
+    cal.add_argument("--val-frac", type=float, default=0.1, help="validation share of the training items")
+    cal.add_argument("--target-fpr", type=float, default=0.05,
+                     help="false-positive rate on real validation images that sets the threshold")
+    cal.add_argument("--abstain-frac", type=float, default=0.05,
+                     help="share of validation images inside the abstain band around the threshold "
+                          "(0: no band)")
+    run = ap.add_argument_group("run")
+    run.add_argument("--cache", default=None, help=f"feature cache folder (default {default_cache_dir()})")
+    run.add_argument("--no-cache", action="store_true")
+    run.add_argument("--batch-size", type=int, default=64, help="images per runtime call")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime and torch)")
+    run.add_argument("--out-bundle", default=None, help="write the trained head into a copy of the bundle here")
+    run.add_argument("--no-write", action="store_true", help="train and report only; leave the bundle as is")
+    run.add_argument("--report", default=None, help="write the full report (JSON) here")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """The whole job; returns the report."""
+    from ..runtime.bundle import Bundle, resolve_bundle
+    from .calibrate import abstain_band, metrics, threshold_at_fpr
+    from .features import describe, extract
+    from .head import TrainConfig, head_logits, train_head, write_head, write_json
+
+    bundle = resolve_bundle(args.bundle)
+    if args.bundle is None and not args.no_write and not args.out_bundle:
+        raise DataError("no --bundle given: the embedded bundle is not modified in place; pass "
+                        "--out-bundle DIR to write a trained copy (or --no-write)")
+    ks = parse_ks(args.ks, args.k)
+    k_max = max(ks)
+    items = limit_per_class(gather(args.real, args.fake, args.csv), args.limit_per_class, args.seed)
+    labels = np.array([it.label for it in items])
+    if (labels == 0).sum() == 0 or (labels == 1).sum() == 0:
+        raise DataError(f"need both classes; got {(labels == 0).sum()} real and {(labels == 1).sum()} fake")
+    cache = None if args.no_cache else (args.cache or default_cache_dir())
+    threads = args.threads or min(4, os.cpu_count() or 1)
+    log(f"bundle {bundle.root} ({bundle.model_id}); {len(items)} training images "
+        f"({(labels == 0).sum()} real, {(labels == 1).sum()} fake); K in {ks}, K_max={k_max}")
+    fs = extract(bundle, items, k_max, cache_dir=cache, batch_size=args.batch_size, threads=threads,
+                 progress=not args.quiet, log=log)
+    log(f"features: {describe(fs)}")
+    tr_idx, va_idx = split_items([Item(n, int(lbl)) for n, lbl in zip(fs.names, fs.labels, strict=True)],
+                                 args.val_frac, args.seed)
+    if not va_idx:
+        raise DataError("the validation split is empty; give more images or a larger --val-frac")
+    tr, va = fs.subset(np.array(tr_idx)), fs.subset(np.array(va_idx))
+    test_items = []
+    if args.test_real or args.test_fake or args.test_csv:
+        test_items = gather(args.test_real, args.test_fake, args.test_csv)
+    te = None
+    if test_items:
+        te = extract(bundle, test_items, k_max, cache_dir=cache, batch_size=args.batch_size,
+                     threads=threads, progress=not args.quiet, log=log)
+        log(f"test features: {describe(te)}")
+
+    pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
+    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                      seed=args.seed, threads=threads)
+    pct = int(round(args.target_fpr * 100))
+    report: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bundle": str(bundle.root), "model_id": bundle.model_id, "k_max": k_max, "ks": ks,
+        "fusion": args.fusion, "pooling": pooling, "train_config": vars(cfg),
+        "data": {"train": describe(tr), "validation": describe(va), "all": describe(fs),
+                 "test": describe(te) if te is not None else None,
+                 "sources": {"real": args.real, "fake": args.fake, "csv": args.csv,
+                             "test_real": args.test_real, "test_fake": args.test_fake,
+                             "test_csv": args.test_csv},
+                 "limit_per_class": args.limit_per_class, "val_frac": args.val_frac, "seed": args.seed},
+        "calibration_rule": {"target_fpr_on_real_validation": args.target_fpr,
+                             "abstain_frac_of_validation": args.abstain_frac},
+        "per_k": {},
+    }
+    written = None
+    for k in ks:
+        s_tr, s_va = tr.stats(k), va.stats(k)
+        th = train_head(tr.feature, s_tr, tr.labels.astype(np.float32), va.feature, s_va,
+                        va.labels.astype(np.float32), fusion=args.fusion, pooling=pooling, k=k,
+                        cfg=cfg, log=log)
+        p_va = 1.0 / (1.0 + np.exp(-head_logits(th.head, va.feature, s_va)))
+        thr = threshold_at_fpr(p_va[va.labels == 0], args.target_fpr)
+        band = abstain_band(p_va, thr, args.abstain_frac)
+        entry: dict[str, Any] = {
+            "threshold": thr, "abstain_band": list(band), "best_epoch": th.best_epoch,
+            "train_seconds": round(th.seconds, 1), "history": th.history,
+            "validation": metrics(va.labels, p_va, thr, band, args.target_fpr),
+            "stats_mean": tr.stats(k).mean(axis=0).tolist(),
+        }
+        if te is not None:
+            p_te = 1.0 / (1.0 + np.exp(-head_logits(th.head, te.feature, te.stats(k))))
+            entry["test"] = metrics(te.labels, p_te, thr, band, args.target_fpr)
+        report["per_k"][str(k)] = entry
+        v = entry["validation"]
+        line = (f"K={k}: threshold {thr:.4f} band [{band[0]:.4f}, {band[1]:.4f}] | val acc "
+                f"{v['at_threshold']['accuracy']:.4f} AUC {v['auc']:.4f} TPR@{pct}%FPR {v[f'tpr_at_{pct}pct_fpr']:.4f}")
+        if te is not None:
+            t = entry["test"]
+            line += (f" | test acc {t['at_threshold']['accuracy']:.4f} (at 0.5: {t['at_0.5']['accuracy']:.4f})"
+                     f" AUC {t['auc']:.4f} TPR@{pct}%FPR {t[f'tpr_at_{pct}pct_fpr']:.4f}")
+        log(line)
+        if k == args.k and not args.no_write:
+            decision = {"threshold": thr, "abstain_band": list(band), "calibration": {
+                "rule": f"threshold = smallest p with <= {args.target_fpr:.0%} false positives on the real "
+                        "validation images; abstain band = the p band around it holding "
+                        f"{args.abstain_frac:.0%} of the validation images",
+                "target_fpr": args.target_fpr, "abstain_frac": args.abstain_frac,
+                "validation_images": len(va.names), "validation_real": int((va.labels == 0).sum()),
+                "validation": entry["validation"]}}
+            training = {"k": k, "fusion": args.fusion, "pooling": pooling, "epochs": cfg.epochs,
+                        "best_epoch": th.best_epoch, "batch": cfg.batch, "lr": cfg.lr,
+                        "weight_decay": cfg.weight_decay, "seed": cfg.seed, "data": report["data"],
+                        "trained_at": report["created"],
+                        **({"test": entry["test"]} if "test" in entry else {})}
+            written = write_head(bundle.root, th.head, decision, training, out=args.out_bundle)
+            report["written"] = {"bundle": str(written), "k": k}
+            log(f"wrote the K={k} head into {written} (trained=True, threshold {thr:.4f})")
+    if args.report:
+        write_json(args.report, report)
+        log(f"report: {args.report}")
+    if written is not None:
+        Bundle(written)  # verify once more
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (DataError, FileExistsError, ValueError) as e:
+        print(f"cinemae-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cinemae-train: interrupted; extracted features are kept in the cache", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

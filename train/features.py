@@ -1,0 +1,211 @@
+"""Feature extraction through the runtime, with an on-disk cache.
+
+One extraction per image gives the pooled global feature g [D] and the per-patch LCAS map for
+K_max masking runs [K_max, L] (NaN at visible patches). The first k runs of a K_max mask set are
+exactly the masks of K=k (``runtime.masks.make_masks`` draws them in sequence from one seeded
+generator), so the statistics for every K <= K_max come from one extraction:
+``runtime.lcas.stats_from_map(lcas[:, :k])``.
+
+Cache: ``CACHE/<bundle key>/shard-*.npz``. The bundle key hashes what the numbers depend on
+(the encoder and decoder graphs, preprocessing, mask ratio/seed, lambda, pooling, K_max); an
+image is keyed by the sha256 of its bytes, so renamed or moved files hit and edited ones miss.
+Shards are written atomically every ``flush_every`` images: an interrupted run keeps what it
+extracted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.bundle import Bundle
+from ..runtime.lcas import stats_from_map
+from ..runtime.preprocess import InputError
+from .data import Item
+
+
+@dataclass
+class FeatureSet:
+    """Extracted features of the images that could be read.
+
+    names:   [N] item sources;  labels: [N] int (1 = AI-generated)
+    feature: [N, D] float32 pooled global feature (before standardisation)
+    lcas:    [N, K_max, L] float32 LCAS map, NaN at visible patches
+    errors:  (source, error code, message) for every item that could not be scored
+    """
+
+    names: list[str]
+    labels: np.ndarray
+    feature: np.ndarray
+    lcas: np.ndarray
+    hashes: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+    cache_hits: int = 0
+    extracted: int = 0
+    seconds: float = 0.0
+
+    @property
+    def k_max(self) -> int:
+        return int(self.lcas.shape[1])
+
+    def stats(self, k: int) -> np.ndarray:
+        """[N, 3] summary statistics for K=k (k <= K_max); zeros for K=0."""
+        if k > self.k_max:
+            raise ValueError(f"K={k} needs an extraction with K_max >= {k} (have {self.k_max})")
+        return stats_from_map(self.lcas[:, :k])
+
+    def subset(self, idx: np.ndarray) -> FeatureSet:
+        idx = np.asarray(idx)
+        return FeatureSet([self.names[i] for i in idx], self.labels[idx], self.feature[idx],
+                          self.lcas[idx], [self.hashes[i] for i in idx] if self.hashes else [])
+
+
+def bundle_key(bundle: Bundle, k_max: int, precision: str = "fp32") -> str:
+    """A short hash of everything an extracted feature depends on."""
+    m = bundle.manifest
+    files = m.get("files", {})
+    graphs = m.get("graphs", {}).get(precision, {})
+    parts = {
+        "encoder": files.get(graphs.get("encoder", "encoder.onnx")),
+        "decoder": files.get(graphs.get("decoder", "decoder.onnx")),
+        "preprocess": m.get("preprocess"),
+        "mask_ratio": m.get("mask_ratio"), "mask_seed": m.get("mask_seed"),
+        "lambda": m.get("lambda"), "pooling": m.get("head", {}).get("pooling", "cls"),
+        "k_max": int(k_max), "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """content sha256 -> (feature [D], lcas [K_max, L]) for one bundle key."""
+
+    def __init__(self, root: str | os.PathLike[str] | None, key: str) -> None:
+        self.dir = Path(root) / key if root else None
+        self.data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self.dir and self.dir.is_dir():
+            for shard in sorted(self.dir.glob("shard-*.npz")):
+                try:
+                    with np.load(shard) as z:
+                        for h, f, lm in zip(z["hashes"], z["feature"], z["lcas"], strict=True):
+                            self.data[str(h)] = (f, lm)
+                except Exception as e:  # noqa: BLE001 - a damaged shard is skipped, not fatal
+                    warnings.warn(f"feature cache: skipping unreadable {shard} ({e})", stacklevel=2)
+
+    def get(self, h: str) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.data.get(h)
+
+    def put(self, h: str, feature: np.ndarray, lcas: np.ndarray) -> None:
+        self.data[h] = (feature, lcas)
+        self._pending[h] = (feature, lcas)
+
+    def flush(self) -> None:
+        if not self.dir or not self._pending:
+            self._pending.clear()
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        hashes = list(self._pending)
+        feat = np.stack([self._pending[h][0] for h in hashes])
+        lcas = np.stack([self._pending[h][1] for h in hashes])
+        name = f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
+        tmp = self.dir / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, hashes=np.array(hashes), feature=feat, lcas=lcas)
+        os.replace(tmp, self.dir / name)
+        self._pending.clear()
+
+
+def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_max: int = 4, *,
+            cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 64,
+            threads: int | None = None, flush_every: int = 2048, progress: bool = True,
+            log: Callable[[str], None] = print) -> FeatureSet:
+    """Run every item through the runtime (``Detector.run_arrays`` with K_max runs) or take it
+    from the cache. Unreadable items are listed in ``errors`` and left out."""
+    from tqdm import tqdm
+
+    from ..runtime.detector import Detector
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # K_max differs from the K the bundle's head was trained for
+        det = Detector(b, backend="onnxruntime", device="cpu", k=k_max, threads=threads)
+    key = bundle_key(b, k_max)
+    cache = FeatureCache(cache_dir, key)
+    t0 = time.perf_counter()
+    names: list[str] = []
+    labels: list[int] = []
+    hashes: list[str] = []
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    errors: list[tuple[str, str, str]] = []
+    hits = extracted = since_flush = 0
+    todo: list[tuple[Item, str, np.ndarray]] = []
+
+    def run_todo() -> None:
+        nonlocal extracted, since_flush
+        if not todo:
+            return
+        batch = np.stack([t[2] for t in todo])
+        out = det.run_arrays(batch, want_feature=True, want_lcas=True)
+        lm = out.lcas if out.lcas is not None else np.zeros((len(todo), 0, b.backbone.num_patches),
+                                                            np.float32)
+        for j, (it, h, _) in enumerate(todo):
+            f, m = out.feature[j].astype(np.float32), lm[j].astype(np.float32)
+            cache.put(h, f, m)
+            names.append(it.source)
+            labels.append(it.label)
+            hashes.append(h)
+            rows.append((f, m))
+        extracted += len(todo)
+        since_flush += len(todo)
+        todo.clear()
+        if since_flush >= flush_every:
+            cache.flush()
+            since_flush = 0
+
+    bar = tqdm(items, desc="features", unit="img", disable=not progress, mininterval=2.0)
+    try:
+        for it in bar:
+            try:
+                data = it.read(det.max_bytes)
+                h = hashlib.sha256(data).hexdigest()
+                got = cache.get(h)
+                if got is not None:
+                    hits += 1
+                    names.append(it.source)
+                    labels.append(it.label)
+                    hashes.append(h)
+                    rows.append(got)
+                    continue
+                todo.append((it, h, det.preprocess(data)))
+            except InputError as e:
+                errors.append((it.source, e.code, str(e)))
+                continue
+            if len(todo) >= batch_size:
+                run_todo()
+        run_todo()
+    finally:
+        cache.flush()  # keep what was extracted, also when interrupted
+        det.close()
+    if errors:
+        log(f"{len(errors)} item(s) could not be read and were left out, e.g. {errors[0][0]}: {errors[0][2]}")
+    d = b.manifest["backbone"]["embed_dim"]
+    feature = np.stack([r[0] for r in rows]) if rows else np.zeros((0, d), np.float32)
+    lcas = np.stack([r[1] for r in rows]) if rows else np.zeros((0, k_max, b.backbone.num_patches),
+                                                                np.float32)
+    return FeatureSet(names, np.asarray(labels, dtype=np.int64), feature, lcas, hashes, errors,
+                      hits, extracted, time.perf_counter() - t0)
+
+
+def describe(fs: FeatureSet) -> dict[str, Any]:
+    return {"images": len(fs.names), "real": int((fs.labels == 0).sum()), "fake": int((fs.labels == 1).sum()),
+            "errors": len(fs.errors), "cache_hits": fs.cache_hits, "extracted": fs.extracted,
+            "seconds": round(fs.seconds, 1)}

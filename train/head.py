@@ -1,0 +1,182 @@
+"""Training the CINEMAE head on extracted features, and writing it into a bundle.
+
+Training follows DESIGN.md section 1 ("Head", "Training"): g [N, D] and s [N, 3] standardised
+with training-set mean/std (stored in the head as constants), BCE with logits, AdamW (lr 1e-3,
+weight decay 0.05), batch 256, 25 epochs. The epoch with the lowest validation loss is kept
+(model choice on the validation split, never on test data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.bundle import Bundle, write_manifest
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 25
+    batch: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class TrainedHead:
+    head: Any  # cinemae.export.head.CinemaeHead (eval mode)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def head_logits(head: Any, g: np.ndarray, s: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Torch head on pooled features: g [N, D], s [N, 3] -> logits [N] (eval mode)."""
+    import torch
+
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(g), batch):
+            out.append(head.forward_features(torch.from_numpy(g[i:i + batch]).float(),
+                                             torch.from_numpy(s[i:i + batch]).float())[:, 0].numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s_val: np.ndarray,
+               y_val: np.ndarray, *, fusion: str = "add", pooling: str = "cls", k: int = 2,
+               cfg: TrainConfig | None = None, log: Callable[[str], None] = print) -> TrainedHead:
+    """Train one head for K=k.
+
+    g: [N, D] pooled global features, s: [N, 3] statistics, y: [N] labels (1 = AI-generated);
+    the ``_val`` arrays are the validation split used for model choice.
+    """
+    import torch
+
+    from ..export.head import CinemaeHead, HeadConfig
+
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    head = CinemaeHead(HeadConfig(embed_dim=int(g.shape[1]), fusion=fusion, pooling=pooling, k=k))
+    s_std = s.std(axis=0)
+    if k == 0:
+        s_std = np.ones(3, np.float32)  # s is identically zero at K=0
+    head.set_standardisation(s.mean(axis=0), s_std, g.mean(axis=0), g.std(axis=0))
+    decay = [p for n, p in head.named_parameters() if p.ndim > 1]
+    other = [p for n, p in head.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    gt, st, yt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (g, s, y))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best: tuple[float, int, dict[str, Any]] | None = None
+    history = []
+    for epoch in range(cfg.epochs):
+        head.train()
+        perm = torch.randperm(len(gt), generator=gen)
+        tot = 0.0
+        for i in range(0, len(perm), cfg.batch):
+            idx = perm[i:i + cfg.batch]
+            logit = head.forward_features(gt[idx], st[idx])[:, 0]
+            loss = loss_fn(logit, yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(idx)
+        lv = head_logits(head, g_val, s_val)
+        val_loss = float(np.mean(np.logaddexp(0, lv) - y_val * lv)) if len(lv) else float("nan")
+        val_acc = float(((lv >= 0) == (y_val == 1)).mean()) if len(lv) else float("nan")
+        history.append({"epoch": epoch + 1, "train_loss": tot / len(perm), "val_loss": val_loss,
+                        "val_acc@0.5": val_acc})
+        if best is None or val_loss < best[0] or np.isnan(best[0]):
+            best = (val_loss, epoch + 1, {k_: v.clone() for k_, v in head.state_dict().items()})
+    assert best is not None
+    head.load_state_dict(best[2])
+    head.eval()
+    log(f"K={k} {fusion}: best epoch {best[1]}/{cfg.epochs}, val loss {best[0]:.4f}, "
+        f"val acc@0.5 {history[best[1] - 1]['val_acc@0.5']:.4f}")
+    return TrainedHead(head, history, best[1], time.perf_counter() - t0)
+
+
+def write_head(bundle_dir: str | os.PathLike[str], head: Any, decision: dict[str, Any],
+               training: dict[str, Any], *, out: str | os.PathLike[str] | None = None,
+               check_features: tuple[np.ndarray, np.ndarray] | None = None,
+               tolerance: float = 1e-4, extra_manifest: dict[str, Any] | None = None) -> Path:
+    """Export ``head`` as head.onnx into a bundle (in place, or into a copy at ``out``), check
+    the ONNX head against the torch head with ONNX Runtime, and update the manifest (head
+    section with trained=True and the training summary, decision, k). head.pt (``save_head``)
+    is kept in the bundle beside head.onnx so the bundle can be re-exported.
+
+    check_features: optional (global_tokens [N, 1+L, D], stats [N, 3]) real inputs for the
+    parity check in addition to random ones. Raises RuntimeError when parity fails (nothing is
+    changed then).
+    """
+    import onnxruntime as ort
+    import torch
+
+    from ..export.head import save_head
+    from ..export.onnx_export import export_head
+
+    src = Path(bundle_dir)
+    b = Bundle(src)
+    root = Path(out) if out else src
+    if out:
+        if root.exists():
+            raise FileExistsError(f"{root} exists; choose a new --out-bundle")
+        shutil.copytree(src, root)
+    bb = b.backbone
+    if head.cfg.embed_dim != bb.embed_dim:
+        raise ValueError(f"head width {head.cfg.embed_dim} != backbone width {bb.embed_dim}")
+    tmp = root / "head.onnx.new"
+    export_head(head.eval(), bb.num_patches, tmp)
+    sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    sets = [(rng.standard_normal((8, 1 + bb.num_patches, bb.embed_dim)).astype(np.float32),
+             np.abs(rng.standard_normal((8, 3))).astype(np.float32))]
+    if check_features is not None:
+        sets.append((check_features[0].astype(np.float32), check_features[1].astype(np.float32)))
+    worst = 0.0
+    with torch.no_grad():
+        for gtok, st in sets:
+            ref = head(torch.from_numpy(gtok), torch.from_numpy(st)).numpy()
+            got = sess.run(["logit"], {"global_tokens": gtok, "stats": st})[0]
+            worst = max(worst, float(np.abs(ref - got).max()))
+    del sess
+    if not worst <= tolerance:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"head.onnx differs from the torch head by {worst:.3g} > {tolerance}")
+    m = dict(b.manifest)
+    m["head"] = {**head.cfg.to_dict(), "trained": True, "training": training}
+    m["decision"] = decision
+    m["k"] = int(head.cfg.k)
+    m["head_parity"] = {"passed": True, "max_logit_abs": worst, "tolerance": tolerance,
+                        "reference": "torch head (cinemae.export.head) vs head.onnx in ONNX Runtime CPU"}
+    if "parity" in m:
+        m["parity"] = {**m["parity"], "note": "backbone parity from the export; the head was "
+                       "replaced by cinemae-train and checked separately (head_parity)"}
+    m.update(extra_manifest or {})
+    save_head(head, str(root / "head.pt"), {"training": training, "decision": decision})
+    os.replace(tmp, root / "head.onnx")
+    write_manifest(root, m)
+    Bundle(root)  # verifies the hashes
+    return root
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, p)

@@ -1,0 +1,265 @@
+"""MAE pretraining recipe for the small 32-px backbone of the embedded bundle (train/RECIPE.md).
+
+Pixel targets (no norm-pix), mask ratio 0.75, per-image random masks (MAE ``random_masking``),
+loss = mean squared error on the masked patches only. Data: real images only (CIFAKE
+``train-real.tar``, i.e. CIFAR-10 photographs), decoded and normalised exactly as the runtime
+does (``cinemae.runtime.preprocess``), random horizontal flips. AdamW (betas 0.9/0.95, weight
+decay 0.05), linear warm-up then cosine decay. A checkpoint is written at the end of every
+epoch (atomically) and ``--resume`` continues from it, so an interruption loses at most one
+epoch.
+
+    python -m cinemae.train.pretrain_mae --tar ../shared/data/cifake/train-real.tar \
+        --arch vit-mini-32 --epochs 8 --out runs/mae32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def random_masks(batch: int, num_patches: int, n_keep: int, gen: Any) -> tuple[Any, Any, Any]:
+    """Per-image random masks: ids_keep [B, n_keep], ids_restore [B, L] (int64), mask [B, L]
+    (1 = masked), as MAE's ``random_masking``."""
+    import torch
+
+    noise = torch.rand(batch, num_patches, generator=gen)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones(batch, num_patches)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, ids_restore, mask
+
+
+def mae_loss(model: Any, imgs: Any, ids_keep: Any, ids_restore: Any, mask: Any) -> Any:
+    """Mean squared error on masked patches; imgs [B, 3, H, W] -> scalar."""
+    tokens = model.forward_encoder(imgs, ids_keep)  # [B, 1+n, D]
+    pred = model.forward_decoder(tokens, ids_restore)  # [B, L, P*P*3]
+    target = model.targets(imgs)
+    loss = ((pred - target) ** 2).mean(dim=-1)  # [B, L]
+    return (loss * mask).sum() / mask.sum()
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def load_images(tar: Path, limit: int | None = None, log: Any = print) -> tuple[np.ndarray, list[str]]:
+    """All images of a tar archive -> [N, 3, 32, 32] float32 normalised (runtime preprocessing),
+    member names in archive order. Undecodable members are skipped and counted."""
+    from ..runtime.preprocess import InputError, preprocess
+    from .data import iter_tar
+
+    arrays, names, bad = [], [], 0
+    for name, data in iter_tar(tar):
+        if limit is not None and len(arrays) >= limit:
+            break
+        try:
+            arrays.append(preprocess(data, 32, 1.0))
+            names.append(name)
+        except InputError:
+            bad += 1
+    if bad:
+        log(f"{tar}: skipped {bad} undecodable members")
+    return np.stack(arrays), names
+
+
+def split_holdout(names: list[str], frac: float = 0.02) -> np.ndarray:
+    """Deterministic hold-out mask (crc32 of the member name), for the reported recon loss."""
+    import zlib
+
+    return np.array([(zlib.crc32(n.encode()) % 1000) < frac * 1000 for n in names])
+
+
+def evaluate(model: Any, images: np.ndarray, n_keep: int, seed: int = 123, batch: int = 512) -> float:
+    """Masked-patch MSE on ``images`` [N, 3, H, W] with fixed random masks."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(images[i:i + batch])
+            keep, restore, mask = random_masks(len(x), model.cfg.num_patches, n_keep, gen)
+            tot += float(mae_loss(model, x, keep, restore, mask)) * len(x)
+            n += len(x)
+    model.train()
+    return tot / max(1, n)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """Run (or resume) the recipe; returns the summary written to ``OUT/summary.json``."""
+    import torch
+
+    from ..export.model import MaskedAutoencoderViT, preset
+    from ..runtime.masks import n_keep_for
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = preset(args.arch)
+    if cfg.img_size != 32 or cfg.norm_pix:
+        raise SystemExit("this recipe is for 32-px pixel-target backbones")
+    t0 = time.time()
+    decoded = out / "decoded.npz"  # the decoded archive, so a resumed run starts at once
+    if args.resume and decoded.is_file():
+        with np.load(decoded) as z:
+            images, names = z["images"], [str(n) for n in z["names"]]
+    else:
+        images, names = load_images(Path(args.tar), args.limit, log)
+        with open(out / "decoded.npz.tmp", "wb") as f:
+            np.savez(f, images=images, names=np.array(names))
+        os.replace(out / "decoded.npz.tmp", decoded)
+    hold = split_holdout(names)
+    train_x, val_x = images[~hold], images[hold]
+    log(f"loaded {len(images)} images in {time.time() - t0:.0f}s: {len(train_x)} train, "
+        f"{len(val_x)} held out for the reconstruction loss")
+
+    torch.manual_seed(args.seed)
+    model = MaskedAutoencoderViT(cfg)
+    n_keep = n_keep_for(cfg.num_patches, args.mask_ratio)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or n.endswith(("cls_token", "mask_token")) else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    steps_per_epoch = len(train_x) // args.batch
+    total = steps_per_epoch * args.epochs
+    warmup = min(args.warmup_steps, total // 5)
+    ckpt = out / "checkpoint.pt"
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    st: dict[str, Any] = {}
+    if args.resume and ckpt.is_file():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start_epoch, history = st["epoch"], st["history"]
+        if st.get("stopped"):
+            start_epoch = args.epochs  # the time budget was already spent
+        log(f"resumed from {ckpt} after epoch {start_epoch}")
+    budget = args.time_budget_min * 60.0 if args.time_budget_min else None
+    elapsed = st.get("elapsed", 0.0) if args.resume and ckpt.is_file() else 0.0  # training seconds so far
+    gen = torch.Generator().manual_seed(args.seed + 1000 * start_epoch)
+    rng = np.random.default_rng(args.seed + 1000 * start_epoch)
+    model.train()
+    stop = False
+    for epoch in range(start_epoch, args.epochs):
+        if stop:
+            break
+        te = time.time()
+        e0 = elapsed
+        order = rng.permutation(len(train_x))
+        running, seen = 0.0, 0
+        for s in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + s
+            if budget is not None:
+                # time-budgeted schedule: warm-up by steps, cosine over the fraction of the budget
+                elapsed = e0 + time.time() - te
+                if elapsed >= budget:
+                    stop = True
+                    break
+                frac = elapsed / budget
+                lr = lr_at(step, warmup + 10**6, warmup, args.lr, args.lr * 0.01) if step < warmup \
+                    else args.lr * 0.01 + (args.lr - args.lr * 0.01) * 0.5 * (1 + math.cos(math.pi * frac))
+            else:
+                lr = lr_at(step, total, warmup, args.lr, args.lr * 0.01)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = order[s * args.batch:(s + 1) * args.batch]
+            xb = train_x[idx]
+            flip = rng.random(len(idx)) < 0.5
+            xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
+            x = torch.from_numpy(np.ascontiguousarray(xb))
+            keep, restore, mask = random_masks(len(x), cfg.num_patches, n_keep, gen)
+            loss = mae_loss(model, x, keep, restore, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss.detach()) * len(x)
+            seen += len(x)
+            if args.log_every and (s + 1) % args.log_every == 0:
+                log(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {running / seen:.4f} "
+                    f"lr {lr:.2e} {seen / (time.time() - te):.0f} img/s")
+        elapsed = e0 + time.time() - te
+        val = evaluate(model, val_x, n_keep)
+        rec = {"epoch": epoch + 1, "steps": (s + 1) if not stop else s, "images": seen,
+               "train_loss": running / max(1, seen), "val_loss": val, "seconds": time.time() - te,
+               "lr_end": lr}
+        history.append(rec)
+        log(json.dumps(rec))
+        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
+                               "elapsed": elapsed, "stopped": stop, "args": vars(args)})
+    summary = {"arch": args.arch, "config": cfg.to_dict(), "seed": args.seed, "epochs": args.epochs,
+               "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay,
+               "warmup_steps": warmup, "time_budget_min": args.time_budget_min,
+               "steps": int(sum(h["steps"] for h in history)), "train_seconds": round(elapsed, 1),
+               "mask_ratio": args.mask_ratio, "threads": args.threads,
+               "train_images": int(len(train_x)), "holdout_images": int(len(val_x)),
+               "data": str(args.tar), "target": "pixel", "augmentation": "random horizontal flip",
+               "history": history,
+               "final_val_recon_loss": history[-1]["val_loss"] if history else None,
+               "final_train_recon_loss": history[-1]["train_loss"] if history else None,
+               "params": int(sum(p.numel() for p in model.parameters()))}
+    # the backbone alone, in the facebookresearch layout ({'model': state_dict}), for cinemae-export
+    save_checkpoint(out / "mae.pth", {"model": model.state_dict(), "config": cfg.to_dict(),
+                                      "summary": {k: v for k, v in summary.items() if k != "history"}})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tar", required=True, help="tar archive of real training images (train-real.tar)")
+    ap.add_argument("--arch", default="vit-mini-32", help="backbone preset (cinemae.export.model.PRESETS)")
+    ap.add_argument("--out", required=True, help="run directory (checkpoint, mae.pth, summary.json)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-steps", type=int, default=200)
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--time-budget-min", type=float, default=None,
+                    help="stop after this many minutes of training; the cosine decay follows the "
+                         "fraction of the budget spent (for shared CPUs); --epochs is then a cap")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    s = pretrain(args, log=lambda m: print(m, flush=True))
+    print(f"final reconstruction loss (held-out, masked patches): {s['final_val_recon_loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
