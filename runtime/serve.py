@@ -14,7 +14,8 @@ Design
       batcher takes up to ``max_batch`` images, waiting at most ``max_wait_ms`` after the oldest
       queued image arrived, and runs them in one backend call ([B, 3, S, S] -> logit [B]).
     * Admission control: at most ``queue_size`` images are in the service at once (decoding,
-      queued or running). A request that would exceed it is answered 503 with ``Retry-After``.
+      queued or running), and at most ``max_inflight_bytes`` of request bodies are held at once.
+      A request that would exceed either is answered 503 with ``Retry-After``.
     * Limits: ``max_body`` bytes per request (413), ``max_pixels`` decoded pixels per image,
       checked from the header before any pixel is decoded (413), ``max_images`` per request (413).
     * Errors are JSON: ``{"error": {"code", "message"}}``. Per-image errors use the runtime's
@@ -71,6 +72,7 @@ class ServeConfig:
     """Service limits and batching (the CLI flags, with their defaults)."""
 
     max_body: int = 32 * 1024 * 1024  # bytes per request
+    max_inflight_bytes: int = 256 * 1024 * 1024  # request bodies held at once (>= max_body)
     max_pixels: int = 40_000_000  # decoded pixels per image (decompression-bomb guard)
     max_images: int = 64  # images per request
     max_batch: int = 16  # images per backend call
@@ -123,6 +125,7 @@ class Metrics:
         self.queue_depth = 0  # images queued for the batcher, not yet running
         self.admitted = 0  # images in the service (decoding, queued, running)
         self.inflight_requests = 0
+        self.body_bytes = 0  # request-body bytes held by requests in flight
         self.batch_size = _Histogram("cinemae_batch_size", "Images per backend call.",
                                      (1, 2, 4, 8, 16, 32, 64, 128))
         self.request_latency = _Histogram("cinemae_request_duration_seconds",
@@ -169,7 +172,10 @@ class Metrics:
                     "# TYPE cinemae_admitted_images gauge", f"cinemae_admitted_images {self.admitted}",
                     "# HELP cinemae_inflight_requests Detect requests being handled.",
                     "# TYPE cinemae_inflight_requests gauge",
-                    f"cinemae_inflight_requests {self.inflight_requests}"]
+                    f"cinemae_inflight_requests {self.inflight_requests}",
+                    "# HELP cinemae_inflight_body_bytes Request-body bytes held by requests in flight.",
+                    "# TYPE cinemae_inflight_body_bytes gauge",
+                    f"cinemae_inflight_body_bytes {self.body_bytes}"]
             for h in (self.batch_size, self.request_latency, self.queue_wait, self.inference,
                       self.decode):
                 out += h.render()
@@ -335,7 +341,27 @@ class Service:
             raise _RequestError(401, "unauthorized", "missing or wrong bearer token",
                                 {"WWW-Authenticate": 'Bearer realm="cinemae"'})
 
-    async def read_body(self, request: Any) -> bytes:
+    def _reserve_bytes(self, n: int, held: list[int]) -> None:
+        """Count ``n`` more body bytes against the in-flight budget (503 when over it)."""
+        with self.metrics.lock:
+            if self.metrics.body_bytes + n > self.cfg.max_inflight_bytes:
+                over = True
+            else:
+                self.metrics.body_bytes += n
+                held[0] += n
+                over = False
+        if over:
+            raise _RequestError(503, "overloaded", "too many request bytes in flight; retry later",
+                                {"Retry-After": str(self.cfg.retry_after_s)})
+
+    def release_bytes(self, held: list[int]) -> None:
+        with self.metrics.lock:
+            self.metrics.body_bytes -= held[0]
+            held[0] = 0
+
+    async def read_body(self, request: Any, held: list[int]) -> bytes:
+        """The request body, within ``max_body`` (413) and the in-flight byte budget (503);
+        ``held[0]`` accumulates the bytes reserved, which the caller releases."""
         limit = self.cfg.max_body
         cl = request.headers.get("content-length")
         if cl is not None:
@@ -346,12 +372,15 @@ class Service:
             if n > limit:
                 raise _RequestError(413, "too_large", f"request body of {n} bytes exceeds the "
                                     f"{limit}-byte limit")
+            self._reserve_bytes(n, held)
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise _RequestError(413, "too_large", f"request body exceeds the {limit}-byte limit")
+            if size > held[0]:  # no (or a wrong) Content-Length: reserve as it arrives
+                self._reserve_bytes(size - held[0], held)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -399,18 +428,26 @@ class Service:
 
     async def detect(self, request: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Handle one POST /v1/detect; returns (status, JSON body, extra headers)."""
-        from .detector import sigmoid
-        from .preprocess import InputError
-
         t0 = time.perf_counter()
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         if self.draining or not self.ready or self.batcher is None:
             raise _RequestError(503, "unavailable", "the service is starting or shutting down",
                                 {"Retry-After": str(self.cfg.retry_after_s)})
         self.check_auth(request.headers)
-        body = await self.read_body(request)
-        images = await self.split_images(request, body)
-        del body
+        held = [0]
+        try:
+            body = await self.read_body(request, held)
+            images = await self.split_images(request, body)
+            del body
+            return await self._detect_images(images, rid, t0)
+        finally:
+            self.release_bytes(held)
+
+    async def _detect_images(self, images: list[tuple[str | None, bytes]], rid: str, t0: float
+                             ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        from .detector import sigmoid
+        from .preprocess import InputError
+
         n = len(images)
         if n > self.cfg.max_images:
             raise _RequestError(413, "too_many_images", f"{n} images exceeds the limit of "
@@ -579,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images admitted at once; beyond it requests get 503 + Retry-After")
     ap.add_argument("--retry-after", type=int, default=d.retry_after_s, help="seconds, on 503")
     ap.add_argument("--max-body", type=int, default=d.max_body, help="bytes per request (413)")
+    ap.add_argument("--max-inflight-bytes", type=int, default=d.max_inflight_bytes,
+                    help="request-body bytes held at once; beyond it requests get 503 + Retry-After")
     ap.add_argument("--max-pixels", type=int, default=d.max_pixels,
                     help="decoded pixels per image, checked before decoding (413)")
     ap.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
@@ -603,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     from .detector import Detector
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = ServeConfig(max_body=args.max_body, max_pixels=args.max_pixels, max_images=args.max_images,
+    cfg = ServeConfig(max_body=args.max_body, max_inflight_bytes=max(args.max_inflight_bytes, args.max_body),
+                      max_pixels=args.max_pixels, max_images=args.max_images,
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       queue_size=args.queue_size, retry_after_s=args.retry_after,
                       decode_threads=args.decode_threads,

@@ -259,3 +259,44 @@ def test_graceful_shutdown_finishes_requests_in_flight(tiny_bundle: Path, tmp_pa
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 40 and all("score" in x for x in r.json()["results"])
     assert rc == 0
+
+
+def test_inflight_body_budget_answers_503(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A slow upload holds 600 kB of a 1 MiB in-flight budget: a second 600 kB request is
+    refused at once with 503 + Retry-After; once the slow one is done, the next one is served."""
+    srv = ServerProcess(tiny_bundle, "--max-body", str(1 << 20), "--max-inflight-bytes", str(1 << 20),
+                        log=tmp_path / "log")
+    try:
+        srv.wait_ready()
+        img = random_images(1, size=(480, 640), seed=8, ext=".png")[0]
+        assert 600_000 < len(img) < 1 << 20
+        first = img[:len(img) // 2]
+        release = threading.Event()
+        result: dict = {}
+
+        def slow_body():
+            yield first
+            release.wait(30)
+            yield img[len(first):]
+
+        def slow() -> None:  # chunked upload, no Content-Length: reserved as it arrives
+            result["r"] = httpx.post(srv.url + "/v1/detect", content=slow_body(), timeout=60)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        try:
+            end = time.monotonic() + 20
+            while metric(httpx.get(srv.url + "/metrics").text, "cinemae_inflight_body_bytes") < len(first):
+                assert time.monotonic() < end, "the slow upload never arrived"
+                time.sleep(0.02)
+            r = httpx.post(srv.url + "/v1/detect", content=img, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            assert r.headers["retry-after"] == "1"
+        finally:
+            release.set()
+            t.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        assert metric(httpx.get(srv.url + "/metrics").text, "cinemae_inflight_body_bytes") == 0
+        assert httpx.post(srv.url + "/v1/detect", content=img, timeout=30).status_code == 200
+    finally:
+        assert srv.terminate() == 0
