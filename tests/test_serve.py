@@ -13,7 +13,6 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
-pytest.importorskip("python_multipart")
 
 from cinemae.benchmarks.serve_load import (  # noqa: E402
     ServerProcess,

@@ -111,3 +111,21 @@ def test_cli_subprocess_live_flag_and_max_retries(tiny_bundle: Path, tmp_path: P
     r = subprocess.run([*cmd[:5], str(tmp_path / "never.avi"), "--live", "--backoff", "0.05",
                         "--max-retries", "3"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "after 3 attempts" in r.stderr
+
+
+def test_sigterm_ends_a_live_stream_cleanly(tiny_bundle: Path, tmp_path: Path) -> None:
+    import signal
+
+    video = tmp_path / "clip.avi"
+    write_video(video, n=40)
+    proc = subprocess.Popen([sys.executable, "-m", "cinemae.runtime.stream", str(tiny_bundle), "--source",
+                             str(video), "--live", "--backoff", "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the stream is running and scoring
+    assert json.loads(first)["frame"] == 0
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    lines = [json.loads(x) for x in out.splitlines()]  # every line written is complete JSON
+    assert [x["frame"] for x in lines] == list(range(1, len(lines) + 1))
+    assert "frames scored" in err
