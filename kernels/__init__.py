@@ -1,0 +1,49 @@
+"""cinemae.kernels: the fused LCAS-statistics CUDA kernel (DESIGN.md section 2).
+
+``lcas.cu`` computes exactly what ``cinemae.runtime.lcas.lcas_stats`` / ``lcas_map`` compute, on
+the GPU, from the decoder output where it lies: stats [B, 3] and optionally the map [B, K, L].
+``lcas.h`` is its C ABI (CMakeLists.txt builds the shared library ``cinemae_lcas``); from Python
+the source is compiled with NVRTC at first use and cached (see ``loader``).
+
+Importing this package is cheap: cuda-python is imported only when a function needs it, and
+torch never. Without a GPU, driver, cuda-python or NVRTC library the functions raise
+``KernelUnavailable``.
+"""
+
+from .loader import (
+    CudaError,
+    KernelCompileError,
+    KernelUnavailable,
+    Plan,
+    cache_dir,
+    cached_binary,
+    compile_cubin,
+    compile_ptx,
+    is_available,
+    lcas_stats_device,
+    lcas_stats_gpu,
+    nvrtc_version,
+    plan,
+    prepare,
+    source_bytes,
+    supported_archs,
+)
+
+__all__ = [
+    "CudaError",
+    "KernelCompileError",
+    "KernelUnavailable",
+    "Plan",
+    "cache_dir",
+    "cached_binary",
+    "compile_cubin",
+    "compile_ptx",
+    "is_available",
+    "lcas_stats_device",
+    "lcas_stats_gpu",
+    "nvrtc_version",
+    "plan",
+    "prepare",
+    "source_bytes",
+    "supported_archs",
+]
