@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="per-image decoded pixel limit (decompression-bomb guard)")
-    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--out", help="write results as JSON lines to this file, fsynced per batch "
+                                  "(an existing non-empty file needs --resume)")
     ap.add_argument("--resume", action="store_true",
-                    help="with --out: skip inputs whose content hash is already in the file")
+                    help="with --out: continue an interrupted scan, skipping inputs whose content "
+                         "hash and path are already in the file")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
