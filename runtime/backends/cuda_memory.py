@@ -227,6 +227,28 @@ class CudaGraph:
         self.graph = self.exec = None
 
 
+class KernelShapeUnsupported(RuntimeError):
+    """The fused kernel does not take this shape (P > 16, too many patches for shared memory);
+    the backends then compute LCAS on the host."""
+
+
+def prepare_kernel(device_index: int, k: int, h: int, w: int, p: int) -> str:
+    """Compile/load the fused LCAS kernel now (NVRTC at first use, cached) and check it takes
+    the bundle's shape. Returns "kernel", or "host: <why>" when the backends must fall back."""
+    try:
+        from ...kernels.loader import plan, prepare
+
+        plan(k, h, w, p)
+        prepare(device_index)
+    except ImportError as e:
+        return f"host: the LCAS kernel loader is missing ({e})"
+    except ValueError as e:
+        return f"host: {e}"
+    except Exception as e:  # noqa: BLE001 - KernelUnavailable / KernelCompileError / CudaError
+        return f"host: {type(e).__name__}: {e}"
+    return "kernel"
+
+
 def lcas_on_device(image_ptr: int, pred_ptr: int, visible_ptr: int, b: int, k: int, h: int, w: int,
                    p: int, lam: float, norm_pix: bool, stats_ptr: int, map_ptr: int, stream: Stream,
                    pred_fp16: bool = False) -> None:
@@ -236,11 +258,16 @@ def lcas_on_device(image_ptr: int, pred_ptr: int, visible_ptr: int, b: int, k: i
     (and map [B, K, L] f32 when ``map_ptr``). Raises ImportError / the loader's KernelUnavailable
     when the kernel cannot be built here; callers fall back to the host path.
     """
-    from ...kernels.loader import lcas_stats_device  # type: ignore[import-not-found]
+    from ...kernels.loader import lcas_stats_device, plan
 
+    try:
+        plan(k, h, w, p)
+    except ValueError as e:
+        raise KernelShapeUnsupported(str(e)) from None
     lcas_stats_device(image_ptr, pred_ptr, bool(pred_fp16), visible_ptr, b, k, h, w, p, float(lam),
                       bool(norm_pix), stats_ptr, map_ptr=map_ptr, stream=stream.ptr)
 
 
 __all__ = ["CudaError", "CudaGraph", "DeviceBuffer", "GpuInfo", "PinnedBuffer", "Stream", "check",
-           "d2h", "d2h_rows", "gpu_count", "h2d", "lcas_on_device", "require_gpu"]
+           "d2h", "d2h_rows", "gpu_count", "h2d", "KernelShapeUnsupported", "lcas_on_device",
+           "prepare_kernel", "require_gpu"]

@@ -22,7 +22,7 @@ from ..bundle import Bundle
 from ..lcas import lcas_map, stats_from_map
 from ..masks import MaskSet, full_ids_keep
 from .base import BackendUnavailable, BatchOutput
-from .cuda_memory import Stream, check, d2h, d2h_rows, h2d, lcas_on_device, require_gpu
+from .cuda_memory import Stream, check, d2h, d2h_rows, h2d, lcas_on_device, prepare_kernel, require_gpu
 
 
 def _require_ort_cuda() -> Any:
@@ -74,6 +74,11 @@ class OnnxRuntimeCUDA:
         self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
         self.lcas_impl = "kernel"
         self.notes: list[str] = []
+        bb = bundle.backbone
+        why = prepare_kernel(device_index, max(bundle.k, 1), bb.img_size, bb.img_size, bb.patch_size)
+        if why != "kernel":
+            self.lcas_impl = "host"
+            self.notes.append(f"fused LCAS kernel not used ({why[6:]}); LCAS runs on the host")
         self._dev: dict[Any, Any] = {}  # cached device OrtValues (ids, masks)
         self._mask_id: bytes | None = None
 

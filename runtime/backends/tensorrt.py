@@ -45,6 +45,7 @@ from .cuda_memory import (
     d2h_rows,
     h2d,
     lcas_on_device,
+    prepare_kernel,
 )
 from .tensorrt_engine import EngineEntry, ensure_engines, gpu_and_trt
 
@@ -129,6 +130,10 @@ class TensorRTBackend:
         self._graphs: dict[tuple[int, bool], CudaGraph] = {}
         self._shapes_set: tuple[int, bool] | None = None
         self.lcas_impl = "kernel"
+        why = prepare_kernel(device_index, max(bundle.k, 1), bb.img_size, bb.img_size, bb.patch_size)
+        if why != "kernel":
+            self.lcas_impl = "host"
+            self.notes.append(f"fused LCAS kernel not used ({why[6:]}); LCAS runs on the host")
         self._last_map: np.ndarray | None = None
         # every device buffer at its largest size now: pointers never change, so captured CUDA
         # graphs stay valid
