@@ -661,6 +661,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {det.bundle.model_id}: {det.describe()}"
           + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
           file=sys.stderr)
+    import importlib.util
+
+    fast = [m for m in ("httptools", "uvloop") if importlib.util.find_spec(m) is not None]
+    print(f"# serving on http://{args.host}:{args.port}; max batch {cfg.max_batch}, max wait "
+          f"{cfg.max_wait_ms:g} ms, queue {cfg.queue_size} images, body limit {cfg.max_body} bytes, "
+          f"auth {'on' if cfg.token else 'off'}; uvicorn with {', '.join(fast) or 'h11 + asyncio'}"
+          + ("" if len(fast) == 2 else " (pip install httptools uvloop for ~2x throughput)"),
+          file=sys.stderr)
     app = create_app(det, cfg)
     svc: Service = app.state.service
 
