@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cinemae-load-"))
     bundle, bundle_note = resolve_load_bundle(args.bundle, work)
     corpus = load_corpus(args.corpus, args.images)
-    report: dict[str, Any] = {"machine": machine_info(), "bundle": bundle, "bundle_choice": bundle_note,
+    report: dict[str, Any] = {"command": " ".join(["python -m cinemae.benchmarks.serve_load",
+                                                   *(argv if argv is not None else sys.argv[1:])]),
+                              "machine": machine_info(), "bundle": bundle, "bundle_choice": bundle_note,
                               "corpus": {"images": len(corpus), "source": args.images or "CIFAKE test (../shared/data)"
                                          if corpus and "/" in corpus[0][0] else "random"},
                               "settings": {"clients": args.clients, "duration_s": args.duration,
@@ -504,7 +506,10 @@ def render_md(r: dict[str, Any]) -> str:
         "the direct measurement share its cores).", "",
         f"Bundle: `{r['model']['id']}` version {r['model']['version']} ({r['bundle_choice']}); "
         f"{r['model']['backend']}; head trained: {r['model']['trained']}.",
-        f"Corpus: {r['corpus']['images']} distinct images ({r['corpus']['source']}).", "",
+        f"Corpus: {r['corpus']['images']} distinct images ({r['corpus']['source']}).",
+        f"Settings: ONNX Runtime threads {r['settings']['threads'] or 'default'} (server and direct), server max "
+        f"batch {r['settings']['max_batch']}, max wait {r['settings']['max_wait_ms']} ms, other limits at their "
+        f"defaults; command: `{r.get('command', 'python -m cinemae.benchmarks.serve_load')}`.", "",
         f"## Load: {r['settings']['clients']} concurrent keep-alive clients, {ld['seconds']} s, one image per request",
         "", "| metric | value |", "|---|---|",
         f"| requests sent / responses | {ld['requests_sent']} / {ld['responses']} |",
