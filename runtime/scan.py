@@ -38,19 +38,20 @@ class ScanError(RuntimeError):
     """The output file cannot be used (locked by another scan, unreadable, not JSON lines)."""
 
 
-def record_key(sha256: str | None, path: str) -> tuple[str, str]:
-    """The resume key of one record: (content hash, path); ('', path) for an unreadable input."""
-    return (sha256 or "", path)
+def record_key(sha256: str | None, path: str) -> bytes:
+    """The resume key of one record: a 16-byte digest of (content sha256, path), the sha256
+    being empty for an unreadable input. Digests keep the resume set small (~80 bytes a record)."""
+    return hashlib.blake2b(f"{sha256 or ''}\0{path}".encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
-def load_done(out: str | os.PathLike[str], repair: bool = True) -> tuple[set[tuple[str, str]], int]:
+def load_done(out: str | os.PathLike[str], repair: bool = True) -> tuple[set[bytes], int]:
     """Read an existing results file: the set of finished keys and the number of records.
 
     A last line without its newline (a write torn by a kill) is cut off when ``repair`` is set;
     an unparsable line anywhere else is an error (the file is not ours, or was edited).
     """
     p = Path(out)
-    done: set[tuple[str, str]] = set()
+    done: set[bytes] = set()
     if not p.exists():
         return done, 0
     n = 0
@@ -99,7 +100,7 @@ class _Prepped:
         self.skip = False
 
 
-def _prep(det: Any, path: str, done: set[tuple[str, str]]) -> _Prepped:
+def _prep(det: Any, path: str, done: set[bytes]) -> _Prepped:
     """Read, hash, and (unless already done) preprocess one file -> [3, S, S]."""
     from .preprocess import InputError, read_bytes
 
@@ -127,7 +128,7 @@ def _prep(det: Any, path: str, done: set[tuple[str, str]]) -> _Prepped:
     return r
 
 
-def _prepped(det: Any, inputs: Sequence[str], done: set[tuple[str, str]], window: int,
+def _prepped(det: Any, inputs: Sequence[str], done: set[bytes], window: int,
              workers: int) -> Iterator[_Prepped]:
     """Prepare inputs in order, at most ``window`` ahead of the consumer."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cinemae-scan") as pool:
@@ -261,7 +262,7 @@ def scan(det: Any, inputs: Sequence[str], out: str | os.PathLike[str], *, resume
             bar.set_postfix(counts, refresh=False)
 
         batch: list[_Prepped] = []
-        keys: set[tuple[str, str]] = set()
+        keys: set[bytes] = set()
         try:
             for p in _prepped(det, inputs, done, window=2 * bs, workers=workers):
                 key = record_key(p.sha256, p.path)

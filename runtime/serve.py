@@ -286,6 +286,13 @@ class Batcher:
 # The application
 # --------------------------------------------------------------------------------------------
 
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token (<= 128 printable ASCII), else a new one."""
+    if given and len(given) <= 128 and all(33 <= ord(c) < 127 for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
 class _RequestError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -429,7 +436,7 @@ class Service:
     async def detect(self, request: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Handle one POST /v1/detect; returns (status, JSON body, extra headers)."""
         t0 = time.perf_counter()
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = _request_id(request.headers.get("x-request-id"))
         if self.draining or not self.ready or self.batcher is None:
             raise _RequestError(503, "unavailable", "the service is starting or shutting down",
                                 {"Retry-After": str(self.cfg.retry_after_s)})
@@ -624,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-threads", type=int, default=d.decode_threads)
     ap.add_argument("--token", default=None,
                     help="require 'Authorization: Bearer TOKEN' on /v1/detect (or env CINEMAE_TOKEN)")
+    ap.add_argument("--limit-concurrency", type=int, default=1024,
+                    help="connections + tasks at once; beyond it uvicorn answers 503")
     ap.add_argument("--graceful-timeout", type=float, default=30.0,
                     help="seconds to finish requests in flight on SIGTERM")
     ap.add_argument("--log-level", default="info")
@@ -684,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout, access_log=False,
+                            limit_concurrency=args.limit_concurrency,
                             lifespan="on")
     server = _Server(config)
     server.run()
