@@ -53,6 +53,8 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.proc.kill()
+        self.proc.wait()
         raise TimeoutError("server not ready: " + self.log_text())
 
     def log_text(self) -> str:

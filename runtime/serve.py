@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     ap.add_argument("--decode-threads", type=int, default=d.decode_threads)
     ap.add_argument("--token", default=None,
-                    help="require 'Authorization: Bearer TOKEN' on /v1/detect (or env CINEMAE_TOKEN)")
+                    help="require 'Authorization: Bearer TOKEN' on /v1/detect; prefer the env CINEMAE_TOKEN "
+                         "(a command-line token shows in ps)")
     ap.add_argument("--limit-concurrency", type=int, default=1024,
                     help="connections + tasks at once; beyond it uvicorn answers 503")
     ap.add_argument("--graceful-timeout", type=float, default=30.0,

@@ -229,17 +229,18 @@ def test_overload_answers_503_with_retry_after(tiny_bundle: Path, tmp_path: Path
 
 def test_graceful_shutdown_finishes_requests_in_flight(tiny_bundle: Path, tmp_path: Path) -> None:
     srv = ServerProcess(tiny_bundle, "--max-images", "64", "--decode-threads", "1", log=tmp_path / "log")
-    srv.wait_ready()
-    image = random_images(1, size=(1000, 1400), seed=7, ext=".jpg")[0]
-    files = [("f", (f"{i}.jpg", image, "image/jpeg")) for i in range(40)]
     result: dict = {}
-
-    def send() -> None:
-        result["r"] = httpx.post(srv.url + "/v1/detect", files=files, timeout=120)
-
-    t = threading.Thread(target=send)
-    t.start()
+    t = None
     try:
+        srv.wait_ready()
+        image = random_images(1, size=(1000, 1400), seed=7, ext=".jpg")[0]
+        files = [("f", (f"{i}.jpg", image, "image/jpeg")) for i in range(40)]
+
+        def send() -> None:
+            result["r"] = httpx.post(srv.url + "/v1/detect", files=files, timeout=120)
+
+        t = threading.Thread(target=send)
+        t.start()
         end = time.monotonic() + 30
         while time.monotonic() < end:  # wait until the server is working on the request
             if metric(httpx.get(srv.url + "/metrics").text, "cinemae_admitted_images") > 0:
@@ -248,12 +249,21 @@ def test_graceful_shutdown_finishes_requests_in_flight(tiny_bundle: Path, tmp_pa
         else:
             pytest.fail("the request never reached the server")
         srv.proc.send_signal(15)  # SIGTERM while the request is in flight
-        time.sleep(0.2)
-        with pytest.raises(httpx.HTTPError):  # no new connections while draining
-            httpx.get(srv.url + "/healthz", timeout=2)
-    finally:
+        end = time.monotonic() + 10
+        while True:  # the listening socket closes: no new connections while draining
+            try:
+                httpx.get(srv.url + "/healthz", timeout=2)
+            except httpx.HTTPError:
+                break
+            assert time.monotonic() < end, "still accepting connections 10 s after SIGTERM"
+            time.sleep(0.05)
+        assert "r" not in result, "the request finished before the drain was observed; make it longer"
         t.join(120)
-    rc = srv.terminate()
+        rc = srv.proc.wait(60)
+    finally:
+        if t is not None:
+            t.join(120)
+        srv.terminate()
     r = result["r"]
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 40 and all("score" in x for x in r.json()["results"])
