@@ -5,7 +5,9 @@ Three levels, so that a machine without a GPU still checks what it can:
   the SIMT emulator of tests/native (built here with the C++ compiler) against the numpy
   reference cinemae.runtime.lcas, including the Python mirror of the C++ launch plan;
 - CPU with cuda-python and the NVRTC library (pip install cuda-python 'cuda-toolkit[nvrtc]'):
-  NVRTC compiles lcas.cu to PTX and to a CUBIN, and the on-disk cache works; no GPU needed;
+  NVRTC compiles lcas.cu to PTX and to a CUBIN, the on-disk cache works, and the loader's whole
+  driver-API path plus the GPU tests below run against a stand-in libcuda
+  (tests/native/fake_libcuda.cpp) that executes the kernel under the emulator;
 - GPU (marked gpu, skipped without one): the real kernel against the numpy reference on the
   DESIGN.md shapes, every output written, the NaN pattern, determinism, a caller's stream.
 """
@@ -135,18 +137,25 @@ def test_kernel_unavailable_is_one_clear_sentence() -> None:
 # CPU: the kernel source under the SIMT emulator
 
 
+def build_native(source: str, out: Path) -> Path:
+    """Compile tests/native/<source> (which includes kernels/lcas.cu) into the shared library
+    ``out``; skips without a C++ compiler."""
+    cxx = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)),
+               None)
+    if cxx is None or not sys.platform.startswith("linux"):
+        pytest.skip("no C++ compiler on Linux: the kernel's CPU emulator cannot be built")
+    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+           str(NATIVE / source), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"building {source} failed:\n{res.stderr[-4000:]}"
+    return out
+
+
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     """tests/native/lcas_emulated.cpp (which includes kernels/lcas.cu) as a shared library."""
-    cxx = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)),
-               None)
-    if cxx is None or sys.platform == "win32":
-        pytest.skip("no C++ compiler (or no ucontext): the kernel's CPU emulator cannot be built")
-    out = tmp_path_factory.mktemp("lcas_emulator") / "liblcas_emulated.so"
-    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wno-unknown-pragmas",
-           str(NATIVE / "lcas_emulated.cpp"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"building the emulator failed:\n{res.stderr[-4000:]}"
+    out = build_native("lcas_emulated.cpp",
+                       tmp_path_factory.mktemp("lcas_emulator") / "liblcas_emulated.so")
     lib = ctypes.CDLL(str(out))
     vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.cinemae_lcas_stats_emulated.argtypes = [vp, vp, i, vp, i, i, i, i, i, f, i, vp, vp, i, i]
@@ -242,6 +251,12 @@ def nvrtc_ready() -> None:
         pytest.skip(f"NVRTC not usable here: {exc}")
 
 
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CINEMAE_CACHE_DIR shared by this module's tests (one NVRTC compile for sm_90)."""
+    return tmp_path_factory.mktemp("cinemae_cache")
+
+
 def test_nvrtc_compiles_ptx(nvrtc_ready: None) -> None:
     ptx = kernels.compile_ptx("compute_75").decode()
     assert ".target sm_75" in ptx
@@ -250,12 +265,12 @@ def test_nvrtc_compiles_ptx(nvrtc_ready: None) -> None:
         kernels.compile_ptx("sm_75")
 
 
-def test_nvrtc_cubin_is_cached(nvrtc_ready: None, tmp_path: Path,
+def test_nvrtc_cubin_is_cached(nvrtc_ready: None, kernel_cache: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CINEMAE_CACHE_DIR", str(tmp_path))
-    assert kernels.cache_dir() == tmp_path / "kernels"
+    monkeypatch.setenv("CINEMAE_CACHE_DIR", str(kernel_cache))
+    assert kernels.cache_dir() == kernel_cache / "kernels"
     data, path = kernels.cached_binary((9, 0))
-    assert path.parent == tmp_path / "kernels" and path.name.endswith("-sm_90.cubin")
+    assert path.parent == kernel_cache / "kernels" and path.name.endswith("-sm_90.cubin")
     assert path.read_bytes() == data and data[:4] == b"\x7fELF"
 
     def no_compile(target: str) -> bytes:
@@ -263,6 +278,39 @@ def test_nvrtc_cubin_is_cached(nvrtc_ready: None, tmp_path: Path,
 
     monkeypatch.setattr(kernels.loader, "_compile", no_compile)
     assert kernels.cached_binary((9, 0)) == (data, path)
+
+
+def test_loader_end_to_end_on_a_fake_driver(nvrtc_ready: None, kernel_cache: Path,
+                                            tmp_path: Path) -> None:
+    """The whole Python path of the GPU tests below (loader: context choice, NVRTC cubin cache,
+    module load, parameter packing, launch plan, copies; and the GPU tests' own code) run in a
+    subprocess whose libcuda.so.1 is tests/native/fake_libcuda.cpp: host memory as device memory,
+    cuLaunchKernel running lcas.cu under the emulator. It proves the glue, not the GPU."""
+    driver_dir = tmp_path / "driver"
+    driver_dir.mkdir()
+    build_native("fake_libcuda.cpp", driver_dir / "libcuda.so.1")
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("test_kernel_copy", {str(Path(__file__))!r})
+tk = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tk)
+assert tk.kernels.is_available()
+# b, k, hw, p, norm_pix, fp16; 96 px with K=8 is a two-pass shape
+for *case, fp16 in [(3, 2, 32, 4, False, False), (3, 8, 32, 4, True, True), (2, 1, 32, 4, True, True),
+                    (2, 0, 32, 4, False, False), (1, 8, 96, 4, False, True)]:
+    tk.test_gpu_kernel_matches_numpy_reference(*case, fp16)
+assert not tk.kernels.plan(8, 96, 96, 4).single_pass
+tk.test_gpu_kernel_on_a_caller_stream()  # ViT-L/16 shape, fp16, a non-blocking stream
+print("fake-driver run ok")
+"""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(driver_dir), os.environ.get("LD_LIBRARY_PATH")) if p)
+    env["CINEMAE_CACHE_DIR"] = str(kernel_cache)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0 and "fake-driver run ok" in res.stdout, res.stdout + res.stderr
+    assert list((kernel_cache / "kernels").glob("lcas-*-sm_90.cubin"))
 
 
 # ---------------------------------------------------------------------------------------------
