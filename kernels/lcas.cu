@@ -22,6 +22,7 @@
 // run, then per image: s1 = sqrt(M2/N), s2 = mean, s3 = population std of the run means.
 // Single-pass mode keeps R for all (k, i) in shared memory (12*K*L bytes) and reads each image
 // element once; when that does not fit, two-pass mode re-reads the target patches instead.
+// A table in shared memory maps patch element d to its image offset (no divisions per element).
 // Every reduction has a fixed order, so results are deterministic.
 
 #if !defined(__CUDACC_RTC__) && !defined(CINEMAE_LCAS_EMULATE)
@@ -107,25 +108,19 @@ __device__ __forceinline__ void chan_merge(float& na, float& ma, float& m2a, flo
 
 // Target patch i of one image into registers: t[j] = target element d = lane + 32*j (0 past D),
 // standardised per patch when norm_pix (MAE: unbiased variance + 1e-6).
+// offs[d] is the offset of patch element d from the patch's top-left pixel in channel 0.
 template <int MAXJ>
-__device__ __forceinline__ void load_target(const float* __restrict__ img_b, long long plane,
-                                            int W, int P, int gw, int i, int D, int lane,
-                                            int norm_pix, float (&t)[MAXJ]) {
+__device__ __forceinline__ void load_target(const float* __restrict__ img_b,
+                                            const int* __restrict__ offs, int W, int P, int gw,
+                                            int i, int D, int lane, int norm_pix,
+                                            float (&t)[MAXJ]) {
   const int gy = i / gw;
   const int gx = i - gy * gw;
   const float* __restrict__ base = img_b + (long long)gy * P * W + (long long)gx * P;
 #pragma unroll
   for (int j = 0; j < MAXJ; ++j) {
     const int d = lane + 32 * j;
-    float v = 0.f;
-    if (d < D) {
-      const int pq = d / 3;
-      const int c = d - 3 * pq;
-      const int p = pq / P;
-      const int q = pq - p * P;
-      v = base[c * plane + (long long)p * W + q];
-    }
-    t[j] = v;
+    t[j] = d < D ? base[offs[d]] : 0.f;
   }
   if (norm_pix) {
     float s = 0.f;
@@ -263,16 +258,21 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
   float* wrun = wctx + nw * K * 7;                   // [nw][K][3] n, mean, M2 of LCAS
   float* sig = wrun + nw * K * 3;                    // [K][4] sigma2[3], 0.5*mean_c log sigma2
   float* runf = sig + K * 4;                         // [K][3] n, mean, M2 of LCAS per run
-  float* rbuf = runf + K * 3;                        // [K][L][3] R_c (single-pass mode only)
+  int* offs = reinterpret_cast<int*>(runf + K * 3);  // [D] image offset of patch element d
+  float* rbuf = reinterpret_cast<float*>(offs + D);  // [K][L][3] R_c (single-pass mode only)
   unsigned char* vis =
       reinterpret_cast<unsigned char*>(rbuf + (single_pass ? 3 * K * L : 0));  // [K][L]
 
   for (int e = tid; e < K * L; e += nthreads) vis[e] = visible[e] != 0;
   for (int e = tid; e < nw * K * 7; e += nthreads) wctx[e] = 0.f;
   for (int e = tid; e < nw * K * 3; e += nthreads) wrun[e] = 0.f;
+  const int plane = H * W;  // 3*H*W < 2^31: checked by the launchers
+  for (int d = tid; d < D; d += nthreads) {
+    const int pq = d / 3, c = d - 3 * (d / 3), p = pq / P, q = pq - (pq / P) * P;
+    offs[d] = c * plane + p * W + q;
+  }
   __syncthreads();
 
-  const long long plane = (long long)H * W;
   const float* __restrict__ img_b = image + (long long)b * 3 * plane;
   const T* __restrict__ pred_b = pred + (long long)b * K * L * D;
   float* map_b = map ? map + (long long)b * K * L : nullptr;
@@ -292,7 +292,7 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
     }
     const bool resid = single_pass && any_masked;
     if (!any_vis && !resid) continue;  // warp-uniform
-    load_target<MAXJ>(img_b, plane, W, P, gw, i, D, lane, norm_pix, t);
+    load_target<MAXJ>(img_b, offs, W, P, gw, i, D, lane, norm_pix, t);
     if (any_vis) {
       float m[3], m2[3];
       patch_channel_stats<MAXJ>(t, D, lane, c0, npp, m, m2);
@@ -366,7 +366,7 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
     } else {
       bool any_masked = false;
       for (int k = 0; k < K; ++k) any_masked = any_masked || !vis[k * L + i];
-      if (any_masked) load_target<MAXJ>(img_b, plane, W, P, gw, i, D, lane, norm_pix, t);
+      if (any_masked) load_target<MAXJ>(img_b, offs, W, P, gw, i, D, lane, norm_pix, t);
       for (int k = 0; k < K; ++k) {
         const bool owner = lane == (k & 31);
         if (vis[k * L + i]) {  // warp-uniform
@@ -465,16 +465,17 @@ struct Plan {
   int smem_bytes;   // dynamic shared memory per block
 };
 
-inline long long smem_bytes(int K, int L, int warps, int single_pass) {
+inline long long smem_bytes(int K, int L, int P, int warps, int single_pass) {
   const long long kl = (long long)K * L;
-  const long long floats =
-      (long long)warps * K * 10 + (long long)K * 7 + (single_pass ? 3 * kl : 0);
-  return 4 * floats + kl;
+  const long long words = (long long)warps * K * 10 + (long long)K * 7 + 3LL * P * P +
+                          (single_pass ? 3 * kl : 0);
+  return 4 * words + kl;
 }
 
 // threads = 0 picks kThreads; the emulator passes smaller multiples of 32.
 inline bool make_plan(int K, int H, int W, int P, int threads, Plan* plan) {
-  if (K < 0 || P <= 0 || P > kMaxPatch || H <= 0 || W <= 0 || H % P != 0 || W % P != 0) {
+  if (K < 0 || P <= 0 || P > kMaxPatch || H <= 0 || W <= 0 || H % P != 0 || W % P != 0 ||
+      3LL * H * W > 0x7fffffffLL) {
     return false;
   }
   if (threads == 0) threads = kThreads;
@@ -487,14 +488,14 @@ inline bool make_plan(int K, int H, int W, int P, int threads, Plan* plan) {
     plan->smem_bytes = 0;
     return true;
   }
-  if (smem_bytes(K, L, warps, 1) <= kSmemLimit) {
+  if (smem_bytes(K, L, P, warps, 1) <= kSmemLimit) {
     plan->single_pass = 1;
-  } else if (smem_bytes(K, L, warps, 0) <= kSmemLimit) {
+  } else if (smem_bytes(K, L, P, warps, 0) <= kSmemLimit) {
     plan->single_pass = 0;
   } else {
     return false;
   }
-  plan->smem_bytes = (int)smem_bytes(K, L, warps, plan->single_pass);
+  plan->smem_bytes = (int)smem_bytes(K, L, P, warps, plan->single_pass);
   return true;
 }
 

@@ -21,12 +21,13 @@
  *             K = 1; all zero when K = 0)
  *   map_out   [B, K, L] float32 per-patch LCAS with NaN at visible patches, or NULL to skip
  *
- * Limits: P <= 16 (every MAE checkpoint) and H, W multiples of P. Per image (one thread
- * block) the kernel keeps its working set in the 48 KiB of shared memory every CUDA GPU gives
- * without opt-in: one pass over the image when 13*K*L + 348*K <= 49152 bytes (K = 8: L <= 445,
- * so ViT-L/16 and ViT-H/14 at 224 px), otherwise two passes when K*L + 348*K <= 49152
- * (K = 8: L <= 5796); larger shapes return cudaErrorInvalidValue without launching. B = 0
- * launches nothing. The work is queued on `stream`; the function does not synchronise.
+ * Limits: P <= 16 (every MAE checkpoint), H and W multiples of P, 3*H*W < 2^31. Per image
+ * (one thread block) the kernel keeps its working set in the 48 KiB of shared memory every CUDA
+ * GPU gives without opt-in: one pass over the image when 13*K*L + 348*K + 12*P*P <= 49152 bytes
+ * (K = 8, P = 16: L <= 416, so ViT-L/16 and ViT-H/14 at 224 px), otherwise two passes when
+ * K*L + 348*K + 12*P*P <= 49152 (K = 8, P = 16: L <= 5412); larger shapes return
+ * cudaErrorInvalidValue without launching. B = 0 launches nothing. The work is queued on
+ * `stream`; the function does not synchronise.
  * Results are deterministic (fixed reduction order) for a given GPU architecture.
  */
 #ifndef CINEMAE_LCAS_H

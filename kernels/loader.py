@@ -67,11 +67,11 @@ class Plan:
     smem_bytes: int
 
 
-def smem_bytes(k: int, num_patches: int, warps: int, single_pass: bool) -> int:
+def smem_bytes(k: int, num_patches: int, patch_size: int, warps: int, single_pass: bool) -> int:
     """Dynamic shared memory of one block (lcas.cu ``smem_bytes``)."""
     kl = k * num_patches
-    floats = warps * k * 10 + k * 7 + (3 * kl if single_pass else 0)
-    return 4 * floats + kl
+    words = warps * k * 10 + k * 7 + 3 * patch_size * patch_size + (3 * kl if single_pass else 0)
+    return 4 * words + kl
 
 
 def plan(k: int, height: int, width: int, patch_size: int) -> Plan:
@@ -87,12 +87,14 @@ def plan(k: int, height: int, width: int, patch_size: int) -> Plan:
         raise ValueError(f"the LCAS kernel takes patch sizes 1..{MAX_PATCH}, got {p}")
     if height <= 0 or width <= 0 or height % p or width % p:
         raise ValueError(f"image {height}x{width} is not a positive multiple of the patch size {p}")
+    if 3 * height * width > 0x7FFFFFFF:
+        raise ValueError(f"image {height}x{width} is too large for the LCAS kernel")
     if k == 0:
         return Plan(THREADS, False, 0)
     num_patches = (height // p) * (width // p)
     warps = THREADS // 32
     for single in (True, False):
-        need = smem_bytes(k, num_patches, warps, single)
+        need = smem_bytes(k, num_patches, p, warps, single)
         if need <= SMEM_LIMIT:
             return Plan(THREADS, single, need)
     raise ValueError(

@@ -24,7 +24,7 @@ int cinemae_lcas_stats_emulated(const float* image, const void* pred, int pred_i
   if (force_two_pass && plan.single_pass) {
     plan.single_pass = 0;
     plan.smem_bytes = static_cast<int>(
-        cinemae_lcas::smem_bytes(K, (H / P) * (W / P), plan.threads / 32, 0));
+        cinemae_lcas::smem_bytes(K, (H / P) * (W / P), P, plan.threads / 32, 0));
   }
   const int np = norm_pix ? 1 : 0;
   const int sp = plan.single_pass;
