@@ -435,7 +435,7 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
 // kernels (C names, looked up by the NVRTC loader), one per pred type. MAXJ = 24 registers of
 // target per lane hold a whole patch up to P = 16 (3*16*16 = 768 = 24*32 elements). Larger
 // patches (no MAE checkpoint uses them) are refused by the launchers; the numpy reference
-// handles them. 256 threads and at most 128 registers (2 blocks per SM).
+// handles them. Blocks of up to 512 threads, so at most 128 registers per thread.
 
 #define CINEMAE_LCAS_KERNEL(NAME, T, MAXJ, THREADS, MINBLOCKS)                                 \
   extern "C" __global__ void __launch_bounds__(THREADS, MINBLOCKS)                             \
@@ -446,8 +446,8 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
                                       lam, norm_pix, single_pass, stats, map);                  \
   }
 
-CINEMAE_LCAS_KERNEL(lcas_stats_f32, float, 24, 256, 2)
-CINEMAE_LCAS_KERNEL(lcas_stats_f16, unsigned short, 24, 256, 2)
+CINEMAE_LCAS_KERNEL(lcas_stats_f32, float, 24, 512, 1)
+CINEMAE_LCAS_KERNEL(lcas_stats_f16, unsigned short, 24, 512, 1)
 
 // ---------------------------------------------------------------------------------------------
 // launch planning (host side; mirrored by kernels/loader.py: _plan, _smem_bytes)
@@ -457,7 +457,9 @@ namespace cinemae_lcas {
 
 constexpr int kSmemLimit = 48 * 1024;  // dynamic shared memory every GPU allows without opt-in
 constexpr int kMaxPatch = 16;          // MAXJ = 24 above
-constexpr int kThreads = 256;          // __launch_bounds__ above
+constexpr int kMaxThreads = 512;       // __launch_bounds__ above
+// Small batches get 16 warps per image (one image per SM at most, so more warps shorten the
+// block's latency); large ones 8, so that two blocks share an SM.
 
 struct Plan {
   int threads;      // threads per block (a multiple of 32)
@@ -472,14 +474,16 @@ inline long long smem_bytes(int K, int L, int P, int warps, int single_pass) {
   return 4 * words + kl;
 }
 
-// threads = 0 picks kThreads; the emulator passes smaller multiples of 32.
-inline bool make_plan(int K, int H, int W, int P, int threads, Plan* plan) {
+constexpr int kSmallBatch = 128;
+
+// threads = 0 picks the block size for batch B; the emulator passes other multiples of 32.
+inline bool make_plan(int B, int K, int H, int W, int P, int threads, Plan* plan) {
   if (K < 0 || P <= 0 || P > kMaxPatch || H <= 0 || W <= 0 || H % P != 0 || W % P != 0 ||
       3LL * H * W > 0x7fffffffLL) {
     return false;
   }
-  if (threads == 0) threads = kThreads;
-  if (threads < 32 || threads > kThreads || threads % 32 != 0) return false;
+  if (threads == 0) threads = B <= kSmallBatch ? 512 : 256;
+  if (threads < 32 || threads > kMaxThreads || threads % 32 != 0) return false;
   const int L = (H / P) * (W / P);
   const int warps = threads / 32;
   plan->threads = threads;
@@ -514,7 +518,7 @@ extern "C" CINEMAE_LCAS_API int cinemae_lcas_stats(const float* image, const voi
                                                    float lambda, int norm_pix, float* stats_out,
                                                    float* map_out, void* stream) {
   cinemae_lcas::Plan plan;
-  if (B < 0 || !cinemae_lcas::make_plan(K, H, W, P, 0, &plan)) return cudaErrorInvalidValue;
+  if (B < 0 || !cinemae_lcas::make_plan(B, K, H, W, P, 0, &plan)) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
   if (!stats_out || (K > 0 && (!image || !pred || !visible))) return cudaErrorInvalidValue;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

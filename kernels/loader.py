@@ -38,7 +38,7 @@ KERNEL_F16 = "lcas_stats_f16"
 # Mirrors of the launch planning in lcas.cu (cinemae_lcas::make_plan); tests/test_kernel.py checks
 # them against the C++ code through the CPU emulator.
 MAX_PATCH = 16
-THREADS = 256
+SMALL_BATCH = 128  # up to this many images: 512 threads per image, else 256
 SMEM_LIMIT = 48 * 1024
 
 # No fast-math: logf, sqrtf and divisions stay IEEE-accurate.
@@ -74,8 +74,8 @@ def smem_bytes(k: int, num_patches: int, patch_size: int, warps: int, single_pas
     return 4 * words + kl
 
 
-def plan(k: int, height: int, width: int, patch_size: int) -> Plan:
-    """Launch plan for K runs over [*, 3, height, width] images with P = patch_size.
+def plan(k: int, height: int, width: int, patch_size: int, batch: int = 1) -> Plan:
+    """Launch plan for K runs over [batch, 3, height, width] images with P = patch_size.
 
     Raises ValueError for shapes the kernel does not take (P > 16, sizes not multiples of P,
     a working set over 48 KiB of shared memory); the numpy reference handles those.
@@ -89,14 +89,15 @@ def plan(k: int, height: int, width: int, patch_size: int) -> Plan:
         raise ValueError(f"image {height}x{width} is not a positive multiple of the patch size {p}")
     if 3 * height * width > 0x7FFFFFFF:
         raise ValueError(f"image {height}x{width} is too large for the LCAS kernel")
+    threads = 512 if batch <= SMALL_BATCH else 256
     if k == 0:
-        return Plan(THREADS, False, 0)
+        return Plan(threads, False, 0)
     num_patches = (height // p) * (width // p)
-    warps = THREADS // 32
+    warps = threads // 32
     for single in (True, False):
         need = smem_bytes(k, num_patches, p, warps, single)
         if need <= SMEM_LIMIT:
-            return Plan(THREADS, single, need)
+            return Plan(threads, single, need)
     raise ValueError(
         f"K={k} runs over L={num_patches} patches need {need} bytes of shared memory per image, "
         f"more than the {SMEM_LIMIT} the kernel uses"
@@ -462,7 +463,7 @@ def lcas_stats_device(
     The launch goes to the current CUDA context when it is on the device of ``stats_ptr``, else
     to that device's primary context. K = 0 writes zeros (pred and visible may be 0).
     """
-    cfg = plan(K, H, W, P)
+    cfg = plan(K, H, W, P, B)
     if B < 0:
         raise ValueError(f"B must be >= 0, got {B}")
     if B == 0:
@@ -540,7 +541,7 @@ def lcas_stats_gpu(
         raise ValueError(f"visible must be [K, L], got {vis.shape}")
     k, num_patches = vis.shape
     p = int(patch_size)
-    plan(k, h, w, p)
+    plan(k, h, w, p, b)
     if k and num_patches != (h // p) * (w // p):
         raise ValueError(f"visible has L={num_patches}, images give {(h // p) * (w // p)}")
     pred = np.asarray(pred)

@@ -111,11 +111,13 @@ def test_source_files_ship_with_the_package() -> None:
 
 def test_plan() -> None:
     vitl = kernels.plan(2, 224, 224, 16)
-    assert vitl.single_pass and vitl.threads == 256 and 0 < vitl.smem_bytes <= 48 * 1024
-    assert kernels.plan(8, 224, 224, 16).single_pass  # ViT-L/16, K=8
-    assert kernels.plan(8, 224, 224, 14).single_pass  # ViT-H/14, K=8
-    assert kernels.plan(8, 32, 32, 4).single_pass  # tiny
-    assert not kernels.plan(8, 224, 224, 8).single_pass  # L=784: two passes over the image
+    assert vitl.single_pass and vitl.threads == 512 and 0 < vitl.smem_bytes <= 48 * 1024
+    assert kernels.plan(2, 224, 224, 16, batch=256).threads == 256
+    for batch in (1, 256):
+        assert kernels.plan(8, 224, 224, 16, batch).single_pass  # ViT-L/16, K=8
+        assert kernels.plan(8, 224, 224, 14, batch).single_pass  # ViT-H/14, K=8
+        assert kernels.plan(8, 32, 32, 4, batch).single_pass  # tiny
+        assert not kernels.plan(8, 224, 224, 8, batch).single_pass  # L=784: two passes
     assert kernels.plan(0, 224, 224, 16).smem_bytes == 0
     for bad in ((2, 224, 224, 32), (2, 225, 224, 16), (-1, 32, 32, 4), (64, 224, 224, 4)):
         with pytest.raises(ValueError):
@@ -160,7 +162,7 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     vp, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.cinemae_lcas_stats_emulated.argtypes = [vp, vp, i, vp, i, i, i, i, i, f, i, vp, vp, i, i]
     lib.cinemae_lcas_stats_emulated.restype = i
-    lib.cinemae_lcas_plan_emulated.argtypes = [i, i, i, i, ctypes.POINTER(ctypes.c_int)]
+    lib.cinemae_lcas_plan_emulated.argtypes = [i, i, i, i, i, ctypes.POINTER(ctypes.c_int)]
     lib.cinemae_lcas_plan_emulated.restype = i
     return lib
 
@@ -227,16 +229,18 @@ def test_emulated_kernel_near_uniform_image(emulator: ctypes.CDLL) -> None:
 
 def test_python_plan_mirrors_the_cpp_plan(emulator: ctypes.CDLL) -> None:
     out = (ctypes.c_int * 3)()
-    for k in (0, 1, 2, 4, 8, 16, 64):
-        for hw, p in ((32, 4), (224, 16), (224, 14), (224, 8), (224, 4), (384, 16), (64, 32)):
-            rc = emulator.cinemae_lcas_plan_emulated(k, hw, hw, p, out)
-            try:
-                py = kernels.plan(k, hw, hw, p)
-            except ValueError:
-                assert rc == 1, (k, hw, p)
-                continue
-            assert rc == 0 and (py.threads, int(py.single_pass), py.smem_bytes) == tuple(out), (
-                k, hw, p)
+    shapes = ((32, 4), (224, 16), (224, 14), (224, 8), (224, 4), (384, 16), (336, 14), (64, 32))
+    for b in (1, 128, 129, 256):
+        for k in (0, 1, 2, 4, 8, 16, 64):
+            for hw, p in shapes:
+                rc = emulator.cinemae_lcas_plan_emulated(b, k, hw, hw, p, out)
+                try:
+                    py = kernels.plan(k, hw, hw, p, b)
+                except ValueError:
+                    assert rc == 1, (b, k, hw, p)
+                    continue
+                assert rc == 0, (b, k, hw, p)
+                assert (py.threads, int(py.single_pass), py.smem_bytes) == tuple(out), (b, k, hw, p)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ CUresult fake_cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz,
   float* stats = *static_cast<float**>(params[10]);
   float* map = *static_cast<float**>(params[11]);
   cinemae_lcas::Plan plan;
-  if (!cinemae_lcas::make_plan(K, H, W, P, 0, &plan) || gy != 1 || gz != 1 || by != 1 ||
+  if (!cinemae_lcas::make_plan(static_cast<int>(gx), K, H, W, P, 0, &plan) || gy != 1 || gz != 1 || by != 1 ||
       bz != 1 || static_cast<int>(bx) != plan.threads || single != plan.single_pass ||
       static_cast<int>(smem) != plan.smem_bytes || (norm_pix != 0 && norm_pix != 1)) {
     std::fprintf(stderr, "fake libcuda: launch configuration differs from lcas.cu's plan\n");

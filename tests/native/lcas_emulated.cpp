@@ -18,7 +18,7 @@ int cinemae_lcas_stats_emulated(const float* image, const void* pred, int pred_i
                                 float lambda, int norm_pix, float* stats_out, float* map_out,
                                 int threads, int force_two_pass) {
   cinemae_lcas::Plan plan;
-  if (B < 0 || !cinemae_lcas::make_plan(K, H, W, P, threads, &plan)) return 1;
+  if (B < 0 || !cinemae_lcas::make_plan(B, K, H, W, P, threads, &plan)) return 1;
   if (B == 0) return 0;
   if (!stats_out || (K > 0 && (!image || !pred || !visible))) return 1;
   if (force_two_pass && plan.single_pass) {
@@ -40,9 +40,9 @@ int cinemae_lcas_stats_emulated(const float* image, const void* pred, int pred_i
 
 // The launch plan of kernels/lcas.cu (for checking the Python mirror in kernels/loader.py):
 // out = {threads, single_pass, smem_bytes}; returns 0, or 1 when the shape is refused.
-int cinemae_lcas_plan_emulated(int K, int H, int W, int P, int* out) {
+int cinemae_lcas_plan_emulated(int B, int K, int H, int W, int P, int* out) {
   cinemae_lcas::Plan plan;
-  if (!cinemae_lcas::make_plan(K, H, W, P, 0, &plan)) return 1;
+  if (!cinemae_lcas::make_plan(B, K, H, W, P, 0, &plan)) return 1;
   out[0] = plan.threads;
   out[1] = plan.single_pass;
   out[2] = plan.smem_bytes;
