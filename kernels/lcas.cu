@@ -18,8 +18,9 @@
 // After a block barrier the context variances sigma2_k,c = M2/n + 1e-2 are final and
 //   LCAS = 0.5 * (sum_c R_c / sigma2_c) / D + 0.5 * mean_c log sigma2_c + lambda * sum_c R_c / D
 // (the same as 0.5 * mean_d(r^2/sigma2 + log sigma2) + lambda * mean_d r^2, D = P*P*3).
-// LCAS values are merged (Welford / Chan, fp32) into per-warp, per-run (n, mean, M2), then per
-// run, then per image: s1 = sqrt(M2/N), s2 = mean, s3 = population std of the run means.
+// LCAS values are merged (Welford / Chan, fp64: a few hundred updates per image) into per-warp,
+// per-run (n, mean, M2), then per run, then per image: s1 = sqrt(M2/N), s2 = mean,
+// s3 = population std of the run means.
 // Single-pass mode keeps R for all (k, i) in shared memory (12*K*L bytes) and reads each image
 // element once; when that does not fit, two-pass mode re-reads the target patches instead.
 // A table in shared memory maps patch element d to its image offset (no divisions per element).
@@ -88,19 +89,21 @@ __device__ __forceinline__ void phase_channel_swap(int c0, float& a0, float& a1,
   }
 }
 
-// Chan et al. merge of (nb, mb, m2b) into (na, ma, m2a), fp32.
-__device__ __forceinline__ void chan_merge(float& na, float& ma, float& m2a, float nb, float mb,
-                                           float m2b) {
-  if (nb <= 0.f) return;
-  if (na <= 0.f) {
+// Chan et al. merge of (nb, mb, m2b) into (na, ma, m2a): fp32 for the context statistics,
+// fp64 for the LCAS values' (few) accumulators, so that s3, a small difference of run means, keeps
+// its relative accuracy.
+template <typename F>
+__device__ __forceinline__ void chan_merge(F& na, F& ma, F& m2a, F nb, F mb, F m2b) {
+  if (nb <= F(0)) return;
+  if (na <= F(0)) {
     na = nb;
     ma = mb;
     m2a = m2b;
     return;
   }
-  const float n = na + nb;
-  const float delta = mb - ma;
-  const float f = nb / n;
+  const F n = na + nb;
+  const F delta = mb - ma;
+  const F f = nb / n;
   ma += delta * f;
   m2a += m2b + delta * delta * na * f;
   na = n;
@@ -252,20 +255,20 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
   const float npp = (float)PP;
   const int c0 = lane % 3;
 
-  // Shared memory (layout mirrored by smem_bytes() below and loader.py _smem_bytes()):
+  // Shared memory (layout mirrored by smem_bytes() below and loader.py smem_bytes()):
   LCAS_DECLARE_SMEM(smem_raw);
-  float* wctx = reinterpret_cast<float*>(smem_raw);  // [nw][K][7] n, mean[3], M2[3] of targets
-  float* wrun = wctx + nw * K * 7;                   // [nw][K][3] n, mean, M2 of LCAS
-  float* sig = wrun + nw * K * 3;                    // [K][4] sigma2[3], 0.5*mean_c log sigma2
-  float* runf = sig + K * 4;                         // [K][3] n, mean, M2 of LCAS per run
-  int* offs = reinterpret_cast<int*>(runf + K * 3);  // [D] image offset of patch element d
+  double* wrun = reinterpret_cast<double*>(smem_raw);  // [nw][K][3] n, mean, M2 of LCAS
+  double* runf = wrun + nw * K * 3;                    // [K][3] n, mean, M2 of LCAS per run
+  float* wctx = reinterpret_cast<float*>(runf + K * 3);  // [nw][K][7] n, mean[3], M2[3] of t
+  float* sig = wctx + nw * K * 7;                      // [K][4] sigma2[3], 0.5*mean log sigma2
+  int* offs = reinterpret_cast<int*>(sig + K * 4);     // [D] image offset of patch element d
   float* rbuf = reinterpret_cast<float*>(offs + D);  // [K][L][3] R_c (single-pass mode only)
   unsigned char* vis =
       reinterpret_cast<unsigned char*>(rbuf + (single_pass ? 3 * K * L : 0));  // [K][L]
 
   for (int e = tid; e < K * L; e += nthreads) vis[e] = visible[e] != 0;
   for (int e = tid; e < nw * K * 7; e += nthreads) wctx[e] = 0.f;
-  for (int e = tid; e < nw * K * 3; e += nthreads) wrun[e] = 0.f;
+  for (int e = tid; e < nw * K * 3; e += nthreads) wrun[e] = 0.0;
   const int plane = H * W;  // 3*H*W < 2^31: checked by the launchers
   for (int d = tid; d < D; d += nthreads) {
     const int pq = d / 3, c = d - 3 * (d / 3), p = pq / P, q = pq - (pq / P) * P;
@@ -359,8 +362,8 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
         }
         const float* r = rbuf + (k * L + i) * 3;
         const float x = lcas_value(r[0], r[1], r[2], sig + k * 4, fd, lam);
-        float* a = wrun + (warp * K + k) * 3;
-        chan_merge(a[0], a[1], a[2], 1.f, x, 0.f);
+        double* a = wrun + (warp * K + k) * 3;
+        chan_merge(a[0], a[1], a[2], 1.0, (double)x, 0.0);
         if (map_b) map_b[(long long)k * L + i] = x;
       }
     } else {
@@ -377,8 +380,8 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
         residual_sums<T, MAXJ>(pred_b + ((long long)k * L + i) * D, t, D, lane, c0, r2);
         if (owner) {
           const float x = lcas_value(r2[0], r2[1], r2[2], sig + k * 4, fd, lam);
-          float* a = wrun + (warp * K + k) * 3;
-          chan_merge(a[0], a[1], a[2], 1.f, x, 0.f);
+          double* a = wrun + (warp * K + k) * 3;
+          chan_merge(a[0], a[1], a[2], 1.0, (double)x, 0.0);
           if (map_b) map_b[(long long)k * L + i] = x;
         }
       }
@@ -388,9 +391,9 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
 
   // Per run: merge the warps in order.
   for (int k = tid; k < K; k += nthreads) {
-    float n = 0.f, mean = 0.f, m2 = 0.f;
+    double n = 0.0, mean = 0.0, m2 = 0.0;
     for (int w = 0; w < nw; ++w) {
-      const float* a = wrun + (w * K + k) * 3;
+      const double* a = wrun + (w * K + k) * 3;
       chan_merge(n, mean, m2, a[0], a[1], a[2]);
     }
     runf[k * 3 + 0] = n;
@@ -400,32 +403,32 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
   __syncthreads();
 
   if (tid == 0) {
-    float n = 0.f, mean = 0.f, m2 = 0.f, msum = 0.f;
+    double n = 0.0, mean = 0.0, m2 = 0.0, msum = 0.0;
     int runs = 0;
     for (int k = 0; k < K; ++k) {
-      const float* r = runf + k * 3;
+      const double* r = runf + k * 3;
       chan_merge(n, mean, m2, r[0], r[1], r[2]);
-      if (r[0] > 0.f) {
+      if (r[0] > 0.0) {
         msum += r[1];
         ++runs;
       }
     }
-    float s3 = 0.f;
+    double s3 = 0.0;
     if (runs > 1) {  // population std over runs of the run means (0 for a single run)
-      const float mm = msum / (float)runs;
-      float v = 0.f;
+      const double mm = msum / runs;
+      double v = 0.0;
       for (int k = 0; k < K; ++k) {
-        const float* r = runf + k * 3;
-        if (r[0] > 0.f) {
-          const float e = r[1] - mm;
+        const double* r = runf + k * 3;
+        if (r[0] > 0.0) {
+          const double e = r[1] - mm;
           v += e * e;
         }
       }
-      s3 = sqrtf(v / (float)runs);
+      s3 = sqrt(v / runs);
     }
-    stats[3 * b + 0] = n > 0.f ? sqrtf(m2 / n) : 0.f;
-    stats[3 * b + 1] = n > 0.f ? mean : 0.f;
-    stats[3 * b + 2] = s3;
+    stats[3 * b + 0] = n > 0.0 ? (float)sqrt(m2 / n) : 0.f;
+    stats[3 * b + 1] = n > 0.0 ? (float)mean : 0.f;
+    stats[3 * b + 2] = (float)s3;
   }
 }
 
@@ -469,9 +472,10 @@ struct Plan {
 
 inline long long smem_bytes(int K, int L, int P, int warps, int single_pass) {
   const long long kl = (long long)K * L;
-  const long long words = (long long)warps * K * 10 + (long long)K * 7 + 3LL * P * P +
+  const long long doubles = (long long)warps * K * 3 + (long long)K * 3;
+  const long long words = (long long)warps * K * 7 + (long long)K * 4 + 3LL * P * P +
                           (single_pass ? 3 * kl : 0);
-  return 4 * words + kl;
+  return 8 * doubles + 4 * words + kl;
 }
 
 constexpr int kSmallBatch = 128;

@@ -23,9 +23,10 @@
  *
  * Limits: P <= 16 (every MAE checkpoint), H and W multiples of P, 3*H*W < 2^31. Per image
  * (one thread block) the kernel keeps its working set in the 48 KiB of shared memory every CUDA
- * GPU gives without opt-in: one pass over the image when 13*K*L + 348*K + 12*P*P <= 49152 bytes
- * (K = 8, P = 16: L <= 416, so ViT-L/16 and ViT-H/14 at 224 px), otherwise two passes when
- * K*L + 348*K + 12*P*P <= 49152 (K = 8, P = 16: L <= 5412); larger shapes return
+ * GPU gives without opt-in (exact formula: smem_bytes in lcas.cu): one pass over the image when
+ * 13*K*L + 872*K + 12*P*P <= 49152 bytes (B <= 128; 456*K for larger batches), so up to
+ * L = 376 at K = 8, P = 16, which covers ViT-L/16 and ViT-H/14 at 224 px; otherwise two passes
+ * when K*L + 872*K + 12*P*P <= 49152 (K = 8, P = 16: L <= 4888); larger shapes return
  * cudaErrorInvalidValue without launching. B = 0 launches nothing. The work is queued on
  * `stream`; the function does not synchronise.
  * Results are deterministic (fixed reduction order) for a given GPU architecture.

@@ -70,8 +70,9 @@ class Plan:
 def smem_bytes(k: int, num_patches: int, patch_size: int, warps: int, single_pass: bool) -> int:
     """Dynamic shared memory of one block (lcas.cu ``smem_bytes``)."""
     kl = k * num_patches
-    words = warps * k * 10 + k * 7 + 3 * patch_size * patch_size + (3 * kl if single_pass else 0)
-    return 4 * words + kl
+    doubles = warps * k * 3 + k * 3
+    words = warps * k * 7 + k * 4 + 3 * patch_size * patch_size + (3 * kl if single_pass else 0)
+    return 8 * doubles + 4 * words + kl
 
 
 def plan(k: int, height: int, width: int, patch_size: int, batch: int = 1) -> Plan:
