@@ -61,6 +61,8 @@ def open_capture(source: int | str, timeout_s: float = 10.0) -> Any:
         if cap is not None:
             cap.release()
         return None
+    if isinstance(source, int):  # a camera: keep the driver queue short so frames are fresh
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
     return cap
 
 
