@@ -69,10 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--row-time", type=float, default=3.0,
                     help="stop timing a row after this many seconds once it has --min-iters")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="device peak in TFLOP/s (default: measured once on the CPU, data sheet on a "
-                         "known GPU)")
-    ap.add_argument("--remeasure-peak", action="store_true",
-                    help="measure the CPU peak again instead of using the cached measurement")
+                    help="device peak in TFLOP/s (default: measured at the start of the run on the CPU, "
+                         "data sheet on a known GPU)")
     ap.add_argument("--inputs", nargs="*", default=None,
                     help="image files/folders to time (default: synthetic JPEGs at 1.5x input size)")
     ap.add_argument("--data", help="labelled set for accuracy: folder with real/ and fake/, a CSV "
@@ -122,7 +120,7 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
         if device is None and any(b in ("tensorrt", "onnxruntime-cuda") for b in names):
             devices = ["cpu", "cuda"]
     if precision is None:
-        precs = ["fp32", "fp16"] if any(d.startswith("cuda") for d in devices) else ["fp32"]
+        precs = None  # fp32 on the CPU, fp32 and fp16 on a GPU
     else:
         precs = [p.strip() for p in precision.split(",") if p.strip()]
         if any(p not in ("fp32", "fp16") for p in precs):
@@ -135,7 +133,7 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
         for name in names:
             if name in RUNTIME_BACKENDS and (name == "onnxruntime-cpu") == on_gpu:
                 continue  # a CPU backend on a GPU device or the reverse: not a combination
-            for p in precs:
+            for p in precs or (["fp32", "fp16"] if on_gpu else ["fp32"]):
                 if name == "torch" and p == "fp16" and not on_gpu:
                     continue  # autocast fp16 is the GPU configuration (see the README)
                 specs.append(RunnerSpec(name, dev, p))
@@ -185,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks: dict[str, dict[str, Any]] = {}
     if any(s.device == "cpu" for s in specs):
         peaks["cpu"] = ({"tflops": args.peak_tflops, "source": "given (--peak-tflops)"}
-                        if args.peak_tflops else cpu_peak(args.threads, refresh=args.remeasure_peak))
+                        if args.peak_tflops else cpu_peak(args.threads))
     for p in ("fp32", "fp16"):
         if any(s.device.startswith("cuda") and s.precision == p for s in specs):
             if args.peak_tflops:

@@ -1,13 +1,12 @@
 """The machine a benchmark ran on: CPU and GPU names, library versions, and the device peak.
 
-The CPU peak is *measured* (a large float32 matmul through numpy's BLAS, best of a few runs)
-and cached per CPU model and thread count; a GPU peak is taken from the vendor's data sheet for
+The CPU peak is *measured* once per run (a large float32 matmul through numpy's BLAS, best of
+a few runs); a GPU peak is taken from the vendor's data sheet for
 known GPUs (dense tensor-core FP16 and FP32 without sparsity) or from ``--peak-tflops``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -36,7 +35,7 @@ GPU_PEAKS: dict[str, tuple[float, float]] = {
 
 
 def cache_dir() -> Path:
-    """``$CINEMAE_CACHE`` or ``~/.cache/cinemae`` (bench bundles, the measured CPU peak)."""
+    """``$CINEMAE_CACHE`` or ``~/.cache/cinemae`` (where the bench caches its --arch bundles)."""
     root = os.environ.get("CINEMAE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cinemae")
     return Path(root)
@@ -66,6 +65,23 @@ def cpu_flags_summary() -> list[str]:
                                                     "avx512_vnni", "avx512_fp16", "amx_bf16",
                                                     "amx_tile", "f16c"))
     return []
+
+
+def cpu_nominal_peak() -> dict[str, Any] | None:
+    """Nominal float32 peak from /proc/cpuinfo: cores x MHz x FLOPs per cycle (32 with AVX2+FMA,
+    64 with AVX-512: two FMA pipes; 16 with AVX only). A ceiling for context, not a measurement."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    mhz = [float(x.split(":")[1]) for x in text.splitlines() if x.startswith("cpu MHz")]
+    flags = set(cpu_flags_summary())
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
+    if not mhz:
+        return None
+    tflops = len(mhz) * max(mhz) * 1e6 * per_cycle / 1e12
+    return {"tflops": round(tflops, 4), "source": f"nominal: {len(mhz)} cores x {max(mhz):.0f} MHz x "
+            f"{per_cycle} FLOP/cycle (fp32 FMA)"}
 
 
 def gpu_names() -> list[str]:
@@ -124,6 +140,7 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpu_flags": cpu_flags_summary(),
+        "cpu_nominal_peak": cpu_nominal_peak(),
         "gpus": gpus,
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -166,32 +183,15 @@ class _Null:
         return None
 
 
-def cpu_peak(threads: int | None = None, refresh: bool = False) -> dict[str, Any]:
-    """The CPU peak, measured once per CPU model and thread count and cached on disk.
+def cpu_peak(threads: int | None = None) -> dict[str, Any]:
+    """The CPU peak, measured at the start of this run (so it sees the same machine load as the
+    rows it is compared with; a peak cached from a quieter moment made busy runs look >100%).
 
     Returns {"tflops": float, "source": "measured ..."}."""
-    key = f"{cpu_name()}|{os.cpu_count()}|{threads or 'default'}"
-    path = cache_dir() / "bench" / "cpu_peak.json"
-    cached: dict[str, Any] = {}
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not refresh and key in cached:
-        return cached[key]
     value = measure_cpu_peak(threads)
-    rec = {"tflops": round(value, 4),
-           "source": "measured: float32 2048x2048 matmul via numpy BLAS, best of 5"
-                     + (f", {threads} threads" if threads else "")}
-    cached[key] = rec
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=2))
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return rec
+    return {"tflops": round(value, 4),
+            "source": "measured in this run: float32 2048x2048 matmul via numpy BLAS, best of 5"
+                      + (f", {threads} threads" if threads else "")}
 
 
 def gpu_peak(name: str, precision: str) -> dict[str, Any] | None:

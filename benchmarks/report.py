@@ -103,6 +103,9 @@ def markdown(result: dict[str, Any]) -> str:
         md.append(f"- GPUs: {', '.join(env['gpus'])}")
     md.append("- libraries: " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items()))
     md.append(f"- date: {result['created']}; command: `{result['command']}`")
+    if env.get("cpu_nominal_peak"):
+        md.append(f"- CPU nominal peak: {env['cpu_nominal_peak']['tflops']} TFLOP/s "
+                  f"({env['cpu_nominal_peak']['source']})")
     for key, peak in result.get("peaks", {}).items():
         md.append(f"- peak {key}: {peak['tflops']} TFLOP/s ({peak['source']})")
     md.append(f"- decode+preprocess: {result['inputs']['decode_preprocess_ms']:.3f} ms/img "

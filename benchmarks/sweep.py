@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.masks import make_masks
+from .bundles import TorchUnavailable
 from .flops import bundle_flops
 from .memory import PeakRSS, cuda_used_mb
 from .runners import STAGE_NAMES, RuntimeRunner, TorchRunner
@@ -164,6 +165,13 @@ class _Live:
 def make_runner(spec: RunnerSpec, target: Any, threads: int | None) -> Any:
     """Build the runner for ``spec`` (raises with a one-line reason when it cannot run here)."""
     if spec.backend == "torch":
+        if spec.device.startswith("cuda"):
+            try:
+                import torch
+            except ImportError:
+                raise TorchUnavailable("torch is not installed (pip install 'cinemae[export]')") from None
+            if not torch.cuda.is_available():
+                raise RuntimeError("torch sees no CUDA device (CPU-only torch build or no GPU)")
         model, head = target.torch_loader()
         return TorchRunner(model, head, target.bundle.lam, spec.device, spec.precision, threads)
     return RuntimeRunner(target.bundle, spec.backend, spec.device, spec.precision, threads)
@@ -200,7 +208,9 @@ def run_sweep(target: Any, specs: Sequence[RunnerSpec], ks: Sequence[int], batch
             live.append(_Live(spec, runner))
         except Exception as e:  # noqa: BLE001 - a backend that fails is a row, never a crash
             log(f"  {spec.label}: unavailable ({_one_line(e)})")
-            emit(Row(spec.backend, spec.device, spec.precision, None, None, status="error",
+            # no torch weights for this bundle: the reference is skipped (with the reason), not broken
+            status = "skipped" if isinstance(e, TorchUnavailable) else "error"
+            emit(Row(spec.backend, spec.device, spec.precision, None, None, status=status,
                      error=_one_line(e), note=target.note))
     try:
         for k in ks:
