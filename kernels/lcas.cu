@@ -24,7 +24,9 @@
 // Single-pass mode keeps R for all (k, i) in shared memory (12*K*L bytes) and reads each image
 // element once; when that does not fit, two-pass mode re-reads the target patches instead.
 // A table in shared memory maps patch element d to its image offset (no divisions per element).
-// Every reduction has a fixed order, so results are deterministic.
+// Every reduction has a fixed order, so results are deterministic. Degenerate masks the numpy
+// reference turns into NaN stay finite here: a run with no visible patch uses sigma2 = 1e-2, a
+// run with no masked patch is left out of s3.
 
 #if !defined(__CUDACC_RTC__) && !defined(CINEMAE_LCAS_EMULATE)
 #define CINEMAE_LCAS_HOST_LAUNCHER 1
@@ -258,11 +260,11 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
   // Shared memory (layout mirrored by smem_bytes() below and loader.py smem_bytes()):
   LCAS_DECLARE_SMEM(smem_raw);
   double* wrun = reinterpret_cast<double*>(smem_raw);  // [nw][K][3] n, mean, M2 of LCAS
-  double* runf = wrun + nw * K * 3;                    // [K][3] n, mean, M2 of LCAS per run
+  double* runf = wrun + nw * K * 3;                      // [K][3] the same per run
   float* wctx = reinterpret_cast<float*>(runf + K * 3);  // [nw][K][7] n, mean[3], M2[3] of t
-  float* sig = wctx + nw * K * 7;                      // [K][4] sigma2[3], 0.5*mean log sigma2
-  int* offs = reinterpret_cast<int*>(sig + K * 4);     // [D] image offset of patch element d
-  float* rbuf = reinterpret_cast<float*>(offs + D);  // [K][L][3] R_c (single-pass mode only)
+  float* sig = wctx + nw * K * 7;                        // [K][4] sigma2[3], 0.5*mean log
+  int* offs = reinterpret_cast<int*>(sig + K * 4);       // [D] image offset of element d
+  float* rbuf = reinterpret_cast<float*>(offs + D);      // [K][L][3] R_c (single pass only)
   unsigned char* vis =
       reinterpret_cast<unsigned char*>(rbuf + (single_pass ? 3 * K * L : 0));  // [K][L]
 
@@ -271,7 +273,7 @@ __device__ __forceinline__ void lcas_block(const float* __restrict__ image,
   for (int e = tid; e < nw * K * 3; e += nthreads) wrun[e] = 0.0;
   const int plane = H * W;  // 3*H*W < 2^31: checked by the launchers
   for (int d = tid; d < D; d += nthreads) {
-    const int pq = d / 3, c = d - 3 * (d / 3), p = pq / P, q = pq - (pq / P) * P;
+    const int pq = d / 3, c = d - 3 * pq, p = pq / P, q = pq - p * P;
     offs[d] = c * plane + p * W + q;
   }
   __syncthreads();
