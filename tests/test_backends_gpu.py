@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cinemae.runtime.backends import BackendUnavailable, create_backend
 from cinemae.runtime.backends.cuda_memory import gpu_count
 from cinemae.runtime.bundle import Bundle

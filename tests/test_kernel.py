@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cinemae import kernels
 from cinemae.runtime.lcas import lcas_map, lcas_stats, patchify
 from cinemae.runtime.masks import make_masks

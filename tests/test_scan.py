@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cinemae.runtime.cli import main as detect_main
 from cinemae.runtime.scan import load_done
 
