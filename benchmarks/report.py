@@ -77,9 +77,14 @@ def ratio_lines(rows: Sequence[Row]) -> list[str]:
                   and x.k == r.k and x.batch == r.batch and x.device.split(":")[0] == r.device.split(":")[0]),
                  None)
         if t and t.img_per_s:
+            extra = ""
+            if r.min_ms and t.min_ms:
+                extra += f"; best batch {t.min_ms / r.min_ms:.2f}x"
+            if r.cpu_ms and t.cpu_ms:
+                extra += f"; CPU time per batch {t.cpu_ms / r.cpu_ms:.2f}x"
             out.append(f"{r.label} vs torch eager fp32 ({t.device}), K={r.k} B={r.batch}: "
-                       f"{r.img_per_s / t.img_per_s:.2f}x throughput "
-                       f"({r.img_per_s:.3g} vs {t.img_per_s:.3g} img/s)")
+                       f"{r.img_per_s / t.img_per_s:.2f}x throughput at p50 "
+                       f"({r.img_per_s:.3g} vs {t.img_per_s:.3g} img/s{extra})")
     return out
 
 

@@ -13,6 +13,7 @@ before the clock is read); p50/p95 use linear interpolation over the timed batch
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,8 @@ class Row:
     p50_ms: float | None = None
     p95_ms: float | None = None
     mean_ms: float | None = None
+    min_ms: float | None = None  # the least-disturbed batch (robust on a shared machine)
+    cpu_ms: float | None = None  # p50 of the process's CPU time (all threads) per batch
     img_per_s: float | None = None
     e2e_img_per_s: float | None = None  # including decode+preprocess, serially
     stages_ms: dict[str, float] = field(default_factory=dict)  # per image
@@ -152,6 +155,7 @@ class _Live:
     spec: RunnerSpec
     runner: Any
     latencies: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     stages: list[dict[str, float]] = field(default_factory=list)
     logits: np.ndarray | None = None
     peak: float | None = None
@@ -268,14 +272,17 @@ def _measure_cell(cells: list[_Live], images: np.ndarray, masks: Any, opts: Swee
         for c in list(active):
             try:
                 with PeakRSS() as mem:
+                    c0 = _cpu_seconds()
                     t = time.perf_counter()
                     logits, stages = c.runner.run(images, masks)
                     dt = time.perf_counter() - t
+                    cpu = _cpu_seconds() - c0
             except Exception as e:  # noqa: BLE001
                 c.error = _one_line(e)
                 active.remove(c)
                 continue
             c.latencies.append(dt)
+            c.cpu.append(cpu)
             c.stages.append(stages)
             c.logits = logits
             if mem.peak_mb is not None:
@@ -291,6 +298,12 @@ def _measure_cell(cells: list[_Live], images: np.ndarray, masks: Any, opts: Swee
         elif c.gpu_base is not None:
             used = cuda_used_mb(_index(c.spec.device))
             c.gpu_mb = None if used is None else max(0.0, used - c.gpu_base)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (os.times)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _index(device: str) -> int:
@@ -311,6 +324,8 @@ def _row(c: _Live, target: Any, k: int, b: int, flops: int, pre_ms: float, opts:
     row.p50_ms = _percentile(lat, 50) * 1e3
     row.p95_ms = _percentile(lat, 95) * 1e3
     row.mean_ms = float(np.mean(lat)) * 1e3
+    row.min_ms = float(np.min(lat)) * 1e3
+    row.cpu_ms = _percentile(c.cpu, 50) * 1e3 if c.cpu else None
     row.img_per_s = b / (row.p50_ms / 1e3)
     row.e2e_img_per_s = 1.0 / (row.p50_ms / 1e3 / b + pre_ms / 1e3)
     stages = {PRE_STAGE: pre_ms}
