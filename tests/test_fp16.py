@@ -153,3 +153,38 @@ def test_fp16_other_config_and_fusion(tmp_path):
     o16 = det.run_arrays(x)
     o32 = Detector(out, precision="fp32").run_arrays(x)
     assert np.max(np.abs(o16.logit - o32.logit)) < 5e-2
+
+
+def test_massive_activation_channel_stays_fp32(tmp_path):
+    """A backbone with one "massive activation" channel (as real ViTs have) whose MLP output
+    exceeds the fp16 range: every tensor above the safe limit runs in fp32, found from the
+    measured activations, and parity still passes. (ONNX Runtime CPU would not show the fp16
+    overflow itself: it runs fp16 ops without CPU kernels in fp32, which is why the range rule
+    works from measured activations rather than from the fp16 run.)"""
+    from cinemae.export.bundle import ExportOptions, export_bundle
+    from cinemae.export.fp16 import activation_ranges
+    from cinemae.export.head import CinemaeHead, HeadConfig
+    from cinemae.export.model import MaskedAutoencoderViT, preset
+    from cinemae.runtime.masks import full_ids_keep
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    model = MaskedAutoencoderViT(cfg).eval()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[5] *= 1e5
+    head = CinemaeHead(HeadConfig(cfg.embed_dim, k=2)).eval()
+    out, rows = export_bundle(model, head, tmp_path / "outlier",
+                              ExportOptions(k=2, crop_ratio=1.0, parity_random=2,
+                                            precisions=("fp32", "fp16")), log=lambda *_: None)
+    assert all(r.passed for r in rows)
+    info = json.loads((out / "cinemae.json").read_text())["fp16"]["graphs"]["encoder"]
+    assert info["max_abs_activation"] > 65504.0
+    assert info["max_abs_activation_fp16_region"] <= 4096.0
+    assert any("blocks.0/mlp/fc2" in f for f in info["forced_by_range"])
+    # every tensor whose measured range exceeds the limit is float32 in the fp16 graph
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ranges = activation_ranges(onnx.load(str(out / "encoder.onnx")),
+                               [{"image": x, "ids_keep": full_ids_keep(2, 64)}])
+    types = _types(onnx.load(str(out / "encoder.fp16.onnx")))
+    big = [t for t, v in ranges.items() if v > 4096.0 and t in types]
+    assert big and all(types[t] == FLOAT for t in big)
