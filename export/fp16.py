@@ -20,6 +20,11 @@ explicit and checked:
 
 Data-movement ops (Reshape, Transpose, Gather, Concat, Slice, ...) carry whatever precision their
 input has, so they add no casts.
+
+Why the range rule works from the fp32 activations and not from an fp16 run: ONNX Runtime on the
+CPU executes fp16 ops that have no CPU kernel in fp32 (and removes the cast pairs around them), so
+an fp16 overflow would not show in the CPU parity check; on a GPU (TensorRT, ONNX Runtime CUDA)
+it would. The measured maxima therefore decide, independently of the executor.
 """
 
 from __future__ import annotations
