@@ -63,14 +63,15 @@ class Detector:
     """Scores images with a bundle.
 
     bundle:     a bundle directory or :class:`Bundle`; None for the embedded default
-    backend:    auto | tensorrt | onnxruntime;  device: cpu | cuda[:N]
+    backend:    auto | tensorrt | onnxruntime;  device: auto | cpu | cuda[:N] (auto: the GPU when
+                one is usable, else the CPU; cuda never falls back)
     precision:  fp32 | fp16 (graphs of that precision must be in the bundle)
     k:          masking runs (default: the bundle's K, the one its head was trained for)
     batch_size: images per backend call in ``detect_many``
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, *,
-                 backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+                 backend: str = "auto", device: str = "auto", precision: str = "fp32",
                  k: int | None = None, batch_size: int = 16, threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
                  ) -> None:
