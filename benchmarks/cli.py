@@ -265,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [Row(**{k: v for k, v in r.items() if k != "label"}) for r in result["rows"]]
     result["ratios"] = report.ratio_lines(rows)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    from .environment import load_average
+
+    result["environment"]["loadavg_end"] = load_average()
+    busy = max((env.get("loadavg_start") or [0])[0], (result["environment"]["loadavg_end"] or [0])[0])
+    if busy > 0.75 * (env.get("cpu_count") or 1):
+        result["warning"] = (f"the machine was busy (1-min load average up to {busy:.1f} on {env.get('cpu_count')} "
+                             "CPUs): absolute times include contention with other jobs; the interleaved ratios "
+                             "are the figures to compare")
     if outputs["plot"]:
         why = report.plot(result, outputs["plot"])
         if why:
@@ -277,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cinemae-bench: {bundle.model_id} ({target.origin}), {env['machine']}; CPU {env['cpu']}")
     if target.note:
         print(f"NOTE: {target.note}")
+    if result.get("warning"):
+        print(f"WARNING: {result['warning']}")
     print(report.format_table(rows))
     if result["ratios"]:
         print()

@@ -131,6 +131,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (how busy the machine was: other jobs share the cores)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Everything a reader needs to compare two benchmark files."""
     gpus = gpu_names()
@@ -143,6 +151,7 @@ def environment() -> dict[str, Any]:
         "cpu_nominal_peak": cpu_nominal_peak(),
         "gpus": gpus,
         "os": platform.platform(),
+        "loadavg_start": load_average(),
         "python": platform.python_version(),
         "libraries": library_versions(),
     }

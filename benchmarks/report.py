@@ -118,6 +118,10 @@ def markdown(result: dict[str, Any]) -> str:
     if result["bundle"].get("note"):
         md.append(f"- **{result['bundle']['note']}**")
     md.append(f"- protocol: {result['protocol']}")
+    if env.get("loadavg_start"):
+        md.append(f"- load average (1/5/15 min) at start {env['loadavg_start']}, at end {env.get('loadavg_end')}")
+    if result.get("warning"):
+        md.append(f"- **warning: {result['warning']}**")
     if result.get("interrupted"):
         md.append("- **interrupted: partial results**")
     md += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
