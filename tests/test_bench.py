@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cinemae.benchmarks.accuracy import accuracy, metrics, roc_auc, tpr_at_fpr
 from cinemae.benchmarks.datasets import LabeledItem, load_labeled
 from cinemae.benchmarks.perturb import parse_perturbation, parse_perturbations
@@ -51,12 +52,13 @@ def _pictures(n: int, seed: int, size: int = 40) -> list[bytes]:
 # ---------------------------------------------------------------------------------------------
 def test_flop_formula_matches_torch_flop_counter() -> None:
     torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
     from cinemae.benchmarks.flops import flops_per_image
     from cinemae.export.head import CinemaeHead, HeadConfig
     from cinemae.export.model import MaskedAutoencoderViT, preset
     from cinemae.export.reference import TorchReference
     from cinemae.runtime.masks import make_masks, n_keep_for
-    from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     for arch, fusion, ks in (("tiny", "add", (0, 3)), ("tiny-p8", "gate", (1,)), ("tiny", "concat", (2,))):
@@ -275,3 +277,41 @@ def test_bench_usage_errors(capsys: pytest.CaptureFixture) -> None:
     assert main(["--k", "9"]) == 2
     assert main(["--perturb", "jpeg:50"]) == 2  # needs --data
     assert "cinemae-bench:" in capsys.readouterr().err
+
+
+def test_bench_interrupted_keeps_measured_rows(bench_cache: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cinemae.benchmarks.bundles import build_arch_target
+
+    build_arch_target("tiny", 2, 0, log=lambda m: None)  # cached: the subprocess starts measuring at once
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-c", "import sys; from cinemae.benchmarks.cli import main; sys.exit(main())",
+           "--arch", "tiny", "--no-torch", "--k", "0,1,2,3,4,5,6,7,8", "--batch", "1,2,4,8", "--json", str(out),
+           "--warmup", "1", "--min-iters", "50", "--iters", "50", "--row-time", "5", "--peak-tflops", "0.1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "CINEMAE_CACHE": str(bench_cache)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(out.read_text())["rows"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    res = json.loads(out.read_text())
+    assert res["interrupted"] is True
+    assert 1 <= len(res["rows"]) < 36 and all(r["status"] == "ok" for r in res["rows"])
+    assert "p50 ms" in stdout  # the table of what was measured is still printed
