@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import shlex
 import sys
 import time
@@ -273,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         result["warning"] = (f"the machine was busy (1-min load average up to {busy:.1f} on {env.get('cpu_count')} "
                              "CPUs): absolute times include contention with other jobs; the interleaved ratios "
                              "are the figures to compare")
+        if any(r.backend == "torch" and r.device == "cpu" for r in rows) and \
+                os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            result["warning"] += ("; torch's OpenMP threads spin-wait at every operator on a busy machine, "
+                                  "which can slow small models by 10-100x: run with OMP_WAIT_POLICY=PASSIVE "
+                                  "to time torch without that")
     if outputs["plot"]:
         why = report.plot(result, outputs["plot"])
         if why:

@@ -152,6 +152,8 @@ def environment() -> dict[str, Any]:
         "gpus": gpus,
         "os": platform.platform(),
         "loadavg_start": load_average(),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                                  "OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT") if k in os.environ},
         "python": platform.python_version(),
         "libraries": library_versions(),
     }
