@@ -12,7 +12,8 @@ Design
     * One runtime instance (:class:`~cinemae.runtime.detector.Detector`), owned by one inference
       thread. Requests are decoded and preprocessed on a small thread pool, then queued; the
       batcher takes up to ``max_batch`` images, waiting at most ``max_wait_ms`` after the oldest
-      queued image arrived, and runs them in one backend call ([B, 3, S, S] -> logit [B]).
+      queued image arrived (and only while other admitted images are still decoding), and runs
+      them in one backend call ([B, 3, S, S] -> logit [B]).
     * Admission control: at most ``queue_size`` images are in the service at once (decoding,
       queued or running), and at most ``max_inflight_bytes`` of request bodies are held at once.
       A request that would exceed either is answered 503 with ``Retry-After``.
@@ -76,7 +77,7 @@ class ServeConfig:
     max_pixels: int = 40_000_000  # decoded pixels per image (decompression-bomb guard)
     max_images: int = 64  # images per request
     max_batch: int = 16  # images per backend call
-    max_wait_ms: float = 5.0  # how long the batcher waits to fill a batch
+    max_wait_ms: float = 5.0  # how long the batcher waits to fill a batch (while images decode)
     queue_size: int = 256  # images admitted at once (decoding + queued + running)
     retry_after_s: int = 1  # Retry-After on 503
     decode_threads: int = 2
@@ -124,6 +125,7 @@ class Metrics:
         self.images: dict[str, int] = {}
         self.queue_depth = 0  # images queued for the batcher, not yet running
         self.admitted = 0  # images in the service (decoding, queued, running)
+        self.decoding = 0  # admitted images not yet queued for the batcher
         self.inflight_requests = 0
         self.body_bytes = 0  # request-body bytes held by requests in flight
         self.batch_size = _Histogram("cinemae_batch_size", "Images per backend call.",
@@ -200,9 +202,12 @@ class _Item:
 class Batcher:
     """Collects preprocessed images into batches and runs them on the one inference thread.
 
-    A batch closes when it holds ``max_batch`` images or when ``max_wait_s`` has passed since the
-    oldest queued image arrived. Each item's future receives a dict with ``logit``, ``stats``
-    ([3]), ``queue_s``, ``inference_s``, ``batch_size`` and the backend stage timings.
+    A batch closes when it holds ``max_batch`` images, when ``max_wait_s`` has passed since the
+    oldest queued image arrived, or at once when no admitted image is still being decoded (then
+    nothing is on its way to join it: a lone request is not delayed, and under load batches form
+    from the images that queue up while the previous batch runs). Each item's future receives a
+    dict with ``logit``, ``stats`` ([3]), ``queue_s``, ``inference_s``, ``batch_size`` and the
+    backend stage timings.
     """
 
     def __init__(self, detector: Any, metrics: Metrics, max_batch: int, max_wait_s: float) -> None:
@@ -245,7 +250,7 @@ class Batcher:
                 await self.wakeup.wait()
                 continue
             deadline = self.pending[0].t_enqueued + self.max_wait_s
-            while len(self.pending) < self.max_batch and not self.stopping:
+            while len(self.pending) < self.max_batch and not self.stopping and self.metrics.decoding > 0:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -464,16 +469,22 @@ class Service:
                 admitted = False
             else:
                 self.metrics.admitted += n
+                self.metrics.decoding += n
                 admitted = True
         if not admitted:
             raise _RequestError(503, "overloaded", f"the queue is full ({self.cfg.queue_size} "
                                 "images); retry later", {"Retry-After": str(self.cfg.retry_after_s)})
         loop = asyncio.get_running_loop()
         results: list[dict[str, Any]] = []
+        decoding = n
         try:
             decoded = await asyncio.gather(
                 *(loop.run_in_executor(self.decode_pool, self._decode, data) for _, data in images),
                 return_exceptions=True)
+            with self.metrics.lock:  # queued below in this same step of the event loop
+                self.metrics.decoding -= n
+                decoding = 0
+            self.batcher.wakeup.set()  # the batcher may stop waiting for these
             futures: list[asyncio.Future | None] = []
             for i, ((fname, data), dec) in enumerate(zip(images, decoded, strict=True)):
                 r: dict[str, Any] = {"index": i}
@@ -497,6 +508,7 @@ class Service:
         finally:
             with self.metrics.lock:
                 self.metrics.admitted -= n
+                self.metrics.decoding -= decoding
         it = iter(outs)
         for r, f in zip(results, futures, strict=True):
             if f is None:
@@ -618,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-batch", type=int, default=d.max_batch, help="images per backend call")
     ap.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                    help="longest wait for a batch to fill after its first image arrives")
+                    help="longest wait for a batch to fill after its first image arrives (it waits "
+                         "only while other admitted images are still decoding)")
     ap.add_argument("--queue-size", type=int, default=d.queue_size,
                     help="images admitted at once; beyond it requests get 503 + Retry-After")
     ap.add_argument("--retry-after", type=int, default=d.retry_after_s, help="seconds, on 503")
