@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     ap.add_argument("--direct-seconds", type=float, default=15.0, help="seconds per direct-runtime measurement")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--solo-seconds", type=float, default=10.0, help="seconds of single-client latency")
     ap.add_argument("--corpus", type=int, default=512, help="distinct images")
     ap.add_argument("--images", help="folder of images to use instead of CIFAKE test images")
     ap.add_argument("--max-batch", type=int, default=16)
@@ -460,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         report["load"]["throughput_vs_best_direct"] = round(report["load"]["throughput_img_per_s"] / best_direct, 3)
         print(f"load: {report['load']}", file=sys.stderr)
 
+        # 2b. one client alone: the latency of an unloaded service
+        solo = [r for r in run_load(srv.url, corpus, 1, args.solo_seconds) if r["status"] == 200]
+        slat = [r["latency_s"] for r in solo]
+        report["single_client"] = {"seconds": args.solo_seconds, "requests": len(solo),
+                                   "latency_ms": {"p50": round(1000 * _pct(slat, 50), 2),
+                                                  "p95": round(1000 * _pct(slat, 95), 2)},
+                                   "throughput_img_per_s": round(len(solo) / args.solo_seconds, 2)}
+
         # 3. malformed corpus against the same server (default limits: 32 MiB body, 40 Mpx)
         report["malformed"] = malformed_check(srv.url, corpus[0][1], huge_bytes=40 * 1024 * 1024)
         report["after_malformed_healthz"] = __import__("httpx").get(srv.url + "/healthz").status_code
@@ -525,6 +534,9 @@ def render_md(r: dict[str, Any]) -> str:
         f"| backend calls, mean batch size | {int(ld['server_batches'])}, {ld['mean_batch_size']} |",
         f"| mean queue wait (ms), mean backend time per batch (ms) | {ld['server_queue_wait_mean_ms']}, "
         f"{ld['server_inference_mean_ms_per_batch']} |", "",
+        *([f"One client alone ({r['single_client']['seconds']} s): p50 {r['single_client']['latency_ms']['p50']} ms, "
+           f"p95 {r['single_client']['latency_ms']['p95']} ms, {r['single_client']['throughput_img_per_s']} images/s.",
+           ""] if "single_client" in r else []),
         "## The runtime called directly (same run, same process as the clients, server not running)", "",
         "| batch | images/s | call p50 (ms) | call p95 (ms) |", "|---|---|---|---|"]
     for d in r["direct"]:
