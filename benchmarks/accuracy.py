@@ -5,7 +5,6 @@ Scores are logits (any monotone score works); label 1 = fake (the positive class
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,48 +12,26 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.metrics import auc, threshold_at_fpr
 from .datasets import LabeledItem
 from .perturb import Perturbation
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
-    """Area under the ROC curve = P(score of a random fake > score of a random real), ties
-    counting one half (the Mann-Whitney U statistic with average ranks). NaN with one class."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties (1-based)
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    """Area under the ROC curve (``runtime.metrics.auc``; ties count one half). NaN with one class."""
+    return auc(np.asarray(labels), np.asarray(scores, dtype=np.float64))
 
 
 def tpr_at_fpr(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
                fpr: float = 0.05) -> tuple[float, float]:
-    """The highest true-positive rate of a rule ``score > t`` whose false-positive rate is at
-    most ``fpr``: t is the (floor(fpr * n_real) + 1)-th highest real score, so at most
-    floor(fpr * n_real) real images score above it. Returns (tpr, t)."""
+    """True-positive rate at the threshold that flags at most ``fpr`` of the real images here
+    (``runtime.metrics.threshold_at_fpr``, the rule training calibrates with). Returns (tpr, t)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
-    neg = np.sort(s[~y])[::-1]
-    pos = s[y]
-    if len(neg) == 0 or len(pos) == 0:
+    if y.sum() == 0 or (~y).sum() == 0:
         return float("nan"), float("nan")
-    allowed = int(math.floor(fpr * len(neg) + 1e-9))
-    if allowed >= len(neg):
-        return 1.0, float("-inf")
-    t = float(neg[allowed])
-    return float(np.mean(pos > t)), t
+    t = threshold_at_fpr(s[~y], fpr)
+    return float((s[y] >= t).mean()), t
 
 
 def accuracy(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,

@@ -66,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _row(r) -> str:  # noqa: ANN001 - a Result
-    if r.error:
-        return f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {r.source}  [{r.error_code}] {r.error}"
-    s1, s2, s3 = r.stats
-    return f"{r.verdict:<9} {r.score:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {r.source}"
-
+def format_row(d: dict) -> str:
+    """One table line for a result record (``Result.to_dict()`` or a scan record)."""
+    if d["error"]:
+        return (f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {d['source']}  "
+                f"[{d['error_code']}] {d['error']}")
+    s1, s2, s3 = d["stats"]
+    return f"{d['verdict']:<9} {d['score']:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {d['source']}"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in det.detect_many(inputs):
             failed += not r.ok
-            line = json.dumps(r.to_dict()) if args.json else _row(r)
+            line = json.dumps(r.to_dict()) if args.json else format_row(r.to_dict())
             if bar.disable:
                 print(line, flush=True)
             else:

@@ -139,10 +139,13 @@ class Detector:
                 arrays.append(None)
                 r.error, r.error_code = str(e), e.code
             results.append(r)
-        return self._score(results, arrays, time.perf_counter() - t0)
+        return self.score_prepared(results, arrays, time.perf_counter() - t0)
 
-    def _score(self, results: list[Result], arrays: list[np.ndarray | None],
-               preprocess_s: float) -> list[Result]:
+    def score_prepared(self, results: list[Result], arrays: list[np.ndarray | None],
+                       preprocess_s: float) -> list[Result]:
+        """Fill ``results`` in place from one backend call on the preprocessed ``arrays``
+        (each [3, S, S], or None for an input that already failed); a backend failure marks
+        this batch's items ``internal`` and nothing else. Returns ``results``."""
         idx = [i for i, a in enumerate(arrays) if a is not None]
         if not idx:
             return results
@@ -196,8 +199,8 @@ class Detector:
                         done = True
                 chunk, pending = pending[:bs], pending[bs:]
                 got = [f.result() for f in chunk]
-                yield from self._score([g[0] for g in got], [g[1] for g in got],
-                                       sum(g[2] for g in got))
+                yield from self.score_prepared([g[0] for g in got], [g[1] for g in got],
+                                               sum(g[2] for g in got))
 
     def close(self) -> None:
         self.backend.close()

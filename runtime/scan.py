@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .cli import format_row
+
 
 class ScanError(RuntimeError):
     """The output file cannot be used (locked by another scan, unreadable, not JSON lines)."""
@@ -152,28 +154,10 @@ def _prepped(det: Any, inputs: Sequence[str], done: set[bytes], window: int,
 
 def _score(det: Any, batch: list[_Prepped]) -> list[dict[str, Any]]:
     """One backend call for the decodable inputs of ``batch``; one record per input."""
-    from .detector import Result, sigmoid
+    from .detector import Result
 
     results = [Result(source=p.path, error=p.error, error_code=p.code) for p in batch]
-    idx = [i for i, p in enumerate(batch) if p.array is not None]
-    if idx:
-        arrays = np.stack([batch[i].array for i in idx])  # [B, 3, S, S]
-        try:
-            out = det.run_arrays(arrays)
-        except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
-            for i in idx:
-                results[i].error = f"backend {det.backend_name} failed: {e}"
-                results[i].error_code = "internal"
-        else:
-            timings = {"preprocess": sum(p.seconds for p in batch), **out.timings}
-            per = {k: v / len(idx) for k, v in timings.items()}
-            for j, i in enumerate(idx):
-                logit = float(out.logit[j])
-                p = sigmoid(logit)
-                r = results[i]
-                r.logit, r.score, r.verdict = logit, p, det.verdict(p)
-                r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
-                r.timings = per
+    det.score_prepared(results, [p.array for p in batch], sum(p.seconds for p in batch))
     recs = []
     for p, r in zip(batch, results, strict=True):
         d = r.to_dict()
@@ -191,13 +175,6 @@ def _append(fd: int, records: list[dict[str, Any]]) -> None:
         n = os.write(fd, view)
         view = view[n:]
     os.fsync(fd)
-
-
-def _row(d: dict[str, Any]) -> str:
-    if d["error"]:
-        return f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {d['source']}  [{d['error_code']}] {d['error']}"
-    s1, s2, s3 = d["stats"]
-    return f"{d['verdict']:<9} {d['score']:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {d['source']}"
 
 
 def scan(det: Any, inputs: Sequence[str], out: str | os.PathLike[str], *, resume: bool = False,
@@ -253,7 +230,7 @@ def scan(det: Any, inputs: Sequence[str], out: str | os.PathLike[str], *, resume
             for p, d in zip(batch, recs, strict=True):
                 seen.add(record_key(p.sha256, p.path))
                 counts["failed" if d["error"] else "scored"] += 1
-                line = json.dumps(d) if as_json else _row(d)
+                line = json.dumps(d) if as_json else format_row(d)
                 if bar.disable:
                     print(line, flush=True)
                 else:

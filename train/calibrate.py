@@ -10,68 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.metrics import auc, average_precision, threshold_at_fpr, tpr_at_fpr
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney U with mid-ranks for ties); NaN when one class is missing."""
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    ss = s[order]
-    i = 0
-    while i < len(ss):  # mid-ranks over runs of equal scores
-        j = i
-        while j + 1 < len(ss) and ss[j + 1] == ss[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
-
-
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """AP = sum over positives of precision at their rank (descending scores, ties broken
-    pessimistically by grouping)."""
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.sum() == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    ys, ss = y[order], s[order]
-    tp = np.cumsum(ys)
-    fp = np.cumsum(~ys)
-    last = np.r_[ss[1:] != ss[:-1], True]  # evaluate only at the end of a tie group
-    tp, fp = tp[last], fp[last]
-    precision = tp / (tp + fp)
-    recall = tp / y.sum()
-    prev = np.r_[0.0, recall[:-1]]
-    return float(((recall - prev) * precision).sum())
-
-
-def threshold_at_fpr(real_scores: np.ndarray, target_fpr: float = 0.05) -> float:
-    """The smallest threshold t with fraction(real p >= t) <= target_fpr on these real images.
-    [N] -> scalar. With no real images: 0.5."""
-    r = np.sort(np.asarray(real_scores, dtype=np.float64))[::-1]
-    n = len(r)
-    if n == 0:
-        return 0.5
-    m = int(np.floor(target_fpr * n + 1e-9))  # how many real images may be flagged
-    if m >= n:
-        return float(r[-1])
-    # flag at most the m highest: the threshold lies just above the (m+1)-th highest score
-    return float(np.nextafter(r[m], np.inf))
-
-
-def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target_fpr: float = 0.05) -> float:
-    """True-positive rate at the threshold that gives <= target_fpr on the real images here."""
-    y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.sum() == 0 or (~y).sum() == 0:
-        return float("nan")
-    t = threshold_at_fpr(s[~y], target_fpr)
-    return float((s[y] >= t).mean())
+__all__ = ["abstain_band", "auc", "average_precision", "metrics", "threshold_at_fpr", "tpr_at_fpr"]
 
 
 def abstain_band(scores: np.ndarray, threshold: float, frac: float = 0.05) -> tuple[float, float]:
