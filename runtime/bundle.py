@@ -160,7 +160,7 @@ def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> di
     files: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp") \
-                and p.suffix in (".onnx", ".data", ".engine", ".plan", ".json", ".cache"):
+                and p.suffix in (".onnx", ".data", ".engine", ".plan", ".json", ".cache", ".pt", ".pth"):
             files[p.relative_to(root).as_posix()] = sha256_file(p)
     manifest["files"] = files
     fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
