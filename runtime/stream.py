@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=10.0,
                     help="open/read timeout for network sources, seconds")
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--device", default="auto",
+                    help="auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     return ap

@@ -118,13 +118,16 @@ def test_sigterm_ends_a_live_stream_cleanly(tiny_bundle: Path, tmp_path: Path) -
 
     video = tmp_path / "clip.avi"
     write_video(video, n=40)
+    # unbuffered binary pipe: readline() then takes exactly one line and leaves the rest to
+    # communicate() (a buffered text pipe reads ahead, and communicate() reads the raw fd)
     proc = subprocess.Popen([sys.executable, "-m", "cinemae.runtime.stream", str(tiny_bundle), "--source",
                              str(video), "--live", "--backoff", "0.05"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     first = proc.stdout.readline()  # the stream is running and scoring
     assert json.loads(first)["frame"] == 0
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out_b, err_b = proc.communicate(timeout=60)
+    out, err = out_b.decode(), err_b.decode()
     assert proc.returncode == 0, err
     lines = [json.loads(x) for x in out.splitlines()]  # every line written is complete JSON
     assert [x["frame"] for x in lines] == list(range(1, len(lines) + 1))
