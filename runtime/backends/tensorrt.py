@@ -185,6 +185,19 @@ class TensorRTBackend:
 
         return n_keep_for(self.dims[1], self.bundle.mask_ratio)
 
+    def _replicate_images(self, b: int, k: int) -> None:
+        """Queue the masked pass's input: buf['image'] [B,3,S,S] -> buf['image_rep'] [B*K,3,S,S],
+        row b*K + j <- image b (one strided device-to-device copy per run j)."""
+        rt = _rt()
+        s = self.dims[0]
+        img_bytes = 3 * s * s * 4
+        for j in range(k):
+            check(rt.cudaMemcpy2DAsync(self.buf["image_rep"].ptr + j * img_bytes, k * img_bytes,
+                                       self.buf["image"].ptr, img_bytes, img_bytes, b,
+                                       rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                       self.stream.handle),
+                  "cudaMemcpy2DAsync(D2D)")
+
     def _enqueue(self, b: int, k: int, want_lcas: bool, set_shapes: bool,
                  events: list[Any] | None) -> None:
         """Queue steps 2-6 on the stream (the image is already in buf['image'])."""
@@ -207,12 +220,7 @@ class TensorRTBackend:
         mark()
         if k:
             r = b * k
-            img_bytes = 3 * s * s * 4
-            for j in range(k):  # row b*K + j <- image b
-                check(rt.cudaMemcpy2DAsync(buf["image_rep"].ptr + j * img_bytes, k * img_bytes,
-                                           buf["image"].ptr, img_bytes, img_bytes, b,
-                                           rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, st.handle),
-                      "cudaMemcpy2DAsync(D2D)")
+            self._replicate_images(b, k)
             self.encoder.enqueue(1, {"image": (buf["image_rep"].ptr, (r, 3, s, s)),
                                      "ids_keep": (buf["keep"].ptr, (r, nk))},
                                  {"tokens": buf["m_tokens"].ptr}, st, set_shapes)
@@ -350,12 +358,7 @@ class TensorRTBackend:
         self._last_map = None
         if k:
             r = b * k
-            img_bytes = 3 * s * s * 4
-            for j in range(k):
-                check(rt.cudaMemcpy2DAsync(buf["image_rep"].ptr + j * img_bytes, k * img_bytes,
-                                           buf["image"].ptr, img_bytes, img_bytes, b,
-                                           rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, st.handle),
-                      "cudaMemcpy2DAsync(D2D)")
+            self._replicate_images(b, k)
             self.encoder.enqueue(1, {"image": (buf["image_rep"].ptr, (r, 3, s, s)),
                                      "ids_keep": (buf["keep"].ptr, (r, nk))},
                                  {"tokens": buf["m_tokens"].ptr}, st)
