@@ -12,8 +12,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .bundle import MANIFEST, BundleError
+
+if TYPE_CHECKING:
+    from .detector import Detector
 
 IMAGE_SUFFIXES = frozenset((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
                             ".jfif", ".pgm", ".ppm", ".pbm", ".tga", ".ico"))
@@ -38,6 +42,24 @@ def split_bundle(positional: list[str], bundle: str | None) -> tuple[str | None,
     if bundle is None and positional and (Path(positional[0]) / MANIFEST).is_file():
         return positional[0], positional[1:]
     return bundle, positional
+
+
+def open_detector(prog: str, bundle: str | None, **kwargs: Any) -> Detector | None:
+    """The Detector a command runs on (``kwargs`` go to ``Detector``). Prints the one-line
+    reason and returns None when it cannot start; otherwise prints the header line (model,
+    backend, and a warning for an untrained head) to stderr."""
+    from .backends import BackendUnavailable
+    from .detector import Detector
+
+    try:
+        det = Detector(bundle, **kwargs)
+    except (BundleError, BackendUnavailable, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    print(f"# {det.bundle.model_id}: {det.describe()}"
+          + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
+          file=sys.stderr)
+    return det
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,20 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not args.out:
         print("cinemae-detect: --resume needs --out FILE", file=sys.stderr)
         return 2
-    from .backends import BackendUnavailable
-    from .detector import Detector
     from .preprocess import DEFAULT_MAX_PIXELS
 
-    try:
-        det = Detector(bundle, backend=args.backend, device=args.device,
-                       precision=args.precision, k=args.k, batch_size=args.batch_size,
-                       threads=args.threads, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
-    except (BundleError, BackendUnavailable, ValueError) as e:
-        print(f"cinemae-detect: {e}", file=sys.stderr)
+    det = open_detector("cinemae-detect", bundle, backend=args.backend, device=args.device,
+                        precision=args.precision, k=args.k, batch_size=args.batch_size,
+                        threads=args.threads, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    if det is None:
         return 2
-    print(f"# {det.bundle.model_id}: {det.describe()}"
-          + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
-          file=sys.stderr)
     inputs = list(iter_inputs(paths))
     if args.out:
         from .scan import scan

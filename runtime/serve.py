@@ -661,9 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("cinemae-serve: needs the serve extra: pip install 'cinemae[serve]'", file=sys.stderr)
         return 2
-    from .backends import BackendUnavailable
-    from .bundle import BundleError
-    from .detector import Detector
+    from .cli import open_detector
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig(max_body=args.max_body, max_inflight_bytes=max(args.max_inflight_bytes, args.max_body),
@@ -675,16 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.queue_size < 1 or cfg.max_batch < 1 or cfg.max_images < 1:
         print("cinemae-serve: --queue-size, --max-batch and --max-images must be >= 1", file=sys.stderr)
         return 2
-    try:
-        det = Detector(args.bundle, backend=args.backend, device=args.device,
-                       precision=args.precision, batch_size=cfg.max_batch, threads=args.threads,
-                       max_pixels=cfg.max_pixels, max_bytes=cfg.max_body)
-    except (BundleError, BackendUnavailable, ValueError) as e:
-        print(f"cinemae-serve: {e}", file=sys.stderr)
+    det = open_detector("cinemae-serve", args.bundle, backend=args.backend, device=args.device,
+                        precision=args.precision, batch_size=cfg.max_batch, threads=args.threads,
+                        max_pixels=cfg.max_pixels, max_bytes=cfg.max_body)
+    if det is None:
         return 2
-    print(f"# {det.bundle.model_id}: {det.describe()}"
-          + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
-          file=sys.stderr)
     import importlib.util
 
     fast = [m for m in ("httptools", "uvloop") if importlib.util.find_spec(m) is not None]

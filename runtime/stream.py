@@ -180,19 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.every < 1:
         print("cinemae-stream: --every must be >= 1", file=sys.stderr)
         return 2
-    from .backends import BackendUnavailable
-    from .bundle import BundleError
-    from .detector import Detector
+    from .cli import open_detector
 
-    try:
-        det = Detector(args.bundle, backend=args.backend, device=args.device,
-                       precision=args.precision, batch_size=1, threads=args.threads)
-    except (BundleError, BackendUnavailable, ValueError) as e:
-        print(f"cinemae-stream: {e}", file=sys.stderr)
+    det = open_detector("cinemae-stream", args.bundle, backend=args.backend, device=args.device,
+                        precision=args.precision, batch_size=1, threads=args.threads)
+    if det is None:
         return 2
-    print(f"# {det.bundle.model_id}: {det.describe()}"
-          + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
-          file=sys.stderr)
     source = parse_source(args.source)
     live = args.live or is_live(source)
     stopper = Stopper()
