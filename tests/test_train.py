@@ -269,3 +269,27 @@ def test_pretrain_smoke(tmp_path: Path) -> None:
     # resuming a finished run does no more epochs and keeps the history
     assert main(args + ["--resume"]) == 0
     assert len(json.loads((out / "summary.json").read_text())["history"]) == 2
+
+
+def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from cinemae.train.pretrain_mae import main
+
+    tar = _write_tar(tmp_path / "real.tar", 0, 24)
+    common = ["--tar", str(tar), "--arch", "tiny", "--batch", "8", "--warmup-steps", "2", "--log-every", "0",
+              "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--epochs", "1"]) == 0
+    first = tmp_path / "a" / "mae.pth"
+    # with lr 0 a further stage leaves the weights exactly where --init put them
+    assert main(common + ["--out", str(tmp_path / "b"), "--epochs", "1", "--lr", "0", "--init", str(first)]) == 0
+    sd_a = torch.load(first, weights_only=False)["model"]
+    sd_b = torch.load(tmp_path / "b" / "mae.pth", weights_only=False)["model"]
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["init_from"]["path"] == str(first) and len(s["history"]) == 1
+    assert s["init_from"]["summary"]["final_val_recon_loss"] == pytest.approx(
+        json.loads((tmp_path / "a" / "summary.json").read_text())["final_val_recon_loss"])
+    # weights of another backbone are refused
+    with pytest.raises(SystemExit, match="different backbone"):
+        other = common[:2] + ["--arch", "vit-micro-32"] + common[4:]
+        main(other + ["--out", str(tmp_path / "c"), "--init", str(first)])

@@ -153,8 +153,18 @@ def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     history: list[dict[str, float]] = []
     start_epoch = 0
     st: dict[str, Any] = {}
+    init_from: dict[str, Any] | None = None
+    if getattr(args, "init", None) and not (args.resume and ckpt.is_file()):
+        # a further stage: the weights of an earlier run, a fresh optimiser and a fresh schedule
+        src = torch.load(args.init, map_location="cpu", weights_only=False)
+        if src.get("config") and src["config"] != cfg.to_dict():
+            raise SystemExit(f"--init {args.init} holds a different backbone ({src['config']}) than --arch {args.arch}")
+        model.load_state_dict(src["model"])
+        init_from = {"path": str(args.init), "summary": src.get("summary")}
+        log(f"initialised from {args.init}")
     if args.resume and ckpt.is_file():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        init_from = st.get("init_from")
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start_epoch, history = st["epoch"], st["history"]
@@ -213,7 +223,8 @@ def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         log(json.dumps(rec))
         save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
-                               "elapsed": elapsed, "stopped": stop, "args": vars(args)})
+                               "elapsed": elapsed, "stopped": stop, "args": vars(args),
+                               "init_from": init_from})
     summary = {"arch": args.arch, "config": cfg.to_dict(), "seed": args.seed, "epochs": args.epochs,
                "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay,
                "warmup_steps": warmup, "time_budget_min": args.time_budget_min,
@@ -221,7 +232,7 @@ def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                "mask_ratio": args.mask_ratio, "threads": args.threads,
                "train_images": int(len(train_x)), "holdout_images": int(len(val_x)),
                "data": str(args.tar), "target": "pixel", "augmentation": "random horizontal flip",
-               "history": history,
+               "init_from": init_from, "history": history,
                "final_val_recon_loss": history[-1]["val_loss"] if history else None,
                "final_train_recon_loss": history[-1]["train_loss"] if history else None,
                "params": int(sum(p.numel() for p in model.parameters()))}
@@ -251,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop after this many minutes of training; the cosine decay follows the "
                          "fraction of the budget spent (for shared CPUs); --epochs is then a cap")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument("--init", default=None,
+                    help="start from the weights of an earlier run's mae.pth (a further stage: fresh optimiser, "
+                         "warm-up and cosine); recorded in the summary")
     return ap
 
 
