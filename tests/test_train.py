@@ -293,3 +293,13 @@ def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="different backbone"):
         other = common[:2] + ["--arch", "vit-micro-32"] + common[4:]
         main(other + ["--out", str(tmp_path / "c"), "--init", str(first)])
+
+
+def test_pretraining_stages_follow_init_chain() -> None:
+    from cinemae.train.build_default import pretraining_stages
+
+    first = {"steps": 10, "train_seconds": 5.0, "final_val_recon_loss": 0.5, "lr": 1e-3}
+    second = {"steps": 20, "train_seconds": 7.0, "final_val_recon_loss": 0.4, "init_from": {"summary": first}}
+    stages = pretraining_stages(second)
+    assert [s["steps"] for s in stages] == [10, 20] and stages[-1]["final_val_recon_loss"] == 0.4
+    assert pretraining_stages(first) == [pretraining_stages(first)[0]] and len(pretraining_stages({})) == 0

@@ -44,7 +44,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA) -> Path:
+def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, fusion: str = "add") -> Path:
     import torch
 
     from ..export.bundle import ExportOptions, export_bundle
@@ -59,13 +59,25 @@ def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA) 
     model = MaskedAutoencoderViT(cfg)
     model.load_state_dict(obj["model"], strict=True)
     torch.manual_seed(0)
-    head = CinemaeHead(HeadConfig(cfg.embed_dim, pooling=pooling, k=k))
+    head = CinemaeHead(HeadConfig(cfg.embed_dim, pooling=pooling, fusion=fusion, k=k))
     photos = sorted((data / "photos" / "real").glob("*.jpg"))[:4]
     summary = obj.get("summary", {})
     opts = ExportOptions(k=k, crop_ratio=1.0, parity_images=photos, model_id="cinemae-cifake32-demo",
                          model_version="1", provenance={"backbone_pretraining": summary})
     export_bundle(model.eval(), head.eval(), out, opts, log=log)
     return out
+
+
+def pretraining_stages(pre: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pretraining stages behind a backbone, first first (a run started with ``--init`` names the
+    run it continued from in ``init_from``)."""
+    stages: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = pre
+    while cur:
+        stages.append({k: cur.get(k) for k in ("steps", "train_seconds", "lr", "batch", "seed",
+                                                 "time_budget_min", "final_val_recon_loss")})
+        cur = (cur.get("init_from") or {}).get("summary")
+    return stages[::-1]
 
 
 def score_photos(bundle: Path, data: Path) -> dict[str, Any]:
@@ -164,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", required=True, help="work folder (staging bundle, cache, reports)")
     ap.add_argument("--limit-per-class", type=int, default=10000)
     ap.add_argument("--pooling", choices=["cls", "mean"], default="mean")
+    ap.add_argument("--fusion", choices=["add", "concat", "gate"], default="add")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=str(DATA), help="the shared data folder (cifake/, photos/)")
@@ -176,16 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
-    stage = export_stage(Path(args.mae), work / "bundle", args.pooling, args.k, data)
+    stage = export_stage(Path(args.mae), work / "bundle", args.pooling, args.k, data, args.fusion)
     cif = data / "cifake"
     report_path = work / "train_report.json"
     if not report_path.is_file() or not Bundle(stage).trained:
         targs = cli.build_parser().parse_args([
             "--bundle", str(stage), "--real", str(cif / "train-real.tar"), "--fake", str(cif / "train-fake.tar"),
             "--test-real", str(cif / "test-real.tar"), "--test-fake", str(cif / "test-fake.tar"),
-            "--k", str(args.k), "--ks", "0,1,2,4", "--limit-per-class", str(args.limit_per_class),
-            "--cache", str(work / "cache"), "--report", str(report_path), "--threads", str(args.threads),
-            "--batch-size", "128"])
+            "--k", str(args.k), "--ks", "0,1,2,4", "--fusion", args.fusion,
+            "--limit-per-class", str(args.limit_per_class), "--cache", str(work / "cache"),
+            "--report", str(report_path), "--threads", str(args.threads), "--batch-size", "128"])
         cli.run(targs, log=log)
     train_rep = json.loads(report_path.read_text())
     photos = score_photos(stage, data / "photos") if (data / "photos" / "labels.csv").is_file() else None
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_manifest(stage, m)
     Bundle(stage)
+    stages = pretraining_stages(pre)
     machine = f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores (shared), no GPU; " \
               f"Python {platform.python_version()}"
     accs = {k: e["test"]["at_threshold"]["accuracy"] for k, e in train_rep["per_k"].items()}
@@ -225,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     rep = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine, "k": args.k,
            "backbone_line": (f"`{m['model_id']}` {bb['embed_dim']}x{bb['depth']} encoder, decoder "
                              f"{bb['decoder_embed_dim']}x{bb['decoder_depth']}, {bb['img_size']} px, patch "
-                             f"{bb['patch_size']}; MAE pretraining: {pre.get('steps')} steps, "
-                             f"{pre.get('train_seconds')} s, final held-out masked-patch MSE "
-                             f"{pre.get('final_val_recon_loss')} (see train/RECIPE.md)."),
+                             f"{bb['patch_size']}; MAE pretraining: {len(stages)} stage(s), "
+                             f"{sum(st['steps'] or 0 for st in stages)} steps, "
+                             f"{sum(st['train_seconds'] or 0 for st in stages):.0f} s, final held-out masked-patch "
+                             f"MSE {pre.get('final_val_recon_loss')} (see train/RECIPE.md)."),
            "pretraining": pre, "train": train_rep, "photos": photos, "verdict_lines": verdict_lines,
            "bundle_manifest_evaluation": m["evaluation"]}
     out_dir = Path(args.results)
@@ -242,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(stage, tmp)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
+        # the torch weights the graphs came from travel with the bundle (torch rows of cinemae-bench,
+        # re-export); the manifest is rewritten so its hashes cover them
+        shutil.copy2(args.mae, dst / "mae.pth")
+        m = dict(Bundle(dst).manifest)
+        m.setdefault("provenance", {})["source_weights"] = (
+            "mae.pth (facebookresearch format) and head.pt: the torch weights the graphs were exported from, "
+            "for the torch reference rows of cinemae-bench and for re-export")
+        write_manifest(dst, m)
         Bundle(dst)
         log(f"installed {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.1f} MB)")
     return 0
