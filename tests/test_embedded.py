@@ -31,7 +31,7 @@ def test_embedded_bundle_is_trained_and_describes_itself() -> None:
 
 
 def test_embedded_bundle_separates_cifake_test_images(shared_data: Path) -> None:
-    """400 CIFAKE test images (every 25th of each class) through Detector() with no bundle given."""
+    """399 CIFAKE test images (every 25th of each class: 200 real, 199 fake) through Detector() with no bundle given."""
     from cinemae.runtime import Detector
     from cinemae.train.data import from_tar
 
@@ -45,7 +45,7 @@ def test_embedded_bundle_separates_cifake_test_images(shared_data: Path) -> None
     y = np.array([it.label for it in items])
     p = np.array([r.score for r in results])
     acc = float(((p >= thr) == (y == 1)).mean())
-    # the full test split gives 0.948 (benchmarks/results/cifake32_report.md); 400 images
+    # the full test split gives 0.948 (benchmarks/results/cifake32_report.md); 399 images
     # vary by about +-1.1 points (one standard error), so 0.90 only fails on a broken model
     assert acc >= 0.90, f"accuracy {acc:.3f} on {len(items)} CIFAKE test images"
     assert p[y == 1].mean() - p[y == 0].mean() > 0.5
