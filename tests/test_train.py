@@ -199,6 +199,58 @@ def test_feature_cache_hits_by_content(tiny_bundle: Path, tmp_path: Path) -> Non
     assert len(FeatureCache(cache, bundle_key(b, 3)).data) == 6
 
 
+def test_hflip_augmentation_equals_a_mirrored_file(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--augment hflip extracts exactly what the runtime gives for the mirrored image itself,
+    under its own cache key, without disturbing the original's entry."""
+    from cinemae.train.features import extract
+
+    imgs = [_image(0, i) for i in range(3)] + [_image(1, i) for i in range(3)]
+    orig, mirrored = tmp_path / "orig", tmp_path / "mirrored"
+    orig.mkdir()
+    mirrored.mkdir()
+    for i, im in enumerate(imgs):
+        (orig / f"{i}.png").write_bytes(_png(im))
+        (mirrored / f"{i}.png").write_bytes(_png(np.ascontiguousarray(im[:, ::-1])))
+    cache = tmp_path / "cache"
+    quiet = {"cache_dir": cache, "batch_size": 4, "progress": False, "log": lambda *_: None}
+    base = extract(tiny_bundle, from_dir(orig, 0), 2, **quiet)
+    aug = extract(tiny_bundle, from_dir(orig, 0), 2, augment="hflip", **quiet)
+    ref = extract(tiny_bundle, from_dir(mirrored, 0), 2, cache_dir=None, progress=False)
+    assert aug.extracted == 6 and aug.cache_hits == 0  # the original's entries are not reused
+    assert all(n.endswith("#hflip") for n in aug.names)
+    np.testing.assert_allclose(aug.feature, ref.feature, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(aug.stats(2), ref.stats(2), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(aug.feature, base.feature)
+    again = extract(tiny_bundle, from_dir(orig, 0), 2, augment="hflip", **quiet)
+    assert again.cache_hits == 6 and again.extracted == 0
+    both = base.concat(aug)
+    assert len(both.names) == 12 and both.feature.shape == (12, 64) and both.lcas.shape[0] == 12
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        extract(tiny_bundle, from_dir(orig, 0), 2, augment="rot45", **quiet)
+
+
+def test_augmentation_specs() -> None:
+    from cinemae.train.features import parse_augmentation
+
+    x = np.random.default_rng(0).standard_normal((3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(parse_augmentation("shift:0:0")(x), x)
+    down = parse_augmentation("shift:2:0")(x)  # rows move down; the top is the reflection
+    np.testing.assert_array_equal(down[:, 2:], x[:, :-2])
+    np.testing.assert_array_equal(down[:, 0], x[:, 2])
+    np.testing.assert_array_equal(down[:, 1], x[:, 1])
+    left = parse_augmentation("shift:0:-1")(x)
+    np.testing.assert_array_equal(left[:, :, :-1], x[:, :, 1:])
+    np.testing.assert_array_equal(left[:, :, -1], x[:, :, -2])
+    both = parse_augmentation("hflip+shift:0:-1")(x)
+    np.testing.assert_array_equal(both, parse_augmentation("shift:0:-1")(x[..., ::-1]))
+    assert both.shape == x.shape and both.flags.c_contiguous
+    for bad in ("rot90", "shift:1", "shift:a:b", "hflip+", ""):
+        with pytest.raises(ValueError):
+            parse_augmentation(bad)
+    with pytest.raises(ValueError, match="half the image"):
+        parse_augmentation("shift:4:0")(x)
+
+
 # writing a head into a bundle -------------------------------------------------------------------
 def test_cli_trains_and_writes_head(tiny_bundle_copy: Path, tmp_path: Path) -> None:
     pytest.importorskip("torch")
@@ -242,6 +294,16 @@ def test_cli_trains_and_writes_head(tiny_bundle_copy: Path, tmp_path: Path) -> N
     assert rc == 0
     rep2 = json.loads(report.read_text())
     assert rep2["data"]["all"]["cache_hits"] == 80 and rep2["data"]["all"]["extracted"] == 0
+    # --augment hflip adds a mirrored copy of each training-split image only (60 of 80 here)
+    rc = main(["--bundle", str(tiny_bundle_copy), "--real", str(real), "--fake", str(fake), "--epochs", "2",
+               "--val-frac", "0.25", "--augment", "hflip", "--cache", str(tmp_path / "cache"),
+               "--report", str(report), "--quiet", "--no-write", "--threads", "1"])
+    assert rc == 0
+    rep3 = json.loads(report.read_text())
+    assert rep3["data"]["validation"]["images"] == 20 and rep3["data"]["train"]["images"] == 120
+    assert rep3["data"]["train"]["extracted"] == 60 and rep3["train_config"]["augment"] == ["hflip"]
+    assert main(["--bundle", str(tiny_bundle_copy), "--real", str(real), "--fake", str(fake),
+                 "--augment", "rot90", "--no-write", "--quiet"]) == 2
 
 
 def test_cli_errors(tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:

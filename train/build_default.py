@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fusion", choices=["add", "concat", "gate"], default="add")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--augment", action="append", default=[], help="passed to cinemae-train (e.g. hflip)")
     ap.add_argument("--data", default=str(DATA), help="the shared data folder (cifake/, photos/)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="report folder")
     ap.add_argument("--install", action="store_true", help="copy the bundle into runtime/bundles/cifake32")
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "--test-real", str(cif / "test-real.tar"), "--test-fake", str(cif / "test-fake.tar"),
             "--k", str(args.k), "--ks", "0,1,2,4", "--fusion", args.fusion,
             "--limit-per-class", str(args.limit_per_class), "--cache", str(work / "cache"),
-            "--report", str(report_path), "--threads", str(args.threads), "--batch-size", "128"])
+            "--report", str(report_path), "--threads", str(args.threads), "--batch-size", "128",
+            *[a for aug in args.augment for a in ("--augment", aug)]])
         cli.run(targs, log=log)
     train_rep = json.loads(report_path.read_text())
     photos = score_photos(stage, data / "photos") if (data / "photos" / "labels.csv").is_file() else None

@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--lr", type=float, default=1e-3)
     hp.add_argument("--weight-decay", type=float, default=0.05)
     hp.add_argument("--seed", type=int, default=0)
+    hp.add_argument("--augment", action="append", default=[], metavar="SPEC",
+                    help="also extract this transform of every training-split image and train on all "
+                         "(repeatable; validation and test images are never augmented): hflip (mirrored "
+                         "left-right), shift:DY:DX (moved, border reflected), or steps joined by +, "
+                         "e.g. hflip+shift:2:-2")
     cal = ap.add_argument_group("calibration")
     cal.add_argument("--val-frac", type=float, default=0.1, help="validation share of the training items")
     cal.add_argument("--target-fpr", type=float, default=0.05,
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     """The whole job; returns the report."""
     from ..runtime.bundle import Bundle, resolve_bundle
     from .calibrate import abstain_band, metrics, threshold_at_fpr
-    from .features import describe, extract
+    from .features import describe, extract, parse_augmentation
     from .head import TrainConfig, head_logits, train_head, write_head, write_json
 
     bundle = resolve_bundle(args.bundle)
@@ -128,6 +133,11 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         raise DataError("no --bundle given: the embedded bundle is not modified in place; pass "
                         "--out-bundle DIR to write a trained copy (or --no-write)")
     ks = parse_ks(args.ks, args.k)
+    for aug in args.augment:
+        try:
+            parse_augmentation(aug)  # a bad spec fails before any extraction
+        except ValueError as e:
+            raise DataError(str(e)) from None
     k_max = max(ks)
     items = limit_per_class(gather(args.real, args.fake, args.csv), args.limit_per_class, args.seed)
     labels = np.array([it.label for it in items])
@@ -145,6 +155,13 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     if not va_idx:
         raise DataError("the validation split is empty; give more images or a larger --val-frac")
     tr, va = fs.subset(np.array(tr_idx)), fs.subset(np.array(va_idx))
+    by_source = {it.source: it for it in items}
+    for aug in dict.fromkeys(args.augment):
+        fa = extract(bundle, [by_source[n] for n in tr.names[:len(tr_idx)]], k_max, cache_dir=cache,
+                     batch_size=args.batch_size, threads=threads, progress=not args.quiet, log=log,
+                     augment=aug)
+        log(f"{aug} features of the training split: {describe(fa)}")
+        tr = tr.concat(fa)
     test_items = []
     if args.test_real or args.test_fake or args.test_csv:
         test_items = gather(args.test_real, args.test_fake, args.test_csv)
@@ -161,7 +178,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     report: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "bundle": str(bundle.root), "model_id": bundle.model_id, "k_max": k_max, "ks": ks,
-        "fusion": args.fusion, "pooling": pooling, "train_config": vars(cfg),
+        "fusion": args.fusion, "pooling": pooling, "train_config": {**vars(cfg), "augment": list(args.augment)},
         "data": {"train": describe(tr), "validation": describe(va), "all": describe(fs),
                  "test": describe(te) if te is not None else None,
                  "sources": {"real": args.real, "fake": args.fake, "csv": args.csv,
@@ -209,6 +226,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 "validation": entry["validation"]}}
             training = {"k": k, "fusion": args.fusion, "pooling": pooling, "epochs": cfg.epochs,
                         "best_epoch": th.best_epoch, "batch": cfg.batch, "lr": cfg.lr,
+                        "augment": list(dict.fromkeys(args.augment)),
                         "weight_decay": cfg.weight_decay, "seed": cfg.seed, "data": report["data"],
                         "trained_at": report["created"],
                         **({"test": entry["test"]} if "test" in entry else {})}

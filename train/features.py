@@ -63,10 +63,64 @@ class FeatureSet:
             raise ValueError(f"K={k} needs an extraction with K_max >= {k} (have {self.k_max})")
         return stats_from_map(self.lcas[:, :k])
 
+    def concat(self, other: FeatureSet) -> FeatureSet:
+        """This set followed by ``other`` (same bundle and K_max)."""
+        return FeatureSet(self.names + other.names, np.concatenate([self.labels, other.labels]),
+                          np.concatenate([self.feature, other.feature]),
+                          np.concatenate([self.lcas, other.lcas]), self.hashes + other.hashes,
+                          self.errors + other.errors, self.cache_hits + other.cache_hits,
+                          self.extracted + other.extracted, self.seconds + other.seconds)
+
     def subset(self, idx: np.ndarray) -> FeatureSet:
         idx = np.asarray(idx)
         return FeatureSet([self.names[i] for i in idx], self.labels[idx], self.feature[idx],
                           self.lcas[idx], [self.hashes[i] for i in idx] if self.hashes else [])
+
+
+# Training-time augmentations, applied to the preprocessed image [3, S, S]. A spec is one step or
+# several joined by "+", applied left to right:
+#   hflip           mirrored left-right
+#   shift:DY:DX     moved DY rows down and DX columns right (|DY|, |DX| < S/2); the uncovered
+#                   border is filled by reflecting the image (numpy "reflect" padding)
+# e.g. "hflip+shift:-2:2". A transformed image is cached under "<sha256>:<spec>" and named
+# "<source>#<spec>".
+
+
+def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    s = x.shape[-1]
+    p = max(abs(dy), abs(dx))
+    padded = np.pad(x, ((0, 0), (p, p), (p, p)), mode="reflect")
+    return np.ascontiguousarray(padded[:, p - dy:p - dy + s, p - dx:p - dx + s])
+
+
+def parse_augmentation(spec: str) -> Callable[[np.ndarray], np.ndarray]:
+    """An augmentation spec (see above) -> a function [3, S, S] -> [3, S, S]; ValueError if unknown."""
+    steps: list[Callable[[np.ndarray], np.ndarray]] = []
+    for part in spec.split("+"):
+        fields = part.strip().split(":")
+        if fields == ["hflip"]:
+            steps.append(lambda x: np.ascontiguousarray(x[..., ::-1]))
+        elif fields[0] == "shift" and len(fields) == 3:
+            try:
+                dy, dx = int(fields[1]), int(fields[2])
+            except ValueError:
+                raise ValueError(f"unknown augmentation {spec!r}: shift needs integers, e.g. shift:2:-2") from None
+
+            def step(x: np.ndarray, dy: int = dy, dx: int = dx) -> np.ndarray:
+                if 2 * max(abs(dy), abs(dx)) >= x.shape[-1]:
+                    raise ValueError(f"augmentation {spec!r}: shift must be under half the image size")
+                return _shift(x, dy, dx)
+
+            steps.append(step)
+        else:
+            raise ValueError(f"unknown augmentation {spec!r}; known steps: hflip, shift:DY:DX (joined by +)")
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        for f in steps:
+            x = f(x)
+        return x
+
+    return apply
 
 
 def bundle_key(bundle: Bundle, k_max: int, precision: str = "fp32") -> str:
@@ -127,13 +181,17 @@ class FeatureCache:
 def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_max: int = 4, *,
             cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 64,
             threads: int | None = None, flush_every: int = 2048, progress: bool = True,
-            log: Callable[[str], None] = print) -> FeatureSet:
+            log: Callable[[str], None] = print, augment: str | None = None) -> FeatureSet:
     """Run every item through the runtime (``Detector.run_arrays`` with K_max runs) or take it
-    from the cache. Unreadable items are listed in ``errors`` and left out."""
+    from the cache. Unreadable items are listed in ``errors`` and left out.
+
+    augment: an augmentation spec (``parse_augmentation``); every item is then transformed after
+    preprocessing (e.g. "hflip": mirrored left-right) and extracted as that new image."""
     from tqdm import tqdm
 
     from ..runtime.detector import Detector
 
+    transform = parse_augmentation(augment) if augment else None
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K_max differs from the K the bundle's head was trained for
@@ -148,6 +206,7 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     errors: list[tuple[str, str, str]] = []
     hits = extracted = since_flush = 0
     todo: list[tuple[Item, str, np.ndarray]] = []
+    suffix = f"#{augment}" if augment else ""
 
     def run_todo() -> None:
         nonlocal extracted, since_flush
@@ -160,7 +219,7 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
         for j, (it, h, _) in enumerate(todo):
             f, m = out.feature[j].astype(np.float32), lm[j].astype(np.float32)
             cache.put(h, f, m)
-            names.append(it.source)
+            names.append(it.source + suffix)
             labels.append(it.label)
             hashes.append(h)
             rows.append((f, m))
@@ -171,21 +230,23 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
             cache.flush()
             since_flush = 0
 
-    bar = tqdm(items, desc="features", unit="img", disable=not progress, mininterval=2.0)
+    desc = f"features ({augment})" if augment else "features"
+    bar = tqdm(items, desc=desc, unit="img", disable=not progress, mininterval=2.0)
     try:
         for it in bar:
             try:
                 data = it.read(det.max_bytes)
-                h = hashlib.sha256(data).hexdigest()
+                h = hashlib.sha256(data).hexdigest() + (f":{augment}" if augment else "")
                 got = cache.get(h)
                 if got is not None:
                     hits += 1
-                    names.append(it.source)
+                    names.append(it.source + suffix)
                     labels.append(it.label)
                     hashes.append(h)
                     rows.append(got)
                     continue
-                todo.append((it, h, det.preprocess(data)))
+                x = det.preprocess(data)
+                todo.append((it, h, transform(x) if transform else x))
             except InputError as e:
                 errors.append((it.source, e.code, str(e)))
                 continue
