@@ -116,6 +116,26 @@ def score_photos(bundle: Path, data: Path) -> dict[str, Any]:
             "per_source": dict(sorted(per.items()))}
 
 
+def _images_line(tr: dict[str, Any]) -> str:
+    d = tr["data"]
+    aug = tr["train_config"].get("augment") or []
+    n_views = 1 + len(aug)
+    real, fake = d["train"]["real"] // n_views, d["train"]["fake"] // n_views
+    text = (f"Training images: {real} real + {fake} fake (seeded subset of train-*.tar, at most "
+            f"{d['limit_per_class']} per class)")
+    if aug:
+        text += (f", each also as {len(aug)} transformed copies ({', '.join(f'`{a}`' for a in aug)}; "
+                 f"`cinemae-train --augment`), {d['train']['real']} + {d['train']['fake']} feature vectors in all")
+    text += (f"; validation {d['validation']['real']} + {d['validation']['fake']} from the same tars, never "
+             f"augmented. Features with K_max = {tr['k_max']} through the runtime (ONNX Runtime CPU; "
+             f"this run: {d['all']['extracted']} images extracted, {d['all']['cache_hits']} from the cache, "
+             f"{d['all']['seconds']:.0f} s")
+    if aug:
+        text += (f"; copies: {d['train']['extracted']} extracted, {d['train']['cache_hits']} from the cache, "
+                 f"{d['train']['seconds']:.0f} s")
+    return text + f"; test {d['test']['seconds']:.0f} s)."
+
+
 def markdown(rep: dict[str, Any]) -> str:
     tr = rep["train"]
     pct = "tpr_at_5pct_fpr"
@@ -128,12 +148,7 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         f"Head: fusion `{tr['fusion']}`, pooling `{tr['pooling']}`, BCE/AdamW lr {tr['train_config']['lr']} "
         f"wd {tr['train_config']['weight_decay']}, batch {tr['train_config']['batch']}, "
-        f"{tr['train_config']['epochs']} epochs (best validation-loss epoch kept). Training images: "
-        f"{tr['data']['train']['real']} real + {tr['data']['train']['fake']} fake "
-        f"(seeded subset of train-*.tar, at most {tr['data']['limit_per_class']} per class); validation "
-        f"{tr['data']['validation']['real']} + {tr['data']['validation']['fake']} from the same tars. "
-        f"One feature extraction with K_max = {tr['k_max']} ({tr['data']['all']['seconds']:.0f} s train, "
-        f"{tr['data']['test']['seconds']:.0f} s test, ONNX Runtime CPU).",
+        f"{tr['train_config']['epochs']} epochs (best validation-loss epoch kept). {_images_line(tr)}",
         "",
         f"## CIFAKE test split ({tr['data']['test']['real']} real + {tr['data']['test']['fake']} fake)",
         "",
