@@ -133,7 +133,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         raise DataError("no --bundle given: the embedded bundle is not modified in place; pass "
                         "--out-bundle DIR to write a trained copy (or --no-write)")
     ks = parse_ks(args.ks, args.k)
-    for aug in args.augment:
+    augments = list(dict.fromkeys(args.augment))  # a repeated spec would only duplicate rows
+    for aug in augments:
         try:
             parse_augmentation(aug)  # a bad spec fails before any extraction
         except ValueError as e:
@@ -156,8 +157,9 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         raise DataError("the validation split is empty; give more images or a larger --val-frac")
     tr, va = fs.subset(np.array(tr_idx)), fs.subset(np.array(va_idx))
     by_source = {it.source: it for it in items}
-    for aug in dict.fromkeys(args.augment):
-        fa = extract(bundle, [by_source[n] for n in tr.names[:len(tr_idx)]], k_max, cache_dir=cache,
+    train_items = [by_source[n] for n in tr.names]
+    for aug in augments:
+        fa = extract(bundle, train_items, k_max, cache_dir=cache,
                      batch_size=args.batch_size, threads=threads, progress=not args.quiet, log=log,
                      augment=aug)
         log(f"{aug} features of the training split: {describe(fa)}")
@@ -178,7 +180,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     report: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "bundle": str(bundle.root), "model_id": bundle.model_id, "k_max": k_max, "ks": ks,
-        "fusion": args.fusion, "pooling": pooling, "train_config": {**vars(cfg), "augment": list(args.augment)},
+        "fusion": args.fusion, "pooling": pooling, "train_config": {**vars(cfg), "augment": augments},
         "data": {"train": describe(tr), "validation": describe(va), "all": describe(fs),
                  "test": describe(te) if te is not None else None,
                  "sources": {"real": args.real, "fake": args.fake, "csv": args.csv,
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 "validation": entry["validation"]}}
             training = {"k": k, "fusion": args.fusion, "pooling": pooling, "epochs": cfg.epochs,
                         "best_epoch": th.best_epoch, "batch": cfg.batch, "lr": cfg.lr,
-                        "augment": list(dict.fromkeys(args.augment)),
+                        "augment": augments,
                         "weight_decay": cfg.weight_decay, "seed": cfg.seed, "data": report["data"],
                         "trained_at": report["created"],
                         **({"test": entry["test"]} if "test" in entry else {})}
