@@ -208,6 +208,12 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     todo: list[tuple[Item, str, np.ndarray]] = []
     suffix = f"#{augment}" if augment else ""
 
+    def keep(it: Item, h: str, row: tuple[np.ndarray, np.ndarray]) -> None:
+        names.append(it.source + suffix)
+        labels.append(it.label)
+        hashes.append(h)
+        rows.append(row)
+
     def run_todo() -> None:
         nonlocal extracted, since_flush
         if not todo:
@@ -219,10 +225,7 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
         for j, (it, h, _) in enumerate(todo):
             f, m = out.feature[j].astype(np.float32), lm[j].astype(np.float32)
             cache.put(h, f, m)
-            names.append(it.source + suffix)
-            labels.append(it.label)
-            hashes.append(h)
-            rows.append((f, m))
+            keep(it, h, (f, m))
         extracted += len(todo)
         since_flush += len(todo)
         todo.clear()
@@ -240,10 +243,7 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
                 got = cache.get(h)
                 if got is not None:
                     hits += 1
-                    names.append(it.source + suffix)
-                    labels.append(it.label)
-                    hashes.append(h)
-                    rows.append(got)
+                    keep(it, h, got)
                     continue
                 x = det.preprocess(data)
                 todo.append((it, h, transform(x) if transform else x))
