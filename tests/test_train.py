@@ -199,6 +199,31 @@ def test_feature_cache_hits_by_content(tiny_bundle: Path, tmp_path: Path) -> Non
     assert len(FeatureCache(cache, bundle_key(b, 3)).data) == 6
 
 
+def test_extract_keeps_input_order_with_duplicates(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A later copy of an image extracted earlier in the same run is a cache hit while other items
+    still wait for their batch; rows must still come back in input order, so the seeded
+    train/validation split is the same on a fresh cache and on a rerun."""
+    from cinemae.train.data import Item
+    from cinemae.train.features import extract
+
+    src = _write_dir(tmp_path / "src", 0, 6)
+    (src / "006.png").write_bytes((src / "000.png").read_bytes())  # same bytes, another name
+    (src / "007.png").write_bytes(_png(_image(0, 7)))
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    items = from_dir(src, 0)  # 000..007; with batch_size=3, 003 is pending when 006 hits
+    items = items[:3] + [Item(str(bad), 0), items[3], items[6]] + items[4:6] + items[7:]
+    want = [it.source for it in items if it.source != str(bad)]
+    quiet = dict(batch_size=3, progress=False, log=lambda *_: None)
+    fresh = extract(tiny_bundle, items, 2, cache_dir=tmp_path / "cache", **quiet)
+    assert fresh.cache_hits == 1 and fresh.extracted == 7 and len(fresh.errors) == 1
+    assert fresh.names == want
+    rerun = extract(tiny_bundle, items, 2, cache_dir=tmp_path / "cache", **quiet)
+    assert rerun.cache_hits == 8 and rerun.names == want
+    np.testing.assert_array_equal(rerun.feature, fresh.feature)
+    np.testing.assert_array_equal(fresh.feature[want.index(str(src / "006.png"))], fresh.feature[0])
+
+
 def test_hflip_augmentation_equals_a_mirrored_file(tiny_bundle: Path, tmp_path: Path) -> None:
     """--augment hflip extracts exactly what the runtime gives for the mirrored image itself,
     under its own cache key, without disturbing the original's entry."""

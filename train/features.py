@@ -199,33 +199,31 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     key = bundle_key(b, k_max)
     cache = FeatureCache(cache_dir, key)
     t0 = time.perf_counter()
-    names: list[str] = []
-    labels: list[int] = []
-    hashes: list[str] = []
-    rows: list[tuple[np.ndarray, np.ndarray]] = []
+    # One slot per item, filled when its features are known: a cache hit is known at once, an
+    # extracted item only when its batch runs, so appending would put hits (e.g. a later copy of
+    # an image already extracted in this run) ahead of pending items, and the row order (which the
+    # seeded train/validation split indexes) would depend on what the cache held.
+    slots: list[tuple[str, int, str, tuple[np.ndarray, np.ndarray]] | None] = [None] * len(items)
     errors: list[tuple[str, str, str]] = []
     hits = extracted = since_flush = 0
-    todo: list[tuple[Item, str, np.ndarray]] = []
+    todo: list[tuple[int, Item, str, np.ndarray]] = []
     suffix = f"#{augment}" if augment else ""
 
-    def keep(it: Item, h: str, row: tuple[np.ndarray, np.ndarray]) -> None:
-        names.append(it.source + suffix)
-        labels.append(it.label)
-        hashes.append(h)
-        rows.append(row)
+    def keep(i: int, it: Item, h: str, row: tuple[np.ndarray, np.ndarray]) -> None:
+        slots[i] = (it.source + suffix, it.label, h, row)
 
     def run_todo() -> None:
         nonlocal extracted, since_flush
         if not todo:
             return
-        batch = np.stack([t[2] for t in todo])
+        batch = np.stack([t[3] for t in todo])
         out = det.run_arrays(batch, want_feature=True, want_lcas=True)
         lm = out.lcas if out.lcas is not None else np.zeros((len(todo), 0, b.backbone.num_patches),
                                                             np.float32)
-        for j, (it, h, _) in enumerate(todo):
+        for j, (i, it, h, _) in enumerate(todo):
             f, m = out.feature[j].astype(np.float32), lm[j].astype(np.float32)
             cache.put(h, f, m)
-            keep(it, h, (f, m))
+            keep(i, it, h, (f, m))
         extracted += len(todo)
         since_flush += len(todo)
         todo.clear()
@@ -236,17 +234,17 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     desc = f"features ({augment})" if augment else "features"
     bar = tqdm(items, desc=desc, unit="img", disable=not progress, mininterval=2.0)
     try:
-        for it in bar:
+        for i, it in enumerate(bar):
             try:
                 data = it.read(det.max_bytes)
                 h = hashlib.sha256(data).hexdigest() + (f":{augment}" if augment else "")
                 got = cache.get(h)
                 if got is not None:
                     hits += 1
-                    keep(it, h, got)
+                    keep(i, it, h, got)
                     continue
                 x = det.preprocess(data)
-                todo.append((it, h, transform(x) if transform else x))
+                todo.append((i, it, h, transform(x) if transform else x))
             except InputError as e:
                 errors.append((it.source, e.code, str(e)))
                 continue
@@ -258,6 +256,11 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
         det.close()
     if errors:
         log(f"{len(errors)} item(s) could not be read and were left out, e.g. {errors[0][0]}: {errors[0][2]}")
+    done = [sl for sl in slots if sl is not None]  # input order, unreadable items left out
+    names = [sl[0] for sl in done]
+    labels = [sl[1] for sl in done]
+    hashes = [sl[2] for sl in done]
+    rows = [sl[3] for sl in done]
     d = b.manifest["backbone"]["embed_dim"]
     feature = np.stack([r[0] for r in rows]) if rows else np.zeros((0, d), np.float32)
     lcas = np.stack([r[1] for r in rows]) if rows else np.zeros((0, k_max, b.backbone.num_patches),
