@@ -44,7 +44,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, fusion: str = "add") -> Path:
+def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, fusion: str = "add",
+                 mask_seed: int = 0) -> Path:
     import torch
 
     from ..export.bundle import ExportOptions, export_bundle
@@ -62,7 +63,8 @@ def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, 
     head = CinemaeHead(HeadConfig(cfg.embed_dim, pooling=pooling, fusion=fusion, k=k))
     photos = sorted((data / "photos" / "real").glob("*.jpg"))[:4]
     summary = obj.get("summary", {})
-    opts = ExportOptions(k=k, crop_ratio=1.0, parity_images=photos, model_id="cinemae-cifake32-demo",
+    opts = ExportOptions(k=k, mask_seed=mask_seed, crop_ratio=1.0, parity_images=photos,
+                         model_id="cinemae-cifake32-demo",
                          model_version="1", provenance={"backbone_pretraining": summary})
     export_bundle(model.eval(), head.eval(), out, opts, log=log)
     return out
@@ -136,6 +138,14 @@ def _images_line(tr: dict[str, Any]) -> str:
     return text + f"; test {d['test']['seconds']:.0f} s)."
 
 
+def _masks_line(rep: dict[str, Any]) -> str:
+    mk = rep.get("masks")
+    if not mk:
+        return ""
+    return (f"Masks: ratio {mk['mask_ratio']}, seed {mk['mask_seed']} (the first K of one seeded draw, the "
+            f"same for every image), lambda {mk['lambda']}. ")
+
+
 def markdown(rep: dict[str, Any]) -> str:
     tr = rep["train"]
     pct = "tpr_at_5pct_fpr"
@@ -148,7 +158,8 @@ def markdown(rep: dict[str, Any]) -> str:
         "",
         f"Head: fusion `{tr['fusion']}`, pooling `{tr['pooling']}`, BCE/AdamW lr {tr['train_config']['lr']} "
         f"wd {tr['train_config']['weight_decay']}, batch {tr['train_config']['batch']}, "
-        f"{tr['train_config']['epochs']} epochs (best validation-loss epoch kept). {_images_line(tr)}",
+        f"{tr['train_config']['epochs']} epochs (best validation-loss epoch kept). {_masks_line(rep)}"
+        f"{_images_line(tr)}",
         "",
         f"## CIFAKE test split ({tr['data']['test']['real']} real + {tr['data']['test']['fake']} fake)",
         "",
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pooling", choices=["cls", "mean"], default="mean")
     ap.add_argument("--fusion", choices=["add", "concat", "gate"], default="add")
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--mask-seed", type=int, default=0,
+                    help="seed of the bundle's K masks (the same masks for every image)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--augment", action="append", default=[], help="passed to cinemae-train (e.g. hflip)")
     ap.add_argument("--data", default=str(DATA), help="the shared data folder (cifake/, photos/)")
@@ -205,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
-    stage = export_stage(Path(args.mae), work / "bundle", args.pooling, args.k, data, args.fusion)
+    stage = export_stage(Path(args.mae), work / "bundle", args.pooling, args.k, data, args.fusion,
+                         args.mask_seed)
     cif = data / "cifake"
     report_path = work / "train_report.json"
     if not report_path.is_file() or not Bundle(stage).trained:
@@ -260,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{sum(st['steps'] or 0 for st in stages)} steps, "
                              f"{sum(st['train_seconds'] or 0 for st in stages):.0f} s, final held-out masked-patch "
                              f"MSE {pre.get('final_val_recon_loss')} (see train/RECIPE.md)."),
+           "masks": {"mask_ratio": m["mask_ratio"], "mask_seed": m["mask_seed"], "lambda": m["lambda"]},
            "pretraining": pre, "train": train_rep, "photos": photos, "verdict_lines": verdict_lines,
            "bundle_manifest_evaluation": m["evaluation"]}
     out_dir = Path(args.results)
