@@ -17,15 +17,12 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     if n1 == 0 or n0 == 0:
         return float("nan")
     order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
     ss = s[order]
-    i = 0
-    while i < len(ss):  # mid-ranks over runs of equal scores
-        j = i
-        while j + 1 < len(ss) and ss[j + 1] == ss[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    # mid-ranks over runs of equal scores: a run spanning sorted positions i..j gets (i + j) / 2 + 1
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ends = np.r_[starts[1:], len(ss)] - 1
+    ranks = np.empty(len(s), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends) / 2.0 + 1.0, ends - starts + 1)
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
