@@ -15,7 +15,10 @@ from cinemae.train.calibrate import (
     abstain_band,
     auc,
     average_precision,
+    log_loss,
+    mcnemar_p,
     metrics,
+    paired_comparison,
     threshold_at_fpr,
     tpr_at_fpr,
 )
@@ -99,6 +102,53 @@ def test_metrics_against_known_values() -> None:
     assert auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
     assert average_precision(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx((1 + 2 / 3) / 2)
     assert tpr_at_fpr(y, np.array([0.1, 0.2, 0.3, 0.9]), 0.05) == 1.0
+
+
+def test_auc_ties_match_pairwise_count() -> None:
+    """Mid-rank AUC equals the pairwise definition P(s_fake > s_real) + 0.5 P(tie), ties included."""
+    rng = np.random.default_rng(3)
+    for n in (2, 7, 50, 301):
+        y = rng.integers(0, 2, n)
+        y[:2] = (0, 1)
+        s = np.round(rng.random(n), 1)  # many ties
+        d = s[y == 1][:, None] - s[y == 0][None, :]
+        assert auc(y, s) == pytest.approx(((d > 0) + 0.5 * (d == 0)).mean())
+
+
+def test_log_loss_and_mcnemar_known_values() -> None:
+    assert log_loss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+    assert log_loss(np.array([1, 0]), np.array([1.0, 0.0])) < 1e-6  # clipped, finite
+    assert np.isfinite(log_loss(np.array([1, 0]), np.array([0.0, 1.0])))
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32)  # all five discordant pairs one way
+    assert mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert mcnemar_p(10, 30) == mcnemar_p(30, 10) < 0.01
+
+
+def test_paired_comparison() -> None:
+    rng = np.random.default_rng(4)
+    y = np.r_[np.zeros(1000), np.ones(1000)].astype(int)
+    noise = rng.normal(0, 1, 2000)
+    weak = 1 / (1 + np.exp(-((2 * y - 1) * 0.8 + noise)))
+    strong = 1 / (1 + np.exp(-((2 * y - 1) * 2.5 + noise)))
+    same = paired_comparison(y, weak, 0.5, weak, 0.5, n_boot=200)
+    assert same["accuracy_diff"] == 0 and same["accuracy_diff_ci95"] == [0.0, 0.0]
+    assert same["mcnemar_p"] == 1.0 and same["only_a_right"] == same["only_b_right"] == 0
+    c = paired_comparison(y, weak, 0.5, strong, 0.5, n_boot=300)
+    assert c["accuracy_diff"] > 0.1 and c["accuracy_diff_ci95"][0] > 0.05
+    assert c["accuracy_diff_ci95"][0] <= c["accuracy_diff"] <= c["accuracy_diff_ci95"][1]
+    assert c["auc_diff"] > 0 and c["auc_diff_ci95"][0] > 0
+    assert c["log_loss_diff"] < 0 and c["log_loss_diff_ci95"][1] < 0
+    assert c["mcnemar_p"] < 1e-6 and c["only_b_right"] > c["only_a_right"]
+    # swapping the two mirrors every difference
+    r = paired_comparison(y, strong, 0.5, weak, 0.5, n_boot=300)
+    assert r["accuracy_diff"] == pytest.approx(-c["accuracy_diff"]) and r["mcnemar_p"] == c["mcnemar_p"]
+    # two equally good but different heads: the interval straddles zero
+    other = 1 / (1 + np.exp(-((2 * y - 1) * 0.8 + rng.normal(0, 1, 2000))))
+    e = paired_comparison(y, weak, 0.5, other, 0.5, n_boot=300)
+    assert e["accuracy_diff_ci95"][0] < 0 < e["accuracy_diff_ci95"][1] or e["mcnemar_p"] > 0.01
+    with pytest.raises(ValueError):
+        paired_comparison(y, weak, 0.5, weak[:10], 0.5)
 
 
 def test_threshold_meets_target_fpr() -> None:
@@ -301,6 +351,13 @@ def test_cli_trains_and_writes_head(tiny_bundle_copy: Path, tmp_path: Path) -> N
     assert set(rep["per_k"]) == {"0", "1", "2"}
     assert rep["per_k"]["2"]["validation"]["at_threshold"]["fpr"] <= 0.05
     assert rep["per_k"]["2"]["test"]["auc"] > 0.9  # noise vs gradients is easy even for random weights
+    pt = rep["paired_test"]  # every K against K=0 on the same 20 test images
+    assert pt["baseline_k"] == 0 and set(pt["per_k"]) == {"1", "2"}
+    for k, c in pt["per_k"].items():
+        acc_k, acc_0 = (rep["per_k"][x]["test"]["at_threshold"]["accuracy"] for x in (k, "0"))
+        assert c["n"] == 20 and c["accuracy_diff"] == pytest.approx(acc_k - acc_0)
+        assert c["log_loss_diff"] == pytest.approx(rep["per_k"][k]["test"]["log_loss"]
+                                                   - rep["per_k"]["0"]["test"]["log_loss"])
     b = Bundle(tiny_bundle_copy)  # hashes verified
     assert b.trained is True and b.k == 2
     assert b.threshold == pytest.approx(rep["per_k"]["2"]["threshold"])

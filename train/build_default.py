@@ -146,6 +146,29 @@ def _masks_line(rep: dict[str, Any]) -> str:
             f"same for every image), lambda {mk['lambda']}. ")
 
 
+def _paired_lines(tr: dict[str, Any]) -> list[str]:
+    pt = tr.get("paired_test")
+    if not pt:
+        return []
+    b = pt["baseline_k"]
+    first = next(iter(pt["per_k"].values()))
+    lines = ["", f"### Each K against K={b}, paired on the same test images", "",
+             f"Difference K minus K={b}; 95% intervals from {first['n_boot']} paired bootstrap resamples of the "
+             "test images; McNemar: exact two-sided test on the images only one of the two heads gets right "
+             "(at each head's own calibrated threshold). Heads for different K are trained separately, so "
+             "these differences include head-training noise (train/RECIPE.md has the spread over head seeds).",
+             "", f"| K | acc@thr diff (points) | 95% CI | only K={b} right / only K right | McNemar p | AUC diff "
+             "[95% CI] | log-loss diff [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for k, c in pt["per_k"].items():
+        lo, hi = c["accuracy_diff_ci95"]
+        alo, ahi = c["auc_diff_ci95"]
+        llo, lhi = c["log_loss_diff_ci95"]
+        lines.append(f"| {k} | {100 * c['accuracy_diff']:+.2f} | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+                     f"{c['only_a_right']} / {c['only_b_right']} | {c['mcnemar_p']:.3f} | {c['auc_diff']:+.4f} "
+                     f"[{alo:+.4f}, {ahi:+.4f}] | {c['log_loss_diff']:+.4f} [{llo:+.4f}, {lhi:+.4f}] |")
+    return lines
+
+
 def markdown(rep: dict[str, Any]) -> str:
     tr = rep["train"]
     pct = "tpr_at_5pct_fpr"
@@ -167,8 +190,9 @@ def markdown(rep: dict[str, Any]) -> str:
         "`acc@thr` uses it, `acc@0.5` uses p >= 0.5; `TPR@5%FPR` re-chooses the threshold on the test "
         "labels (the usual oracle figure); coverage = share outside the abstain band.",
         "",
-        "| K | acc@thr | bal. acc@thr | FPR@thr | acc@0.5 | AUC | AP | TPR@5%FPR | coverage | acc when decided |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| K | acc@thr | bal. acc@thr | FPR@thr | acc@0.5 | AUC | AP | TPR@5%FPR | log-loss | coverage | "
+        "acc when decided |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, e in tr["per_k"].items():
         t = e["test"]
@@ -176,7 +200,9 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(
             f"| {k} | {t['at_threshold']['accuracy']:.4f} | {t['at_threshold']['balanced_accuracy']:.4f} | "
             f"{t['at_threshold']['fpr']:.4f} | {t['at_0.5']['accuracy']:.4f} | {t['auc']:.4f} | {t['ap']:.4f} | "
-            f"{t[pct]:.4f} | {ab.get('coverage', 1.0):.3f} | {ab.get('accuracy_when_decided', float('nan')):.4f} |")
+            f"{t[pct]:.4f} | {t.get('log_loss', float('nan')):.4f} | {ab.get('coverage', 1.0):.3f} | "
+            f"{ab.get('accuracy_when_decided', float('nan')):.4f} |")
+    lines += _paired_lines(tr)
     lines += ["", "Anchors: the CIFAKE paper's CNN reaches 92.98% test accuracy; the target for this "
               "bundle was >= 95% at K=2 with K=2 better than K=0.", ""]
     lines += rep.get("verdict_lines", [])
@@ -267,6 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'better' if accs.get('2', 0) > accs.get('0', 1) else 'NOT better'} than K=0 "
         f"({accs.get('0', float('nan')):.4f})."
     ]
+    c = train_rep.get("paired_test", {}).get("per_k", {}).get(str(args.k))
+    if c is not None and train_rep["paired_test"]["baseline_k"] == 0:
+        lo, hi = c["accuracy_diff_ci95"]
+        sig = lo > 0 or hi < 0
+        llo, lhi = c["log_loss_diff_ci95"]
+        verdict_lines[0] += (
+            f" Paired on the test images: {100 * c['accuracy_diff']:+.2f} points (95% CI {100 * lo:+.2f} to "
+            f"{100 * hi:+.2f}, McNemar p = {c['mcnemar_p']:.3f}): the difference is "
+            f"{'larger than' if sig else 'within'} what resampling the test set gives; log-loss "
+            f"{c['log_loss_diff']:+.4f} (95% CI {llo:+.4f} to {lhi:+.4f}).")
     rep = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine, "k": args.k,
            "backbone_line": (f"`{m['model_id']}` {bb['embed_dim']}x{bb['depth']} encoder, decoder "
                              f"{bb['decoder_embed_dim']}x{bb['decoder_depth']}, {bb['img_size']} px, patch "

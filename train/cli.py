@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     """The whole job; returns the report."""
     from ..runtime.bundle import Bundle, resolve_bundle
-    from .calibrate import abstain_band, metrics, threshold_at_fpr
+    from .calibrate import abstain_band, metrics, paired_comparison, threshold_at_fpr
     from .features import describe, extract, parse_augmentation
     from .head import TrainConfig, head_logits, train_head, write_head, write_json
 
@@ -192,6 +192,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "per_k": {},
     }
     written = None
+    test_scores: dict[int, tuple[np.ndarray, float]] = {}  # K -> (test p [N], threshold)
     for k in ks:
         s_tr, s_va = tr.stats(k), va.stats(k)
         th = train_head(tr.feature, s_tr, tr.labels.astype(np.float32), va.feature, s_va,
@@ -209,6 +210,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         if te is not None:
             p_te = 1.0 / (1.0 + np.exp(-head_logits(th.head, te.feature, te.stats(k))))
             entry["test"] = metrics(te.labels, p_te, thr, band, args.target_fpr)
+            test_scores[k] = (p_te, thr)
         report["per_k"][str(k)] = entry
         v = entry["validation"]
         line = (f"K={k}: threshold {thr:.4f} band [{band[0]:.4f}, {band[1]:.4f}] | val acc "
@@ -235,6 +237,18 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             written = write_head(bundle.root, th.head, decision, training, out=args.out_bundle)
             report["written"] = {"bundle": str(written), "k": k}
             log(f"wrote the K={k} head into {written} (trained=True, threshold {thr:.4f})")
+    if len(test_scores) > 1:
+        # each K against the smallest K on the same test images: is a difference larger than chance?
+        base = ks[0]
+        report["paired_test"] = {"baseline_k": base, "per_k": {}}
+        for k in ks[1:]:
+            c = paired_comparison(te.labels, *test_scores[base], *test_scores[k], seed=args.seed)
+            report["paired_test"]["per_k"][str(k)] = c
+            lo, hi = c["accuracy_diff_ci95"]
+            log(f"K={k} vs K={base} on test: accuracy {100 * c['accuracy_diff']:+.2f} points "
+                f"(95% CI {100 * lo:+.2f} to {100 * hi:+.2f}; McNemar p={c['mcnemar_p']:.3g}, "
+                f"{c['only_b_right']} vs {c['only_a_right']} images only one gets right), AUC "
+                f"{c['auc_diff']:+.4f}, log-loss {c['log_loss_diff']:+.4f}")
     if args.report:
         write_json(args.report, report)
         log(f"report: {args.report}")
