@@ -135,7 +135,11 @@ def _images_line(tr: dict[str, Any]) -> str:
     if aug:
         text += (f"; copies: {d['train']['extracted']} extracted, {d['train']['cache_hits']} from the cache, "
                  f"{d['train']['seconds']:.0f} s")
-    return text + f"; test {d['test']['seconds']:.0f} s)."
+    text += f"; test {d['test']['seconds']:.0f} s)."
+    if not any((d.get(part) or {}).get("extracted") for part in ("all", "train", "test")):
+        text += (" Every feature came from the cache of an earlier run of the same command "
+                 "(its extraction times are in train/RECIPE.md).")
+    return text
 
 
 def _masks_line(rep: dict[str, Any]) -> str:
