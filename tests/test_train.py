@@ -146,7 +146,8 @@ def test_paired_comparison() -> None:
     # two equally good but different heads: the interval straddles zero
     other = 1 / (1 + np.exp(-((2 * y - 1) * 0.8 + rng.normal(0, 1, 2000))))
     e = paired_comparison(y, weak, 0.5, other, 0.5, n_boot=300)
-    assert e["accuracy_diff_ci95"][0] < 0 < e["accuracy_diff_ci95"][1] or e["mcnemar_p"] > 0.01
+    assert e["accuracy_diff_ci95"][0] < 0 < e["accuracy_diff_ci95"][1] and e["mcnemar_p"] > 0.05
+    assert e["auc_diff_ci95"][0] < 0 < e["auc_diff_ci95"][1]
     with pytest.raises(ValueError):
         paired_comparison(y, weak, 0.5, weak[:10], 0.5)
 
