@@ -63,8 +63,12 @@ class Bundle:
             raise BundleError(f"{self.root}: not a bundle directory")
         if not mpath.is_file():
             raise BundleError(f"{self.root}: no {MANIFEST} (not a cinemae bundle)")
+        raw = mpath.read_bytes()
+        #: sha256 of the manifest's bytes as loaded: with the per-file hashes inside it, this
+        #: names exactly which graphs, thresholds and masks produced a result.
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+            self.manifest: dict[str, Any] = json.loads(raw)
         except ValueError as e:
             raise BundleError(f"{mpath}: not valid JSON ({e})") from e
         fv = self.manifest.get("format_version")
@@ -127,6 +131,11 @@ class Bundle:
     @property
     def model_version(self) -> str:
         return str(self.manifest.get("model_version", "0"))
+
+    def fingerprint(self) -> dict[str, str]:
+        """What every result names as its model: id, version and the manifest's sha256."""
+        return {"id": self.model_id, "version": self.model_version,
+                "manifest_sha256": self.manifest_sha256}
 
     @property
     def trained(self) -> bool:
