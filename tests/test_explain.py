@@ -125,7 +125,15 @@ def test_overlay_png(det, tmp_path):
     assert img.shape == (120 + LEGEND_H, 200, 3) and img.dtype == np.uint8
     # outside the centre crop (x < 40 or x >= 160) the image is only dimmed, not coloured
     assert np.allclose(img[:120, :30].astype(int), (rgb[:, :30] * 0.45).astype(int), atol=1)
-    png = overlay_png(rgb, rec, max_side=100)
+    png = overlay_png(rgb, rec, max_side=100, min_side=0)
     (tmp_path / "o.png").write_bytes(png)
     with Image.open(tmp_path / "o.png") as im:
         assert im.size == (100, 60 + LEGEND_H)
+
+
+def test_small_images_are_enlarged_for_the_legend(det):
+    rgb = (smooth() * 255).astype(np.uint8)
+    x = det.preprocess(rgb)[None]
+    rec = explain_record(det, det.run_arrays(x, want_lcas=True).lcas[0], (32, 32))
+    img = render_overlay(rgb, rec)  # default min_side 320: 32 px -> 10x, nearest
+    assert img.shape == (320 + LEGEND_H, 320, 3)
