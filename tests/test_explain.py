@@ -137,3 +137,35 @@ def test_small_images_are_enlarged_for_the_legend(det):
     rec = explain_record(det, det.run_arrays(x, want_lcas=True).lcas[0], (32, 32))
     img = render_overlay(rgb, rec)  # default min_side 320: 32 px -> 10x, nearest
     assert img.shape == (320 + LEGEND_H, 320, 3)
+
+
+def test_detector_heatmap_on_a_file_and_cli(det, tmp_path):
+    """Result.heatmap through Detector.detect on a file (boxes in the original 64x48 image), and
+    cinemae-detect --heatmap DIR --explain-k 8 writing the PNG and the JSON. 96x64 is resized to
+    48x32 and its centre 32x32 cropped: the crop is x 16..80 of the original, 8-px patches."""
+    from PIL import Image
+
+    from cinemae.runtime.cli import main as detect_main
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "wide.jpg"
+    Image.fromarray((rng.random((64, 96, 3)) * 255).astype(np.uint8)).save(path, quality=95)
+    plain = det.detect(path)
+    r = det.detect(path, explain=True, explain_k=8)
+    assert plain.heatmap is None and "heatmap" not in plain.to_record()
+    assert r.score == plain.score and r.verdict == plain.verdict  # the verdict keeps the bundle's K
+    h = r.heatmap
+    assert h["image"] == [96, 64] and h["crop"] == [16.0, 0.0, 80.0, 64.0] and h["runs"] == 8
+    assert h["patch_size_px"] == [8.0, 8.0] and h["boxes"][0] == [16.0, 0.0, 24.0, 8.0]
+    assert h["boxes"][63] == [72.0, 56.0, 80.0, 64.0]
+    rec = json.loads(json.dumps(r.to_record(), allow_nan=False))
+    assert rec["heatmap"]["grid"] == [8, 8]
+    out = tmp_path / "hm"
+    assert detect_main([str(path), "--heatmap", str(out), "--explain-k", "8", "--json", "--no-progress"]) == 0
+    pngs, jsons = sorted(out.glob("*.heatmap.png")), sorted(out.glob("*.heatmap.json"))
+    assert len(pngs) == 1 and len(jsons) == 1
+    with Image.open(pngs[0]) as im:
+        assert im.size == (384, 256 + LEGEND_H)  # 96x64 enlarged 4x to reach 320 px
+    saved = json.loads(jsons[0].read_text())
+    assert saved["heatmap"]["values"] == h["values"]
+    assert detect_main([str(path), "--explain-k", "99", "--no-progress"]) == 2

@@ -328,3 +328,28 @@ def test_c2pa_remote_manifest_is_never_fetched(chain):
         assert len(hits) == 1
     finally:
         srv.close()
+
+
+# --- the policy through the Detector -----------------------------------------------------------------
+
+def test_detector_policy_default_on_and_flag_off(tmp_path):
+    """Generator parameters make the verdict ai (reason provenance) whatever the pixels say; the
+    pixel score and verdict are still reported; the flag turns it off; an array has no metadata."""
+    from cinemae.runtime import Detector
+
+    data = png({"parameters": A1111})
+    on, off = Detector(device="cpu"), Detector(device="cpu", provenance_policy=False)
+    r, q = on.detect(data), off.detect(data)
+    assert r.score == q.score and r.pixel_verdict == q.pixel_verdict == q.verdict
+    assert r.verdict == "ai" and r.reason == "provenance"
+    assert q.reason == "pixels" and q.provenance["ai_evidence"]
+    rec = r.to_record()
+    assert rec["provenance"]["generator"]["keys"] == ["parameters"] and rec["pixel_verdict"] == r.pixel_verdict
+    plain = on.detect(png())
+    assert plain.reason == "pixels" and plain.verdict == plain.pixel_verdict
+    arr = on.detect(np.asarray(picture()))
+    assert arr.provenance["unavailable"] and not arr.provenance["ai_evidence"]
+    # read before the pixels: a file whose pixels fail still reports its metadata
+    bad = on.detect(data[:data.index(b"IDAT") + 20])
+    assert not bad.ok and bad.verdict is None and bad.provenance["generator"] is not None
+    assert Detector(device="cpu", provenance=False).detect(data).provenance is None
