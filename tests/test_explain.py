@@ -169,3 +169,26 @@ def test_detector_heatmap_on_a_file_and_cli(det, tmp_path):
     saved = json.loads(jsons[0].read_text())
     assert saved["heatmap"]["values"] == h["values"]
     assert detect_main([str(path), "--explain-k", "99", "--no-progress"]) == 2
+
+
+def test_explain_cost_rows(det):
+    """cinemae-bench --explain's measurement: every row present, no error rows, off is the baseline."""
+    import io
+
+    from PIL import Image
+
+    from cinemae.benchmarks.explain_cost import format_rows, measure
+
+    rng = np.random.default_rng(4)
+    files = []
+    for i in range(2):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+        files.append(buf.getvalue())
+    pool = np.stack([det.preprocess(f) for f in files])
+    rows = measure(det, pool, files, [1, 2], explain_k=4, iters=1, warmup=0)
+    names = [(r["row"], r["batch"]) for r in rows]
+    assert ("off", 2) in names and ("map explain-k 4", 2) in names and ("overlay PNG", 1) in names
+    assert all("error" not in r for r in rows), rows
+    assert all(r["vs_off"] == 1.0 for r in rows if r["row"] == "off")
+    assert "explain cost" in format_rows(rows)
