@@ -181,7 +181,7 @@ def test_explain_cost_rows(det):
 
     rng = np.random.default_rng(4)
     files = []
-    for i in range(2):
+    for _ in range(2):
         buf = io.BytesIO()
         Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
         files.append(buf.getvalue())

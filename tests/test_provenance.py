@@ -145,6 +145,7 @@ def test_jpeg_comment():
     p = read_provenance(jpeg(comment=b"made with love"))
     assert p["comments"] == ["made with love"]
     assert not p["ai_evidence"]
+    assert read_provenance(jpeg(comment=b"      \x00"))["comments"] == []  # padding some cameras write
 
 
 def test_hostile_metadata_is_bounded():
