@@ -330,16 +330,21 @@ def main(argv: list[str] | None = None) -> int:
 def _explain_cost(args: argparse.Namespace, bundle: Any, pool: Any, sources: list[Any], batches: list[int],
                   log: Any) -> list[dict[str, Any]]:
     """The explain-cost rows (benchmarks/explain_cost.py) on ONNX Runtime CPU; an error is a row."""
-    from pathlib import Path
-
     from ..runtime.detector import Detector
     from .explain_cost import measure
 
     try:
         files = [s if isinstance(s, bytes) else Path(s).read_bytes() for s in sources]
         with Detector(bundle, backend="onnxruntime", device="cpu", threads=args.threads) as det:
-            return measure(det, pool, files, batches, explain_k=args.explain_k,
+            rows = measure(det, pool, files, batches, explain_k=args.explain_k,
                            iters=max(args.min_iters, min(args.iters, 10)), warmup=args.warmup, log=log)
+            if args.out:  # the overlay of a picture the project makes itself (the README's example)
+                from .explain_cost import example_figure
+
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                fig = example_figure(det, str(Path(args.out) / "explain_example.png"), args.explain_k)
+                rows.append({"row": "example figure", "batch": 1, "file": "explain_example.png", **fig})
+            return rows
     except Exception as e:  # noqa: BLE001 - a failing measurement is a row with its error
         return [{"row": "explain", "batch": 0, "error": f"{type(e).__name__}: {e}"}]
 
