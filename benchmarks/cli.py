@@ -237,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         if outputs["json"] and outputs["json"] != "-":
             report.write_json(outputs["json"], result)
         if final and outputs["markdown"]:
-            report.write_atomic(outputs["markdown"], report.markdown(result))
+            md = report.markdown(result)
+            if result.get("explain"):
+                from .explain_cost import format_rows
+
+                md += ("\n## Explain cost (heatmaps and provenance; ONNX Runtime CPU, interleaved)\n\n```\n"
+                       + format_rows(result["explain"]) + "\n```\n")
+            report.write_atomic(outputs["markdown"], md)
 
     def on_row(row: Any) -> None:
         result["rows"].append(row.to_dict())

@@ -192,3 +192,25 @@ def test_explain_cost_rows(det):
     assert all("error" not in r for r in rows), rows
     assert all(r["vs_off"] == 1.0 for r in rows if r["row"] == "off")
     assert "explain cost" in format_rows(rows)
+
+
+def test_explain_k_chunks_for_engines_built_for_k(det, monkeypatch):
+    """A backend that refuses more runs than it was built for (TensorRT's k_built) gets the extra
+    masks in chunks; the map is the same as from one call."""
+    x = det.preprocess((smooth() * 255).astype(np.uint8))[None]
+    out = det.run_arrays(x, want_lcas=True)
+    whole = explain_maps(det, x, out.lcas, 8)
+    run = det.backend.run
+    seen = []
+
+    def limited(images, masks, **kw):
+        seen.append(masks.k)
+        if masks.k > 2:
+            raise ValueError("the engines were built for K <= 2")
+        return run(images, masks, **kw)
+
+    monkeypatch.setattr(det.backend, "k_built", 2, raising=False)
+    monkeypatch.setattr(det.backend, "run", limited)
+    chunked = explain_maps(det, x, out.lcas, 8)
+    assert seen == [2, 2, 2]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
