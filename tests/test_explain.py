@@ -214,3 +214,20 @@ def test_explain_k_chunks_for_engines_built_for_k(det, monkeypatch):
     chunked = explain_maps(det, x, out.lcas, 8)
     assert seen == [2, 2, 2]
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_per_item_heatmap_requests_in_one_batch(det):
+    """The service's case: in one batch only the items that asked get a heatmap, each from the runs
+    it asked for; the scores are those of a batch without heatmaps."""
+    from cinemae.runtime.detector import Result
+
+    rng = np.random.default_rng(5)
+    arrays = [det.preprocess((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    results = [Result(source=str(i)) for i in range(4)]
+    results[1].want_heatmap, results[2].want_heatmap, results[3].want_heatmap = True, 8, 8
+    det.score_prepared(results, arrays, 0.0)
+    plain = det.score_prepared([Result(source=str(i)) for i in range(4)], arrays, 0.0)
+    assert results[0].heatmap is None
+    assert results[1].heatmap["runs"] == det.k and results[2].heatmap["runs"] == 8
+    assert results[3].heatmap["covered"] == 1.0
+    assert [r.score for r in results] == [r.score for r in plain]
