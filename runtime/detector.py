@@ -60,14 +60,21 @@ class Result:
         Keys: source, score, logit, verdict, stats ([s1, s2, s3] or null), error, error_code,
         timings, model (a copy of :attr:`model`), and ``lcas`` only when the map was asked for:
         ``{"grid": [g, g], "runs": [[float | null] * L] * K}`` (null at visible patches).
+        Text is always valid UTF-8: a source that is a non-UTF-8 file name is shown with U+FFFD
+        and ``source_bytes_b64`` holds its exact bytes.
         ``extra`` keys are added last and must not replace one of these.
         """
+        from .inputs import text_and_bytes, valid_text
+
+        source, source_b64 = text_and_bytes(self.source)
         rec: dict[str, Any] = {
-            "source": self.source, "score": self.score, "logit": self.logit, "verdict": self.verdict,
+            "source": source, "score": self.score, "logit": self.logit, "verdict": self.verdict,
             "stats": None if self.stats is None else [float(x) for x in self.stats],
-            "error": self.error, "error_code": self.error_code, "timings": dict(self.timings),
-            "model": None if self.model is None else dict(self.model),
+            "error": None if self.error is None else valid_text(self.error), "error_code": self.error_code,
+            "timings": dict(self.timings), "model": None if self.model is None else dict(self.model),
         }
+        if source_b64 is not None:
+            rec["source_bytes_b64"] = source_b64
         if self.lcas is not None:
             rec["lcas"] = lcas_record(self.lcas)
         clash = rec.keys() & extra.keys()
@@ -215,8 +222,11 @@ class Detector:
         per = {k: v / len(idx) for k, v in timings.items()}
         for j, i in enumerate(idx):
             logit = float(out.logit[j])
-            p = sigmoid(logit)
             r = results[i]
+            if not math.isfinite(logit):
+                r.error, r.error_code = f"backend {self.backend.name} gave a non-finite logit ({logit})", "internal"
+                continue
+            p = sigmoid(logit)
             r.logit, r.score, r.verdict = logit, p, self.verdict(p)
             r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
             r.timings = per
