@@ -44,4 +44,5 @@ def format_row(d: dict[str, Any]) -> str:
         return (f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {d['source']}  "
                 f"[{d['error_code']}] {d['error']}")
     s1, s2, s3 = d["stats"]
-    return f"{d['verdict']:<9} {d['score']:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {d['source']}"
+    verdict = d["verdict"] + ("[prov]" if d.get("reason") == "provenance" else "")
+    return f"{verdict:<9} {d['score']:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {d['source']}"

@@ -1,6 +1,6 @@
-"""The package's import graph: no cycles between modules (imports inside functions count too),
-and the layers of DESIGN.md section 2 (runtime and kernels never import export, train, benchmarks
-or torch)."""
+"""The package's import graph: no cycles between modules (imports inside functions count too,
+imports for type checkers only do not), and the layers of DESIGN.md section 2 (runtime and
+kernels never import export, train, benchmarks or scale)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def module_name(path: Path) -> str:
     return ".".join(["cinemae", *parts])
 
 
+def is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def import_graph() -> dict[str, set[str]]:
     """cinemae module -> the cinemae modules it imports (anywhere in the file)."""
     files = {module_name(p): p for pkg in PACKAGES if (REPO / pkg).is_dir()
@@ -26,7 +31,12 @@ def import_graph() -> dict[str, set[str]]:
     for mod, path in files.items():
         pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for top in ast.walk(tree) if isinstance(top, ast.If) and is_type_checking(top.test)
+                       for stmt in top.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -66,6 +66,7 @@ def test_scan_records_every_input_once(tiny_bundle: Path, tmp_path: Path, capsys
 
             assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
             assert r["bytes"] == p.stat().st_size and r["model"] == det.model
+            assert r["provenance"] is not None and r["reason"] == "pixels"  # read from the same bytes
     stdout = capsys.readouterr().out
     assert len([line for line in stdout.splitlines() if line.startswith("{")]) == 13
 

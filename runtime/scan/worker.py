@@ -21,12 +21,16 @@ from .results import record_key
 
 
 class Prepared:
-    """One input, read and (unless skipped) preprocessed: ``array`` [3, S, S] float32 or None."""
+    """One input, read and (unless skipped) preprocessed: ``array`` [3, S, S] float32 or None;
+    ``result`` holds what was read before the pixels (provenance)."""
 
-    __slots__ = ("path", "key", "sha256", "size", "array", "error", "code", "seconds", "skip")
+    __slots__ = ("path", "key", "sha256", "size", "array", "error", "code", "seconds", "skip", "result")
 
     def __init__(self, path: str) -> None:
+        from ..detector import Result
+
         self.path = path
+        self.result = Result(source=path)
         self.key = b""
         self.sha256: str | None = None
         self.size: int | None = None
@@ -57,8 +61,8 @@ def prepare(det: Any, path: str, done: set[bytes] | frozenset[bytes] = frozenset
     if r.key in done:
         r.skip = True
         return r
-    try:
-        r.array = det.preprocess(data)
+    try:  # provenance from the same bytes, then the pixels
+        r.array = det.prepare(data, r.result)
     except InputError as e:
         r.error, r.code = str(e), e.code
     except Exception as e:  # noqa: BLE001 - one bad input never stops the scan
@@ -92,9 +96,9 @@ def iter_prepared(det: Any, paths: Sequence[str], done: set[bytes] | frozenset[b
 def score_batch(det: Any, batch: list[Prepared], want_lcas: bool = False) -> list[dict[str, Any]]:
     """One backend call for the decodable inputs of ``batch``; one record per input
     (``Result.to_record()`` + sha256, bytes, path[, path_bytes_b64])."""
-    from ..detector import Result
-
-    results = [Result(source=p.path, error=p.error, error_code=p.code) for p in batch]
+    results = [p.result for p in batch]
+    for p, r in zip(batch, results, strict=True):
+        r.error, r.error_code = p.error, p.code
     det.score_prepared(results, [p.array for p in batch], sum(p.seconds for p in batch), want_lcas=want_lcas)
     recs = []
     for p, r in zip(batch, results, strict=True):
