@@ -55,14 +55,31 @@ def test_import_order_prefers_tensorrt_then_rtx(monkeypatch):
     assert got.aot_targets == ()  # TensorRT proper builds only for the GPU it runs on
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # "not installed"
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    if importlib.util.find_spec("tensorrt_rtx_bindings") is not None:
+        got = import_tensorrt()
+        assert got.name == "tensorrt_rtx_bindings" and got.flavour == "tensorrt-rtx"
+        assert got.version == got.module.__version__ and got.version.count(".") >= 2
+        assert {"7.5", "8.0", "8.6", "8.9"} <= set(got.aot_targets) and "9.0" not in got.aot_targets
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx_bindings", None)
+    with pytest.raises(BackendUnavailable) as ei:
+        import_tensorrt()
+    assert str(ei.value).startswith("TensorRT is not installed (module tensorrt, tensorrt_rtx or tensorrt_rtx_bindings")
+    assert "\n" not in str(ei.value)
+
+
+def test_rtx_bindings_find_their_libraries():
+    """The standalone bindings load libtensorrt_rtx.so.1 from the tensorrt_rtx_libs wheel."""
     if importlib.util.find_spec("tensorrt_rtx_bindings") is None:
-        with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
-            import_tensorrt()
-        return
-    got = import_tensorrt()
-    assert got.name == "tensorrt_rtx_bindings" and got.flavour == "tensorrt-rtx"
-    assert got.version == got.module.__version__ and got.version.count(".") >= 2
-    assert {"7.5", "8.0", "8.6", "8.9"} <= set(got.aot_targets) and "9.0" not in got.aot_targets
+        pytest.skip("tensorrt_rtx_bindings is not installed (pip install 'cinemae[tensorrt-rtx]')")
+    trt = import_tensorrt(("tensorrt_rtx_bindings",))
+    import tensorrt_rtx_libs
+
+    libs = Path(tensorrt_rtx_libs.__file__).parent
+    assert (libs / "libtensorrt_rtx.so.1").is_file() and (libs / "libtensorrt_onnxparser_rtx.so.1").is_file()
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").is_file() else ""
+    if maps:
+        assert str(libs / "libtensorrt_rtx.so.1") in maps
+    assert trt.module.Builder(trt.module.Logger(trt.module.Logger.WARNING)) is not None
 
 
 def test_parse_target():
