@@ -98,9 +98,12 @@ def import_tensorrt(order: Iterable[str] = TRT_MODULES) -> TensorRT:
     for name in order:
         try:
             mod = importlib.import_module(name)
-        except ImportError as e:
-            if "No module named" not in str(e) or name not in str(e):
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module is there but something it needs is not
                 errors.append(f"{name}: {e}")
+            continue
+        except ImportError as e:  # e.g. a shared library that does not load
+            errors.append(f"{name}: {e}")
             continue
         except Exception as e:  # noqa: BLE001 - a broken install (missing libnvinfer) is "not usable"
             errors.append(f"{name}: {e}")
