@@ -39,8 +39,9 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
-class EngineBuildError(RuntimeError):
-    """TensorRT could not parse a graph or build an engine; the message says which and why."""
+class EngineBuildError(BackendUnavailable):
+    """TensorRT could not parse a graph or build an engine; the message says which and why.
+    A kind of BackendUnavailable: ``auto`` passes over TensorRT and says why."""
 
 
 def import_tensorrt() -> tuple[Any, str]:
