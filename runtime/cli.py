@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a bundle directory (optional; default: the embedded bundle), then "
                          "image files and folders")
     ap.add_argument("--bundle", help="bundle directory (instead of the first positional)")
-    ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--json", action="store_true",
+                    help="one JSON record per line (Result.to_record(): scores, stats, error, and the model "
+                         "that produced them)")
+    ap.add_argument("--lcas", action="store_true",
+                    help="with --json or --out: add each image's per-patch LCAS map (K runs x L patches)")
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
     ap.add_argument("--device", default="auto",
                     help="auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N")
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_row(d: dict) -> str:
-    """One table line for a result record (``Result.to_dict()`` or a scan record)."""
+    """One table line for a result record (``Result.to_record()`` or a scan record)."""
     if d["error"]:
         return (f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {d['source']}  "
                 f"[{d['error_code']}] {d['error']}")
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         from .scan import scan
 
         return scan(det, inputs, args.out, resume=args.resume, as_json=args.json,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, want_lcas=args.lcas)
     from tqdm import tqdm
 
     failed = 0
@@ -126,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=len(inputs), unit="img", file=sys.stderr,
                disable=True if args.no_progress else None)
     try:
-        for r in det.detect_many(inputs):
+        for r in det.detect_many(inputs, want_lcas=args.lcas and args.json):
             failed += not r.ok
-            line = json.dumps(r.to_dict()) if args.json else format_row(r.to_dict())
+            rec = r.to_record()
+            line = json.dumps(rec) if args.json else format_row(rec)
             if bar.disable:
                 print(line, flush=True)
             else:

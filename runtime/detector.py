@@ -4,6 +4,7 @@
     det = Detector("bundle/")            # or Detector() for the embedded default bundle
     r = det.detect("photo.jpg")          # paths, encoded bytes or RGB numpy arrays
     r.score, r.verdict, r.stats          # p(AI), "ai" | "real" | "uncertain", (s1, s2, s3)
+    r.to_record()                        # the JSON-able record every output is built from
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,14 @@ from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, Inpu
 @dataclass
 class Result:
     """The verdict on one input. ``error`` is set (and score/verdict are None) when the input
-    could not be scored; ``error_code`` is one of InputError's codes or ``internal``."""
+    could not be scored; ``error_code`` is one of InputError's codes or ``internal``.
+
+    model: what produced the result (:meth:`Detector.model_info`): id, version,
+           manifest_sha256, backend, precision, k, threshold
+    lcas:  [K, L] float32 per-patch LCAS of each masking run (NaN at the run's visible
+           patches), only when asked for (``want_lcas``); patch i lies at row i // g, column
+           i % g of the g x g patch grid
+    """
 
     source: str
     score: float | None = None  # p = sigmoid(logit), the probability of "AI-generated"
@@ -38,13 +46,48 @@ class Result:
     error: str | None = None
     error_code: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    lcas: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def to_record(self, **extra: Any) -> dict[str, Any]:
+        """The one JSON-able record of this result; every output (``cinemae-detect --json``,
+        scan files, the service, the stream reader) is this plus its own ``extra`` fields.
+
+        Keys: source, score, logit, verdict, stats ([s1, s2, s3] or null), error, error_code,
+        timings, model (a copy of :attr:`model`), and ``lcas`` only when the map was asked for:
+        ``{"grid": [g, g], "runs": [[float | null] * L] * K}`` (null at visible patches).
+        ``extra`` keys are added last and must not replace one of these.
+        """
+        rec: dict[str, Any] = {
+            "source": self.source, "score": self.score, "logit": self.logit, "verdict": self.verdict,
+            "stats": None if self.stats is None else [float(x) for x in self.stats],
+            "error": self.error, "error_code": self.error_code, "timings": dict(self.timings),
+            "model": None if self.model is None else dict(self.model),
+        }
+        if self.lcas is not None:
+            rec["lcas"] = lcas_record(self.lcas)
+        clash = rec.keys() & extra.keys()
+        if clash:
+            raise ValueError(f"extra record fields {sorted(clash)} would replace the result's own")
+        rec.update(extra)
+        return rec
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Same as :meth:`to_record` with no extra fields (kept for existing callers)."""
+        return self.to_record()
+
+
+def lcas_record(lcas: np.ndarray) -> dict[str, Any]:
+    """[K, L] per-patch LCAS -> ``{"grid": [g, g], "runs": K lists of L floats, null where NaN}``
+    (JSON has no NaN; a visible patch has no LCAS in that run)."""
+    k, n = lcas.shape
+    g = math.isqrt(n)
+    runs = [[None if math.isnan(v) else v for v in row] for row in lcas.astype(np.float64).tolist()]
+    return {"grid": [g, n // g if g else 0], "runs": runs}
 
 
 def sigmoid(x: float) -> float:
@@ -90,6 +133,13 @@ class Detector:
         self.max_bytes = max_bytes
         self.threshold = self.bundle.threshold
         self.abstain_band = self.bundle.abstain_band
+        self.model = self.model_info()
+
+    def model_info(self) -> dict[str, Any]:
+        """What produced this detector's results: the bundle's fingerprint (id, version,
+        manifest_sha256) plus backend, precision, K and the decision threshold."""
+        return {**self.bundle.fingerprint(), "backend": self.backend.name,
+                "precision": self.backend.precision, "k": self.k, "threshold": self.threshold}
 
     @property
     def backend_name(self) -> str:
@@ -120,38 +170,42 @@ class Detector:
             return "uncertain"
         return "ai" if p >= self.threshold else "real"
 
-    def detect(self, src: ImageSource, name: str | None = None) -> Result:
-        """Score one image (a path, encoded bytes or an RGB array)."""
-        return self.detect_batch([src], [name] if name else None)[0]
+    def detect(self, src: ImageSource, name: str | None = None, *, want_lcas: bool = False) -> Result:
+        """Score one image (a path, encoded bytes or an RGB array); ``want_lcas`` also fills
+        ``Result.lcas`` [K, L]."""
+        return self.detect_batch([src], [name] if name else None, want_lcas=want_lcas)[0]
 
     def detect_batch(self, sources: Sequence[ImageSource],
-                     names: Sequence[str] | None = None) -> list[Result]:
+                     names: Sequence[str] | None = None, *, want_lcas: bool = False) -> list[Result]:
         """Score a list of images in one backend call; a bad input gives an error Result and
         does not affect the others."""
         t0 = time.perf_counter()
         arrays: list[np.ndarray | None] = []
         results: list[Result] = []
         for i, src in enumerate(sources):
-            r = Result(source=names[i] if names else source_name(src, i))
+            r = Result(source=names[i] if names else source_name(src, i), model=self.model)
             try:
                 arrays.append(self.preprocess(src))
             except InputError as e:
                 arrays.append(None)
                 r.error, r.error_code = str(e), e.code
             results.append(r)
-        return self.score_prepared(results, arrays, time.perf_counter() - t0)
+        return self.score_prepared(results, arrays, time.perf_counter() - t0, want_lcas=want_lcas)
 
     def score_prepared(self, results: list[Result], arrays: list[np.ndarray | None],
-                       preprocess_s: float) -> list[Result]:
+                       preprocess_s: float, *, want_lcas: bool = False) -> list[Result]:
         """Fill ``results`` in place from one backend call on the preprocessed ``arrays``
         (each [3, S, S], or None for an input that already failed); a backend failure marks
-        this batch's items ``internal`` and nothing else. Returns ``results``."""
+        this batch's items ``internal`` and nothing else. Every result gets :attr:`model`;
+        with ``want_lcas`` a scored one also gets ``lcas`` [K, L]. Returns ``results``."""
+        for r in results:
+            r.model = self.model
         idx = [i for i, a in enumerate(arrays) if a is not None]
         if not idx:
             return results
         batch = np.stack([arrays[i] for i in idx])
         try:
-            out = self.run_arrays(batch)
+            out = self.run_arrays(batch, want_lcas=want_lcas)
         except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
             for i in idx:
                 results[i].error = f"backend {self.backend.name} failed: {e}"
@@ -166,10 +220,13 @@ class Detector:
             r.logit, r.score, r.verdict = logit, p, self.verdict(p)
             r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
             r.timings = per
+            if want_lcas:  # K=0 runs no decoder: an empty [0, L] map
+                r.lcas = (np.asarray(out.lcas[j], dtype=np.float32) if out.lcas is not None else
+                          np.empty((0, self.bundle.backbone.num_patches), dtype=np.float32))
         return results
 
     def detect_many(self, sources: Iterable[ImageSource], batch_size: int | None = None,
-                    workers: int = 2) -> Iterator[Result]:
+                    workers: int = 2, *, want_lcas: bool = False) -> Iterator[Result]:
         """Stream results in input order, decoding ahead on ``workers`` threads while the
         backend runs; memory stays bounded by a few batches."""
         bs = batch_size or self.batch_size
@@ -200,7 +257,7 @@ class Detector:
                 chunk, pending = pending[:bs], pending[bs:]
                 got = [f.result() for f in chunk]
                 yield from self.score_prepared([g[0] for g in got], [g[1] for g in got],
-                                               sum(g[2] for g in got))
+                                               sum(g[2] for g in got), want_lcas=want_lcas)
 
     def close(self) -> None:
         self.backend.close()
