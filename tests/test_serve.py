@@ -78,11 +78,14 @@ def test_raw_body_matches_runtime(server: ServerProcess, direct) -> None:
     assert body["model"]["id"] == "test-tiny" and body["model"]["version"]
     (res,) = body["results"]
     want = direct.detect(img)
-    assert res["index"] == 0 and "filename" not in res
+    assert res["index"] == 0 and res["source"] == "<request body>"
     assert res["score"] == pytest.approx(want.score, abs=1e-5)
-    assert res["verdict"] == want.verdict and res["threshold"] == pytest.approx(direct.threshold)
+    assert res["verdict"] == want.verdict and res["model"]["threshold"] == pytest.approx(direct.threshold)
     assert res["stats"] == pytest.approx(list(want.stats), rel=1e-4, abs=1e-5)
-    assert res["model_id"] == "test-tiny"
+    # the one result record (Result.to_record) plus the service's own fields
+    assert set(res) == set(want.to_record()) | {"index", "sha256"}
+    assert res["model"] == direct.model and body["model"] == {**direct.model, "trained": direct.bundle.trained}
+    assert res["error"] is None and res["error_code"] is None
     for k in ("decode_ms", "queue_ms", "inference_ms", "batch_size"):
         assert k in res["timings"]
     assert body["timings"]["total_ms"] > 0
@@ -106,9 +109,10 @@ def test_multipart_mixed(server: ServerProcess, direct) -> None:
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [x["index"] for x in res] == [0, 1, 2, 3, 4]
-    assert [x["filename"] for x in res] == ["a.png", "notes.txt", "b.png", "empty.jpg", "c.png"]
-    assert res[1]["error"]["code"] == "unsupported" and res[1]["status"] == 415
-    assert res[3]["error"]["code"] == "empty" and res[3]["status"] == 422
+    assert [x["source"] for x in res] == ["a.png", "notes.txt", "b.png", "empty.jpg", "c.png"]
+    assert res[1]["error_code"] == "unsupported" and res[1]["status"] == 415 and res[1]["score"] is None
+    assert res[3]["error_code"] == "empty" and res[3]["status"] == 422 and res[3]["error"]
+    assert "status" not in res[0]
     for i, g in ((0, good[0]), (2, good[1]), (4, good[2])):
         assert res[i]["score"] == pytest.approx(direct.detect(g).score, abs=1e-5)
     # every image failed -> the status of the first failure, with a top-level error
@@ -287,7 +291,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(tiny_bundle: Path, tmp_pa
         srv.terminate()
     r = result["r"]
     assert r.status_code == 200, r.text
-    assert len(r.json()["results"]) == 40 and all("score" in x for x in r.json()["results"])
+    assert len(r.json()["results"]) == 40 and all(x["score"] is not None for x in r.json()["results"])
     assert rc == 0
 
 

@@ -50,16 +50,21 @@ Design
     * A client that disconnects before its request is read is counted as
       ``outcome="client_disconnected"`` (status label 499), not as a server error.
 
-Response of ``POST /v1/detect``::
+Response of ``POST /v1/detect``: each result is the runtime's one record
+(:meth:`~cinemae.runtime.detector.Result.to_record`) plus the service's own ``index``,
+``sha256`` and, for an image that failed, its HTTP ``status``::
 
-    {"request_id": "...", "model": {"id", "version", "backend", "k", "trained"},
-     "results": [{"index": 0, "filename": "a.jpg", "sha256": "...", "score": 0.93, "logit": 2.6,
-                  "verdict": "ai", "threshold": 0.5, "stats": [s1, s2, s3],
-                  "model_id": "...", "model_version": "...",
-                  "timings": {"decode_wait_ms", "decode_ms", "queue_ms", "inference_ms", "batch_size", ...}},
-                 {"index": 1, "filename": "b.txt", "status": 415,
-                  "error": {"code": "unsupported", "message": "..."}}],
+    {"request_id": "...",
+     "model": {"id", "version", "manifest_sha256", "backend", "precision", "k", "threshold", "trained"},
+     "results": [{"source": "a.jpg", "score": 0.93, "logit": 2.6, "verdict": "ai", "stats": [s1, s2, s3],
+                  "error": null, "error_code": null, "model": {...},
+                  "timings": {"decode_wait_ms", "decode_ms", "queue_ms", "inference_ms", "batch_size", ...},
+                  "index": 0, "sha256": "..."},
+                 {"source": "b.txt", "score": null, ..., "error": "not an image ...",
+                  "error_code": "unsupported", "index": 1, "sha256": "...", "status": 415}],
      "timings": {"total_ms": 12.3}}
+
+A request that fails as a whole answers ``{"request_id", "error": {"code", "message"}}``.
 """
 
 from .app import create_app

@@ -85,9 +85,9 @@ class Service:
         self.cfg = config
         self.ready = False
         self.draining = False
-        b = detector.bundle
-        self.model = {"id": b.model_id, "version": b.model_version, "backend": detector.backend_name,
-                      "k": detector.k, "trained": b.trained}
+        # what produced the results (Detector.model: id, version, manifest_sha256, backend,
+        # precision, k, threshold) and whether its head was trained
+        self.model = {**detector.model, "trained": detector.bundle.trained}
         self.admission = Admission(config)
         self.batcher: Batcher | None = None
         self.decoder = DecodeScheduler(config.decode_threads, config.decode_per_request)
@@ -255,13 +255,13 @@ class Service:
                           {**e.headers, "X-Request-Id": rid}, outcome)
         finally:
             self.admission.release(h)
-        outcome = "ok" if status == 200 and not any("error" in r for r in out["results"]) else \
+        outcome = "ok" if status == 200 and all(r["error"] is None for r in out["results"]) else \
             "partial" if status == 200 else "item_error"
         return Answer(status, out, {"X-Request-Id": rid}, outcome)
 
     async def _detect_images(self, images: list[tuple[str | None, bytes]], rid: str, t0: float, h: Holding
                              ) -> tuple[int, dict[str, Any]]:
-        from ..detector import sigmoid
+        from ..detector import Result, sigmoid
         from ..preprocess import InputError
 
         n = len(images)
@@ -278,53 +278,45 @@ class Service:
         finally:
             self.admission.decoded(h)
             self.batcher.wakeup.set()  # the batcher may stop waiting for these
-        results: list[dict[str, Any]] = []
+        results: list[Result] = []
+        extras: list[dict[str, Any]] = []  # the service's own fields of each record
         futures: list[asyncio.Future | None] = []
         for i, ((fname, data), dec) in enumerate(zip(images, decoded, strict=True)):
-            r: dict[str, Any] = {"index": i}
-            if fname is not None:
-                r["filename"] = fname
-            r["sha256"] = hashlib.sha256(data).hexdigest() if data else None
+            r = Result(source=fname if fname is not None else "<request body>", model=self.det.model)
+            extras.append({"index": i, "sha256": hashlib.sha256(data).hexdigest() if data else None})
             if isinstance(dec, BaseException):
                 if isinstance(dec, asyncio.CancelledError):
                     raise dec
-                code = dec.code if isinstance(dec, InputError) else "internal"
-                msg = str(dec) if isinstance(dec, InputError) else f"{type(dec).__name__}: {dec}"
-                r["status"] = ERROR_STATUS.get(code, 422)
-                r["error"] = {"code": code, "message": msg}
+                r.error_code = dec.code if isinstance(dec, InputError) else "internal"
+                r.error = str(dec) if isinstance(dec, InputError) else f"{type(dec).__name__}: {dec}"
                 futures.append(None)
             else:
                 arr, dec_s, wait_s = dec
                 self.metrics.decode.observe(dec_s)
-                r["timings"] = {"decode_wait_ms": 1000 * wait_s, "decode_ms": 1000 * dec_s}
+                r.timings = {"decode_wait_ms": 1000 * wait_s, "decode_ms": 1000 * dec_s}
                 futures.append(self.batcher.submit(arr))
             results.append(r)
         del images, decoded
         outs = await asyncio.gather(*(f for f in futures if f is not None), return_exceptions=True)
         it = iter(outs)
         for r, f in zip(results, futures, strict=True):
-            if f is None:
-                self.metrics.count_image(r["error"]["code"])
-                continue
-            o = next(it)
-            if isinstance(o, BaseException):
-                r["status"] = 500
-                r["error"] = {"code": "internal", "message": str(o)}
-                r.pop("timings", None)
-                self.metrics.count_image("internal")
-                continue
-            p = sigmoid(o["logit"])
-            r.update(score=p, logit=o["logit"], verdict=self.det.verdict(p),
-                     threshold=self.det.threshold, stats=o["stats"], model_id=self.model["id"],
-                     model_version=self.model["version"])
-            r["timings"].update(queue_ms=1000 * o["queue_s"], inference_ms=1000 * o["inference_s"],
-                                batch_size=o["batch_size"], **o["stages"])
-            self.metrics.count_image("scored")
-        failed = [r for r in results if "error" in r]
-        out: dict[str, Any] = {"request_id": rid, "model": self.model, "results": results}
-        if failed and len(failed) == len(results):
+            if f is not None:
+                o = next(it)
+                if isinstance(o, BaseException):
+                    r.error, r.error_code, r.timings = str(o), "internal", {}
+                else:
+                    p = sigmoid(o["logit"])
+                    r.score, r.logit, r.verdict, r.stats = p, o["logit"], self.det.verdict(p), tuple(o["stats"])
+                    r.timings.update(queue_ms=1000 * o["queue_s"], inference_ms=1000 * o["inference_s"],
+                                     batch_size=o["batch_size"], **o["stages"])
+            self.metrics.count_image("scored" if r.ok else r.error_code)
+        records = [r.to_record(**x, **({} if r.ok else {"status": ERROR_STATUS.get(r.error_code, 422)}))
+                   for r, x in zip(results, extras, strict=True)]
+        out: dict[str, Any] = {"request_id": rid, "model": self.model, "results": records}
+        failed = [x for x in records if x["error"] is not None]
+        if failed and len(failed) == len(records):
             status = failed[0]["status"]
-            out["error"] = dict(failed[0]["error"])
+            out["error"] = {"code": failed[0]["error_code"], "message": failed[0]["error"]}
         else:
             status = 200
         out["timings"] = {"total_ms": 1000 * (time.perf_counter() - t0)}

@@ -20,27 +20,31 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     error = {"type": "object", "required": ["code", "message"],
              "properties": {"code": {"type": "string", "examples": ["too_large"]},
                             "message": {"type": "string"}}}
-    model = {"type": "object", "properties": {"id": {"type": "string"}, "version": {"type": "string"},
-                                              "backend": {"type": "string"}, "k": {"type": "integer"},
-                                              "trained": {"type": "boolean"}}}
+    model = {"type": "object", "description": "What produced the results (Detector.model_info).",
+             "properties": {"id": {"type": "string"}, "version": {"type": "string"},
+                            "manifest_sha256": {"type": "string"}, "backend": {"type": "string"},
+                            "precision": {"type": "string"}, "k": {"type": "integer"},
+                            "threshold": {"type": "number"},
+                            "trained": {"type": "boolean", "description": "Top-level model only."}}}
+    number_or_null = {"type": ["number", "null"]}
     result = {
-        "type": "object", "required": ["index"],
-        "description": "One image: scored (score, verdict, ...) or failed (status, error).",
+        "type": "object", "required": ["index", "source", "score", "verdict", "error", "error_code", "model"],
+        "description": "One image: the runtime's result record (Result.to_record) plus the service's fields "
+                       "index, sha256 and, for a failed image, status.",
         "properties": {
-            "index": {"type": "integer", "description": "Position of the image in the request."},
-            "filename": {"type": "string", "description": "The multipart part's filename."},
-            "sha256": {"type": ["string", "null"], "description": "sha256 of the image bytes."},
-            "score": {"type": "number", "minimum": 0, "maximum": 1,
-                      "description": "p(AI-generated) = sigmoid(logit)."},
-            "logit": {"type": "number"},
-            "verdict": {"type": "string", "enum": ["ai", "real", "uncertain"]},
-            "threshold": {"type": "number"},
-            "stats": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3,
+            "source": {"type": "string", "description": "The multipart part's filename, or '<request body>'."},
+            "score": {**number_or_null, "minimum": 0, "maximum": 1, "description": "p(AI-generated) = sigmoid(logit)."},
+            "logit": number_or_null,
+            "verdict": {"type": ["string", "null"], "enum": ["ai", "real", "uncertain", None]},
+            "stats": {"type": ["array", "null"], "items": {"type": "number"}, "minItems": 3, "maxItems": 3,
                       "description": "LCAS summary statistics (s1, s2, s3)."},
-            "model_id": {"type": "string"}, "model_version": {"type": "string"},
+            "error": {"type": ["string", "null"], "description": "Why this image could not be scored."},
+            "error_code": {"type": ["string", "null"], "examples": ["unsupported", "too_large", "truncated"]},
             "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-            "status": {"type": "integer", "description": "HTTP status of this image's error."},
-            "error": {"$ref": "#/components/schemas/Error"}}}
+            "model": {"$ref": "#/components/schemas/Model"},
+            "index": {"type": "integer", "description": "Position of the image in the request."},
+            "sha256": {"type": ["string", "null"], "description": "sha256 of the image bytes."},
+            "status": {"type": "integer", "description": "HTTP status of this image's error."}}}
     detect_response = {"type": "object", "required": ["request_id", "model", "results"],
                        "properties": {"request_id": {"type": "string"},
                                       "model": {"$ref": "#/components/schemas/Model"},
