@@ -18,6 +18,7 @@ log = logging.getLogger("cinemae.serve")
 
 @dataclass
 class _Item:
+    result: Any  # the Result this image's score goes into (Detector.score_prepared fills it)
     array: np.ndarray  # [3, S, S] float32, preprocessed
     future: asyncio.Future
     t_enqueued: float = field(default_factory=time.perf_counter)
@@ -29,9 +30,10 @@ class Batcher:
     A batch closes when it holds ``max_batch`` images, when ``max_wait_s`` has passed since the
     oldest queued image arrived, or at once when no admitted image is still being decoded
     (``decoding()`` is 0: nothing is on its way to join it, so a lone request is not delayed, and
-    under load batches form from the images that queue up while the previous batch runs). Each
-    item's future receives a dict with ``logit``, ``stats`` ([3]), ``queue_s``, ``inference_s``,
-    ``batch_size`` and the backend stage timings.
+    under load batches form from the images that queue up while the previous batch runs). A
+    batch is scored by ``Detector.score_prepared`` (the runtime's one way to fill a Result:
+    score, verdict under the provenance policy, stats, stage timings); each item's future then
+    receives ``queue_s``, ``inference_s`` and ``batch_size``.
     """
 
     def __init__(self, detector: Any, metrics: Any, max_batch: int, max_wait_s: float,
@@ -53,10 +55,10 @@ class Batcher:
     def depth(self) -> int:
         return len(self.pending)
 
-    def submit(self, array: np.ndarray) -> asyncio.Future:
-        """Queue one image [3, S, S]; the future gets its result dict."""
+    def submit(self, result: Any, array: np.ndarray) -> asyncio.Future:
+        """Queue one image [3, S, S] for ``result`` (filled in place when its batch has run)."""
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append(_Item(array, fut))
+        self.pending.append(_Item(result, array, fut))
         self.wakeup.set()
         return fut
 
@@ -94,24 +96,20 @@ class Batcher:
                 continue
             n = len(items)
             t_start = time.perf_counter()
-            batch = np.stack([it.array for it in items])  # [B, 3, S, S]
             try:
-                out = await loop.run_in_executor(self.executor, self.det.run_arrays, batch)
-            except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
-                log.exception("backend failed on a batch of %d", n)
+                await loop.run_in_executor(self.executor, self.det.score_prepared, [it.result for it in items],
+                                           [it.array for it in items], 0.0)
+            except Exception as e:  # noqa: BLE001 - a failure fails this batch only
+                log.exception("scoring failed on a batch of %d", n)
                 for it in items:
                     if not it.future.done():
-                        it.future.set_exception(RuntimeError(f"backend failed: {e}"))
+                        it.future.set_exception(RuntimeError(f"scoring failed: {e}"))
                 continue
             infer_s = time.perf_counter() - t_start
             self.metrics.batch_size.observe(n)
             self.metrics.inference.observe(infer_s)
-            stages = {f"{k}_ms": 1000.0 * v / n for k, v in out.timings.items()}
-            for j, it in enumerate(items):
+            for it in items:
                 q = t_start - it.t_enqueued
                 self.metrics.queue_wait.observe(q)
                 if not it.future.done():
-                    it.future.set_result({"logit": float(out.logit[j]),
-                                          "stats": [float(x) for x in out.stats[j]],
-                                          "queue_s": q, "inference_s": infer_s, "batch_size": n,
-                                          "stages": stages})
+                    it.future.set_result({"queue_s": q, "inference_s": infer_s, "batch_size": n})

@@ -104,8 +104,7 @@ class Service:
 
             ok, png = cv2.imencode(".png", np.full((48, 64, 3), 128, np.uint8))
             arr = await self.decoder.run(self.decoder.new_key(), self.det.preprocess, png.tobytes())
-            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.det.run_arrays,
-                                                             arr[None])
+            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.det.run_arrays, arr[None])
         self.ready = True
         log.info("ready: %s %s, %s", self.model["id"], self.model["version"], self.det.describe())
 
@@ -221,14 +220,15 @@ class Service:
         return items
 
     # decoding ---------------------------------------------------------------------------------
-    def _decode(self, data: bytes, budget: PixelBudget, t_submit: float) -> tuple[np.ndarray, float, float]:
+    def _decode(self, data: bytes, r: Any, budget: PixelBudget, t_submit: float) -> tuple[np.ndarray, float, float]:
         """Encoded bytes -> ([3, S, S] float32, seconds decoding, seconds waiting for a decode
-        thread); runs on a decode thread."""
+        thread), reading the provenance into ``r`` first (``Detector.prepare``); runs on a
+        decode thread."""
         t = time.perf_counter()
         px = header_pixels(data)
         if px is not None and px <= self.cfg.max_pixels:  # over max_pixels: preprocess says so
             budget.take(px, self.cfg.max_request_pixels)
-        arr = self.det.preprocess(data)
+        arr = self.det.prepare(data, r)
         return arr, time.perf_counter() - t, t - t_submit
 
     # the endpoint -----------------------------------------------------------------------------
@@ -261,7 +261,7 @@ class Service:
 
     async def _detect_images(self, images: list[tuple[str | None, bytes]], rid: str, t0: float, h: Holding
                              ) -> tuple[int, dict[str, Any]]:
-        from ..detector import Result, sigmoid
+        from ..detector import Result
         from ..preprocess import InputError
 
         n = len(images)
@@ -271,18 +271,20 @@ class Service:
         self.admission.take_images(h, n)
         key = self.decoder.new_key()
         budget = PixelBudget(self.cfg.max_request_pixels)
+        results = [Result(source=fname if fname is not None else "<request body>", model=self.det.model)
+                   for fname, _ in images]
         try:
             t_submit = time.perf_counter()
-            decoded = await asyncio.gather(*(self.decoder.run(key, self._decode, data, budget, t_submit)
-                                             for _, data in images), return_exceptions=True)
+            decoded = await asyncio.gather(*(self.decoder.run(key, self._decode, data, r, budget, t_submit)
+                                             for (_, data), r in zip(images, results, strict=True)),
+                                           return_exceptions=True)
         finally:
             self.admission.decoded(h)
             self.batcher.wakeup.set()  # the batcher may stop waiting for these
-        results: list[Result] = []
         extras: list[dict[str, Any]] = []  # the service's own fields of each record
         futures: list[asyncio.Future | None] = []
-        for i, ((fname, data), dec) in enumerate(zip(images, decoded, strict=True)):
-            r = Result(source=fname if fname is not None else "<request body>", model=self.det.model)
+        mine: list[dict[str, float]] = []  # the service's timings of each image
+        for i, ((_, data), dec, r) in enumerate(zip(images, decoded, results, strict=True)):
             extras.append({"index": i, "sha256": hashlib.sha256(data).hexdigest() if data else None})
             if isinstance(dec, BaseException):
                 if isinstance(dec, asyncio.CancelledError):
@@ -290,25 +292,26 @@ class Service:
                 r.error_code = dec.code if isinstance(dec, InputError) else "internal"
                 r.error = str(dec) if isinstance(dec, InputError) else f"{type(dec).__name__}: {dec}"
                 futures.append(None)
+                mine.append({})
             else:
                 arr, dec_s, wait_s = dec
                 self.metrics.decode.observe(dec_s)
-                r.timings = {"decode_wait_ms": 1000 * wait_s, "decode_ms": 1000 * dec_s}
-                futures.append(self.batcher.submit(arr))
-            results.append(r)
+                mine.append({"decode_wait_ms": 1000 * wait_s, "decode_ms": 1000 * dec_s})
+                futures.append(self.batcher.submit(r, arr))
         del images, decoded
         outs = await asyncio.gather(*(f for f in futures if f is not None), return_exceptions=True)
         it = iter(outs)
-        for r, f in zip(results, futures, strict=True):
+        for r, f, t in zip(results, futures, mine, strict=True):
             if f is not None:
                 o = next(it)
                 if isinstance(o, BaseException):
-                    r.error, r.error_code, r.timings = str(o), "internal", {}
-                else:
-                    p = sigmoid(o["logit"])
-                    r.score, r.logit, r.verdict, r.stats = p, o["logit"], self.det.verdict(p), tuple(o["stats"])
-                    r.timings.update(queue_ms=1000 * o["queue_s"], inference_ms=1000 * o["inference_s"],
-                                     batch_size=o["batch_size"], **o["stages"])
+                    r.error, r.error_code = str(o), "internal"
+                    r.score = r.logit = r.verdict = r.stats = None
+                elif r.ok:  # stage seconds per image from score_prepared -> the service's ms
+                    t.update({f"{k}_ms": 1000.0 * v for k, v in r.timings.items() if k != "preprocess"},
+                             queue_ms=1000 * o["queue_s"], inference_ms=1000 * o["inference_s"],
+                             batch_size=o["batch_size"])
+            r.timings = t if r.ok else {}
             self.metrics.count_image("scored" if r.ok else r.error_code)
         records = [r.to_record(**x, **({} if r.ok else {"status": ERROR_STATUS.get(r.error_code, 422)}))
                    for r, x in zip(results, extras, strict=True)]
