@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.every < 1:
         print("cinemae-stream: --every must be >= 1", file=sys.stderr)
         return 2
-    from .cli import open_detector
+    from .commands import open_detector
 
     det = open_detector("cinemae-stream", args.bundle, backend=args.backend, device=args.device,
                         precision=args.precision, batch_size=1, threads=args.threads)

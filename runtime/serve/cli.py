@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("cinemae-serve: needs the serve extra: pip install 'cinemae[serve]'", file=sys.stderr)
         return 2
-    from ..cli import open_detector
+    from ..commands import open_detector
     from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
