@@ -26,8 +26,10 @@ from .data import DataError, Item, gather
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cinemae" / "features"
+    """``features/`` in the cinemae cache (:func:`cinemae.runtime.cache.cache_root`)."""
+    from ..runtime.cache import cache_dir
+
+    return cache_dir("features")
 
 
 def split_items(items: list[Item], val_frac: float, seed: int) -> tuple[list[int], list[int]]:

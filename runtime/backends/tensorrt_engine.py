@@ -444,7 +444,9 @@ def engine_dir(bundle: Bundle) -> Path:
     """Where engines built at first use go: a per-bundle folder under ``$CINEMAE_CACHE/engines``
     (default ``~/.cache/cinemae/engines``), named by the model id and the hash of its graphs.
     Never inside the bundle, whose files the manifest lists and verifies."""
-    base = Path(os.environ.get("CINEMAE_CACHE", Path.home() / ".cache" / "cinemae")) / "engines"
+    from ..cache import cache_dir
+
+    base = cache_dir("engines")
     graphs = {k: v for k, v in bundle.manifest.get("files", {}).items() if k.endswith((".onnx", ".data"))}
     ident = hashlib.sha256(json.dumps(graphs, sort_keys=True).encode()).hexdigest()
     return base / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', bundle.model_id)}-{ident[:16]}"
