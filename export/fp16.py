@@ -156,13 +156,14 @@ def _load(path: Path) -> Any:
 def _save(model: Any, path: Path) -> None:
     import onnx
 
-    tmp = path.with_name(path.name + ".tmp")
-    if model.ByteSize() > 1_800_000_000:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(tmp))
-    tmp.replace(path)
+    from ..runtime.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        if model.ByteSize() > 1_800_000_000:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(model, str(tmp))
 
 
 # --------------------------------------------------------------------------------------------

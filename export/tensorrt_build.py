@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..runtime.atomic import atomic_write
 from ..runtime.backends.base import BackendUnavailable
 from ..runtime.backends.tensorrt_engine import (
     BuildReport,
@@ -126,10 +127,7 @@ def build_bundle_engines(bundle_dir: str | os.PathLike[str], precisions: Iterabl
                 data = build_engine(trt.module, bundle.graph(role, precision), profiles[role], None,
                                     log, target=target if aot else None, report=report)
                 path = root / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
+                atomic_write(path, data)
                 entry = {"file": rel, "key": key.to_dict(), "sha256": hashlib.sha256(data).hexdigest(),
                          "bytes": len(data), "build_s": round(report.seconds, 2), "max_batch": max_batch,
                          "built": "ahead of time, without that GPU" if aot else f"on {gpu.name}",

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,16 +250,10 @@ def cached_binary(capability: tuple[int, int], refresh: bool = False) -> tuple[b
         except OSError:
             pass
     data = _compile(target)
+    from ..runtime.atomic import atomic_write
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)
     except OSError:
         pass
     return data, path

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.atomic import atomic_write
 from ..runtime.bundle import Bundle
 from ..runtime.lcas import stats_from_map
 from ..runtime.preprocess import InputError
@@ -171,10 +172,7 @@ class FeatureCache:
         feat = np.stack([self._pending[h][0] for h in hashes])
         lcas = np.stack([self._pending[h][1] for h in hashes])
         name = f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
-        tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, hashes=np.array(hashes), feature=feat, lcas=lcas)
-        os.replace(tmp, self.dir / name)
+        atomic_write(self.dir / name, lambda f: np.savez(f, hashes=np.array(hashes), feature=feat, lcas=lcas))
         self._pending.clear()
 
 

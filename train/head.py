@@ -175,8 +175,6 @@ def write_head(bundle_dir: str | os.PathLike[str], head: Any, decision: dict[str
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, p)
+    from ..runtime.atomic import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=2, default=float) + "\n")

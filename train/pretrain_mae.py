@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..runtime.atomic import atomic_write
 
 
 def random_masks(batch: int, num_patches: int, n_keep: int, gen: Any) -> tuple[Any, Any, Any]:
@@ -103,9 +104,7 @@ def evaluate(model: Any, images: np.ndarray, n_keep: int, seed: int = 123, batch
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -128,9 +127,7 @@ def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             images, names = z["images"], [str(n) for n in z["names"]]
     else:
         images, names = load_images(Path(args.tar), args.limit, log)
-        with open(out / "decoded.npz.tmp", "wb") as f:
-            np.savez(f, images=images, names=np.array(names))
-        os.replace(out / "decoded.npz.tmp", decoded)
+        atomic_write(decoded, lambda f: np.savez(f, images=images, names=np.array(names)))
     hold = split_holdout(names)
     train_x, val_x = images[~hold], images[hold]
     log(f"loaded {len(images)} images in {time.time() - t0:.0f}s: {len(train_x)} train, "

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -429,11 +428,9 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cach
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from ..atomic import atomic_write
+
+    atomic_write(path, data)
 
 
 # ------------------------------------------------------------------------------------------------
