@@ -30,6 +30,7 @@ it would. The measured maxima therefore decide, independently of the executor.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
 DEFAULT_SAFE_MAX = 4096.0
@@ -468,7 +471,7 @@ def _output_error(fp32_path: Path, fp16_model: Any, feeds: list[dict[str, np.nda
 
 
 def convert_graphs_fp16(stage: Path, fp32_graphs: dict[str, str], model: Any,
-                        log: Callable[[str], None] = print, *,
+                        log: Callable[[str], None] = _logger.info, *,
                         calibration: np.ndarray | None = None, masks: Any = None,
                         lam: float = 1.0, safe_max: float = DEFAULT_SAFE_MAX,
                         keep_residual_fp32: bool = True) -> dict[str, str]:

@@ -18,6 +18,7 @@ and a matching file is kept, not rebuilt.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +38,8 @@ from ..runtime.backends.tensorrt_engine import (
     sm_tag,
 )
 from ..runtime.bundle import Bundle, write_manifest
+
+_logger = logging.getLogger(__name__)
 
 
 def _gpu_here(device_index: int) -> Any | None:
@@ -89,7 +92,7 @@ def _sha256(path: Path) -> str:
 
 def build_bundle_engines(bundle_dir: str | os.PathLike[str], precisions: Iterable[str] | None = None,
                          max_batch: int = 16, targets: Iterable[str] | None = None, device_index: int = 0,
-                         required: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                         required: bool = False, log: Callable[[str], None] = _logger.info) -> list[dict[str, Any]]:
     """Build the engines of every precision (default: all the bundle has) for each target into
     ``BUNDLE/engines`` and list them in the manifest. Returns the manifest entries built or kept.
 

@@ -41,3 +41,4 @@ def test_old_variable_still_works_with_a_warning(tmp_path: Path, monkeypatch: py
         assert cache.cache_dir("kernels") == tmp_path / "old" / "kernels"
     monkeypatch.setenv("CINEMAE_CACHE", str(tmp_path / "new"))  # the new one wins
     assert cache.cache_root() == tmp_path / "new"
+

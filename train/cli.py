@@ -260,7 +260,10 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..runtime.commands import configure_logging
+
     args = build_parser().parse_args(argv)
+    configure_logging("stderr")
     try:
         run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (DataError, FileExistsError, ValueError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -32,6 +33,8 @@ from ..runtime.bundle import Bundle
 from ..runtime.lcas import stats_from_map
 from ..runtime.preprocess import InputError
 from .data import Item
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -179,7 +182,7 @@ class FeatureCache:
 def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_max: int = 4, *,
             cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 64,
             threads: int | None = None, flush_every: int = 2048, progress: bool = True,
-            log: Callable[[str], None] = print, augment: str | None = None) -> FeatureSet:
+            log: Callable[[str], None] = _logger.info, augment: str | None = None) -> FeatureSet:
     """Run every item through the runtime (``Detector.run_arrays`` with K_max runs) or take it
     from the cache. Unreadable items are listed in ``errors`` and left out.
 

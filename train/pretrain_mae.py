@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..runtime.atomic import atomic_write
+
+_logger = logging.getLogger(__name__)
 
 
 def random_masks(batch: int, num_patches: int, n_keep: int, gen: Any) -> tuple[Any, Any, Any]:
@@ -57,7 +60,7 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def load_images(tar: Path, limit: int | None = None, log: Any = print) -> tuple[np.ndarray, list[str]]:
+def load_images(tar: Path, limit: int | None = None, log: Any = _logger.info) -> tuple[np.ndarray, list[str]]:
     """All images of a tar archive -> [N, 3, 32, 32] float32 normalised (runtime preprocessing),
     member names in archive order. Undecodable members are skipped and counted."""
     from ..runtime.preprocess import InputError, preprocess
@@ -107,7 +110,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the summary written to ``OUT/summary.json``."""
     import torch
 

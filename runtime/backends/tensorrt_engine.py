@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -37,6 +38,8 @@ from typing import Any
 from ..bundle import Bundle, sha256_file
 from ..masks import n_keep_for
 from .base import BackendUnavailable
+
+_logger = logging.getLogger(__name__)
 
 ENGINE_FORMAT = 2
 TRT_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
@@ -366,7 +369,7 @@ def layer_precisions(lines: list[str]) -> dict[str, Any]:
 
 
 def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cache: Path | None = None,
-                 log: Callable[[str], None] = print, workspace: int | None = None,
+                 log: Callable[[str], None] = _logger.info, workspace: int | None = None,
                  target: str | None = None, report: BuildReport | None = None) -> bytes:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine with the
     given optimization profiles. No precision flag: the graph's types decide.
@@ -495,7 +498,7 @@ class EngineCache:
             p.unlink(missing_ok=True)
 
     def load_or_build(self, key: EngineKey, build: Callable[[], bytes],
-                      log: Callable[[str], None] = print) -> tuple[bytes, bool]:
+                      log: Callable[[str], None] = _logger.info) -> tuple[bytes, bool]:
         """(engine bytes, built?) : the stored engine when its key matches, else ``build()``
         (stored before returning)."""
         data, why = self.lookup(key)
@@ -547,7 +550,7 @@ def running_key_parts(trt: TensorRT, gpu: Any) -> tuple[str, str]:
 
 
 def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 0,
-                   max_batch: int = 16, k: int | None = None, log: Callable[[str], None] = print,
+                   max_batch: int = 16, k: int | None = None, log: Callable[[str], None] = _logger.info,
                    cache_root: Path | None = None) -> dict[str, EngineEntry]:
     """The encoder, decoder (K > 0) and head engines of ``bundle`` at ``precision`` for this GPU
     and TensorRT: the bundle's ahead-of-time engine where :func:`select_engine` finds one, else
