@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .runners import ALL_BACKENDS, RUNTIME_BACKENDS
+from .runners import all_backends, runs_on
 
 DEFAULT_KS = "0,1,2,4"
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default=None, metavar="P[,P...]",
                     help="fp32, fp16 or both (default fp32 on the CPU, fp32,fp16 with a GPU)")
     ap.add_argument("--backends", default=None, metavar="NAME[,NAME...]|all",
-                    help=f"of {', '.join(ALL_BACKENDS)}; 'all' asks for every one (unavailable ones "
+                    help=f"of {', '.join(all_backends())}; 'all' asks for every one (unavailable ones "
                          "become error rows). Default: every backend available here")
     ap.add_argument("--device", default=None, help="cpu, cuda[:N] or all (default: all with a GPU, "
                     "else cpu)")
@@ -110,29 +110,31 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
     else:
         devices = [device]
     if backends is None or backends == "all":
-        names = list(ALL_BACKENDS)
+        names = list(all_backends())
         if backends == "all" and device is None:
             devices = ["cpu", "cuda"]
     else:
         names = [b.strip() for b in backends.split(",") if b.strip()]
-        bad = [b for b in names if b not in ALL_BACKENDS]
+        bad = [b for b in names if b not in all_backends()]
         if bad:
-            raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(ALL_BACKENDS)} or all")
-        if device is None and any(b in ("tensorrt", "onnxruntime-cuda") for b in names):
+            raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(all_backends())} or all")
+        if device is None and any(not runs_on(b, "cpu") for b in names):
             devices = ["cpu", "cuda"]
     if precision is None:
         precs = None  # fp32 on the CPU, fp32 and fp16 on a GPU
     else:
         precs = [p.strip() for p in precision.split(",") if p.strip()]
-        if any(p not in ("fp32", "fp16") for p in precs):
-            raise ValueError(f"--precision takes fp32 and/or fp16, got {precision!r}")
+        from ..runtime.precision import PRECISIONS
+
+        if any(p not in PRECISIONS for p in precs):
+            raise ValueError(f"--precision takes {', '.join(PRECISIONS)}, got {precision!r}")
     if no_torch:
         names = [n for n in names if n != "torch"]
     specs = []
     for dev in devices:
         on_gpu = dev.startswith("cuda")
         for name in names:
-            if name in RUNTIME_BACKENDS and (name == "onnxruntime-cpu") == on_gpu:
+            if not runs_on(name, dev):
                 continue  # a CPU backend on a GPU device or the reverse: not a combination
             for p in precs or (["fp32", "fp16"] if on_gpu else ["fp32"]):
                 if name == "torch" and p == "fp16" and not on_gpu:
