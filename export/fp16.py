@@ -408,6 +408,17 @@ def node_precisions(model: Any) -> dict[str, int]:
 # the bundle hook
 
 
+def _calibration_feeds(stage: Path, fp32_graphs: dict[str, str], model: Any, images: np.ndarray, masks: Any,
+                       lam: float) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The old signature of :func:`cinemae.export.calibration.calibration_feeds` (which it calls),
+    kept for callers written against it; new code imports export.calibration."""
+    from .calibration import calibration_feeds
+
+    cfg = model.cfg
+    return calibration_feeds({g: Path(stage) / p for g, p in fp32_graphs.items()}, images, masks,
+                             patch_size=cfg.patch_size, lam=lam, norm_pix=cfg.norm_pix)
+
+
 def _output_error(fp32_path: Path, fp16_model: Any, feeds: list[dict[str, np.ndarray]]
                   ) -> tuple[float, float]:
     import onnxruntime as ort
@@ -452,10 +463,7 @@ def convert_graphs_fp16(stage: Path, fp32_graphs: dict[str, str], model: Any,
             (4, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
     if masks is None or masks.k == 0:
         masks = make_masks(cfg.num_patches, masks.k if masks is not None else 2, 0.75, 0)
-    from .calibration import calibration_feeds
-
-    feeds = calibration_feeds({g: stage / p for g, p in fp32_graphs.items()}, calibration, masks,
-                              patch_size=cfg.patch_size, lam=lam, norm_pix=cfg.norm_pix)
+    feeds = _calibration_feeds(stage, fp32_graphs, model, calibration, masks, lam)
     out: dict[str, str] = {}
     reports = {}
     for name in ("encoder", "decoder", "head"):
