@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("cinemae.benchmarks.batch_invariance")  # also when run as __main__
 
 
 def measure(bundle_path: str | None, rounds: int = 6, threads: int | None = 2, batches: tuple[int, ...] = (1, 4, 16),
@@ -80,15 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
+    from ..runtime.commands import configure_logging
+
+    configure_logging("stdout")
     r = measure(args.bundle, args.rounds, args.threads)
-    print(f"{r['bundle']} on {r['machine']} (load {r['load_average'][0]:.1f}): D={r['embed_dim']} "
+    log.info(f"{r['bundle']} on {r['machine']} (load {r['load_average'][0]:.1f}): D={r['embed_dim']} "
           f"S={r['img_size']} K={r['k']}, {r['threads']} threads, "
           f"median of {r['rounds']} interleaved rounds")
     for b, t in r["throughput"].items():
-        print(f"  B={b:>2}: whole {t['whole']:.1f} img/s, per image {t['per_image']:.1f} img/s ({t['ratio']:.2f}x); "
+        log.info(f"  B={b:>2}: whole {t['whole']:.1f} img/s, per image {t['per_image']:.1f} img/s ({t['ratio']:.2f}x); "
               f"CPU per image {t['cpu_ms_per_image_whole']:.2f} vs {t['cpu_ms_per_image_per_image']:.2f} ms "
               f"({t['cpu_ratio']:.2f}x)")
-    print(f"  max |logit alone - in a batch|: whole {r['max_logit_shift_whole']:.3g}, "
+    log.info(f"  max |logit alone - in a batch|: whole {r['max_logit_shift_whole']:.3g}, "
           f"per image {r['max_logit_shift_per_image']:.3g}")
     if args.json:
         with open(args.json, "w") as f:
