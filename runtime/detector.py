@@ -23,7 +23,16 @@ import numpy as np
 from .backends import BatchOutput, create_backend
 from .bundle import Bundle, resolve_bundle
 from .masks import MaskSet, make_masks
-from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, InputError, preprocess, read_bytes
+from .preprocess import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    InputError,
+    load_image,
+    preprocess,
+    read_bytes,
+)
+from .tiles import TileSpec, reduce_logits, tile_views
 
 
 @dataclass
@@ -46,6 +55,9 @@ class Result:
     image_size:    (W, H) of the original image after EXIF orientation (not in the record)
     want_heatmap:  a heatmap asked for this item alone (False; True: from the bundle's K runs; N:
                    from N runs), honoured by :meth:`Detector.score_prepared` (not in the record)
+    tiles:         for a tiled bundle (:mod:`cinemae.runtime.tiles`): one entry per crop,
+                   ``{"box": [left, top, right, bottom] in the original image, "logit": float}``;
+                   the image logit is their reduction (mean logit). None for an untiled bundle.
     """
 
     source: str
@@ -64,6 +76,8 @@ class Result:
     heatmap: dict[str, Any] | None = None
     image_size: tuple[int, int] | None = field(default=None, repr=False)
     want_heatmap: bool | int = field(default=False, repr=False)
+    tiles: list[dict[str, Any]] | None = None
+    tile_boxes: list[tuple[int, int, int, int]] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -75,7 +89,8 @@ class Result:
 
         Keys: source, score, logit, verdict, stats ([s1, s2, s3] or null), error, error_code,
         timings, model (a copy of :attr:`model`), pixel_verdict, reason, provenance (when read),
-        ``lcas`` only when the map was asked for: ``{"grid": [g, g], "runs": [[float | null] * L] * K}``
+        ``tiles`` for a tiled bundle (per-crop box and logit), ``lcas`` only when the map was asked
+        for: ``{"grid": [g, g], "runs": [[float | null] * L] * K}``
         (null at visible patches), and ``heatmap`` only when asked for (``explain``).
         Text is always valid UTF-8: a source that is a non-UTF-8 file name is shown with U+FFFD
         and ``source_bytes_b64`` holds its exact bytes.
@@ -99,6 +114,8 @@ class Result:
             rec["lcas"] = lcas_record(self.lcas)
         if self.heatmap is not None:
             rec["heatmap"] = self.heatmap
+        if self.tiles is not None:
+            rec["tiles"] = self.tiles
         clash = rec.keys() & extra.keys()
         if clash:
             raise ValueError(f"extra record fields {sorted(clash)} would replace the result's own")
@@ -171,6 +188,10 @@ class Detector:
         self.read_provenance = provenance
         self.provenance_policy = provenance_policy
         self.trust_anchors = trust_anchors
+        try:
+            self.tiles: TileSpec | None = TileSpec.from_manifest(self.bundle.manifest)
+        except ValueError as e:
+            raise ValueError(f"{self.bundle.root}: {e}") from None
 
     def model_info(self) -> dict[str, Any]:
         """What produced this detector's results: the bundle's fingerprint (id, version,
@@ -189,13 +210,23 @@ class Detector:
 
     # preprocessing ---------------------------------------------------------------------------
     def preprocess(self, src: ImageSource) -> np.ndarray:
-        """One source -> [3, S, S] float32 (raises InputError)."""
+        """One source -> [3, S, S] float32, or [T, 3, S, S] (its crops) for a tiled bundle
+        (raises InputError)."""
+        return self.preprocess_views(src)[0]
+
+    def preprocess_views(self, src: ImageSource
+                         ) -> tuple[np.ndarray, list[tuple[int, int, int, int]] | None]:
+        """One source -> (array, crop boxes): [3, S, S] and None for an untiled bundle, else
+        [T, 3, S, S] and T (left, top, right, bottom) boxes in the original image."""
         bb = self.bundle.backbone
-        return preprocess(src, bb.img_size, self.bundle.crop_ratio, self.max_pixels,
-                          self.max_bytes)
+        if self.tiles is None:
+            return preprocess(src, bb.img_size, self.bundle.crop_ratio, self.max_pixels, self.max_bytes), None
+        return tile_views(load_image(src, self.max_pixels, self.max_bytes), bb.img_size, self.tiles,
+                          self.max_pixels)
 
     def prepare(self, src: ImageSource, r: Result) -> np.ndarray:
-        """One source -> [3, S, S] float32, reading the file once: its provenance first (into
+        """One source -> [3, S, S] float32 ([T, 3, S, S] for a tiled bundle, boxes into
+        ``r.tile_boxes``), reading the file once: its provenance first (into
         ``r.provenance``, also when the pixels then fail), its original size (``r.image_size``),
         then its pixels (raises InputError)."""
         from .explain.heatmap import oriented_size
@@ -215,7 +246,8 @@ class Detector:
                 r.provenance = no_provenance("a decoded array carries no file metadata")
             if isinstance(src, np.ndarray) and src.ndim >= 2:
                 r.image_size = (int(src.shape[1]), int(src.shape[0]))
-        return self.preprocess(data if data is not None else src)
+        arr, r.tile_boxes = self.preprocess_views(data if data is not None else src)
+        return arr
 
     # scoring -----------------------------------------------------------------------------------
     def run_arrays(self, images: np.ndarray, *, want_feature: bool = False,
@@ -268,16 +300,23 @@ class Detector:
         next N - K masks of the same seeded draw, so every patch is likely covered while the
         verdict keeps the bundle's K. Without ``explain``, an item whose ``want_heatmap`` is set
         gets its own heatmap (the service's per-request ``?explain=1``). The provenance policy is
-        applied here. Returns ``results``."""
+        applied here. A tiled bundle's image ([T, 3, S, S]) is T rows of the same call; its logit is
+        the mean of its crop logits, its stats the mean of theirs, ``lcas`` its crops' runs
+        [T*K, L], ``tiles`` the per-crop logits (no heatmap). Returns ``results``."""
         for r in results:
             r.model = self.model
         idx = [i for i, a in enumerate(arrays) if a is not None]
         if not idx:
             return results
-        batch = np.stack([arrays[i] for i in idx])
+        # A tiled image is T rows (its crops) through the same graphs; rows[j] = (start, stop).
+        parts = [arrays[i] if arrays[i].ndim == 4 else arrays[i][None] for i in idx]  # type: ignore[union-attr]
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        batch = np.concatenate(parts)
+        tiled = len(batch) != len(idx) or any(arrays[i].ndim == 4 for i in idx)  # type: ignore[union-attr]
         try:
-            wants: list[bool | int | None] = [(explain_k or True) if explain else results[i].want_heatmap
-                                              for i in idx]
+            # Heatmaps are per view; a tiled image reports its per-crop logits instead.
+            wants: list[bool | int | None] = [False] * len(idx) if tiled else [
+                (explain_k or True) if explain else results[i].want_heatmap for i in idx]
             out = self.run_arrays(batch, want_lcas=want_lcas or any(w is not False for w in wants))
             maps = None
             if any(w is not False for w in wants):
@@ -294,18 +333,27 @@ class Detector:
         timings = {"preprocess": preprocess_s, **out.timings}
         per = {k: v / len(idx) for k, v in timings.items()}
         for j, i in enumerate(idx):
-            logit = float(out.logit[j])
+            a, b = int(bounds[j]), int(bounds[j + 1])
             r = results[i]
+            crop_logits = np.asarray(out.logit[a:b], dtype=np.float64)
+            if arrays[i].ndim == 4:  # type: ignore[union-attr]
+                logit = reduce_logits(crop_logits, self.tiles)  # type: ignore[arg-type]
+                boxes = r.tile_boxes or [None] * (b - a)
+                r.tiles = [{"box": None if bx is None else list(bx), "logit": float(v)}
+                           for bx, v in zip(boxes, crop_logits, strict=True)]
+            else:
+                logit = float(crop_logits[0])
             if not math.isfinite(logit):
                 r.error, r.error_code = f"backend {self.backend.name} gave a non-finite logit ({logit})", "internal"
                 continue
             p = sigmoid(logit)
             r.logit, r.score, r.pixel_verdict = logit, p, self.verdict(p)
             r.verdict, r.reason = self.apply_policy(r.provenance, r.pixel_verdict)
-            r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
+            r.stats = tuple(float(x) for x in np.asarray(out.stats[a:b], np.float64).mean(0))  # type: ignore[assignment]
             r.timings = per
-            if want_lcas:  # K=0 runs no decoder: an empty [0, L] map
-                r.lcas = (np.asarray(out.lcas[j], dtype=np.float32) if out.lcas is not None else
+            if want_lcas:  # K=0 runs no decoder: an empty [0, L] map; a tiled image: its crops' runs [T*K, L]
+                r.lcas = (np.asarray(out.lcas[a:b], dtype=np.float32).reshape(-1, self.bundle.backbone.num_patches)
+                          if out.lcas is not None else
                           np.empty((0, self.bundle.backbone.num_patches), dtype=np.float32))
             if maps is not None and maps[j] is not None:
                 from .explain import explain_record

@@ -104,7 +104,8 @@ class Service:
 
             ok, png = cv2.imencode(".png", np.full((48, 64, 3), 128, np.uint8))
             arr = await self.decoder.run(self.decoder.new_key(), self.det.preprocess, png.tobytes())
-            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.det.run_arrays, arr[None])
+            await asyncio.get_running_loop().run_in_executor(self.batcher.executor, self.det.run_arrays,
+                                                                  arr if arr.ndim == 4 else arr[None])
         self.ready = True
         log.info("ready: %s %s, %s", self.model["id"], self.model["version"], self.det.describe())
 

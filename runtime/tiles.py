@@ -1,0 +1,138 @@
+"""Tiles: score an image as several img_size x img_size crops instead of one resized view.
+
+A bundle opts in through its manifest::
+
+    "tiles": {"mode": "grid" | "seeded", "n": 16, "scale": "native" | 0.5, "seed": 0,
+              "reduce": "mean_logit"}
+
+* ``scale``: ``native`` takes the crops from the decoded pixels as they are (a 2048-px photo
+  keeps its local traces instead of being shrunk to img_size); a float first resizes the image by
+  that factor (area when shrinking, bicubic when enlarging).
+* ``mode``: ``grid`` spreads at most ``n`` crops evenly over the image (rows x columns, the
+  first and last touching the borders, overlapping when the image is not a multiple of
+  img_size); ``seeded`` draws ``n`` top-left corners uniformly from a generator seeded by
+  (``seed``, H, W), so the same image always gets the same crops.
+* An image whose shorter side (after ``scale``) is below img_size is first enlarged so that side
+  is img_size (bicubic) and then tiled along its longer side. It is not padded: constant padding
+  is reconstructed almost perfectly by the MAE, so it would drag the crop's LCAS statistics to
+  values no training crop had; enlarging is what the untiled model does with small images.
+* ``reduce``: ``mean_logit``, the image logit is the mean of its crop logits. The mean of
+  log-odds is the log of the geometric mean of the crops' odds: every crop is equal evidence,
+  one odd crop moves the verdict by 1/T of its logit (a max would let a single textured crop
+  decide, and a mean of probabilities saturates). The image's (s1, s2, s3) are the mean of its
+  crops' statistics (what the record shows; the head saw each crop's own).
+
+Work is bounded: at most :data:`MAX_TILES` crops per image, the decoder's pixel limit applies
+before tiling, and a float scale may not take the image above that limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_TILES = 64
+REDUCERS = ("mean_logit",)
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """What a bundle's ``tiles`` entry asks for (validated)."""
+
+    mode: str = "grid"
+    n: int = 16
+    scale: str | float = "native"
+    seed: int = 0
+    reduce: str = "mean_logit"
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> TileSpec | None:
+        """The manifest's ``tiles`` entry, or None when the bundle scores one resized view.
+        Raises ValueError (one sentence) for an entry the runtime cannot honour."""
+        t = manifest.get("tiles")
+        if t is None:
+            return None
+        if not isinstance(t, dict):
+            raise ValueError(f"the manifest's tiles entry must be an object, not {type(t).__name__}")
+        mode = str(t.get("mode", "grid"))
+        if mode not in ("grid", "seeded"):
+            raise ValueError(f"tiles.mode must be grid or seeded, not {mode!r}")
+        n = t.get("n", 16)
+        if not isinstance(n, int) or not 1 <= n <= MAX_TILES:
+            raise ValueError(f"tiles.n must be an integer in 1..{MAX_TILES}, not {n!r}")
+        scale = t.get("scale", "native")
+        if scale != "native" and not (isinstance(scale, (int, float)) and 0.05 <= float(scale) <= 8.0):
+            raise ValueError(f"tiles.scale must be 'native' or a number in 0.05..8, not {scale!r}")
+        reduce = str(t.get("reduce", "mean_logit"))
+        if reduce not in REDUCERS:
+            raise ValueError(f"tiles.reduce must be one of {REDUCERS}, not {reduce!r}")
+        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"mode": self.mode, "n": self.n, "scale": self.scale, "seed": self.seed, "reduce": self.reduce}
+
+
+def _positions(length: int, size: int, count: int) -> list[int]:
+    """``count`` start offsets from 0 to length - size, evenly spaced (rounded)."""
+    if count <= 1:
+        return [(length - size) // 2]
+    return [int(round(v)) for v in np.linspace(0, length - size, count)]
+
+
+def tile_boxes(h: int, w: int, img_size: int, spec: TileSpec) -> list[tuple[int, int]]:
+    """Top-left corners (top, left) of the crops of an H x W image (H, W >= img_size).
+
+    grid: r rows x c columns with r * c <= n, r <= ceil(H / S), c <= ceil(W / S), chosen to keep
+    the crops' spacing close in both directions; seeded: n corners from default_rng([seed, H, W])."""
+    s = img_size
+    if spec.mode == "seeded":
+        rng = np.random.default_rng([spec.seed, h, w])
+        tops = rng.integers(0, h - s + 1, spec.n)
+        lefts = rng.integers(0, w - s + 1, spec.n)
+        return [(int(t), int(left)) for t, left in zip(tops, lefts, strict=True)]
+    need_r, need_c = math.ceil(h / s), math.ceil(w / s)
+    if need_r * need_c <= spec.n:
+        r, c = need_r, need_c
+    else:  # fewer crops than cover the image: keep the aspect of the grid
+        r = max(1, min(need_r, round(math.sqrt(spec.n * h / w))))
+        c = max(1, min(need_c, spec.n // r))
+        r = max(1, min(need_r, spec.n // c))
+    return [(t, left) for t in _positions(h, s, r) for left in _positions(w, s, c)]
+
+
+def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int | None = None
+               ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """[H, W, 3] float in [0, 1] -> (crops [T, 3, S, S] float32 normalised, boxes).
+
+    boxes: (left, top, right, bottom) of each crop in the ORIGINAL image's pixels (after EXIF
+    orientation), so a record can say which part of the picture each crop logit came from."""
+    import cv2
+
+    from .preprocess import InputError, normalise
+
+    h0, w0 = rgb.shape[:2]
+    f = 1.0 if spec.scale == "native" else float(spec.scale)
+    h, w = max(1, round(h0 * f)), max(1, round(w0 * f))
+    if min(h, w) < img_size:  # enlarge the shorter side to S (see the module docstring)
+        g = img_size / min(h, w)
+        h, w = max(img_size, round(h * g)), max(img_size, round(w * g))
+    if max_pixels is not None and h * w > max_pixels:
+        raise InputError("too_large", f"tiling at scale {spec.scale} makes {w}x{h} = {w * h} pixels, over the "
+                                      f"{max_pixels}-pixel limit")
+    if (h, w) != (h0, w0):
+        interp = cv2.INTER_AREA if h * w < h0 * w0 else cv2.INTER_CUBIC
+        rgb = np.clip(cv2.resize(rgb, (w, h), interpolation=interp), 0.0, 1.0)
+    corners = tile_boxes(h, w, img_size, spec)
+    crops = np.stack([normalise(rgb[t:t + img_size, left:left + img_size]) for t, left in corners])
+    sy, sx = h0 / h, w0 / w
+    boxes = [(round(left * sx), round(t * sy), round((left + img_size) * sx), round((t + img_size) * sy))
+             for t, left in corners]
+    return crops, boxes
+
+
+def reduce_logits(logits: np.ndarray, spec: TileSpec) -> float:
+    """[T] crop logits -> the image logit (``mean_logit``: their mean, in float64)."""
+    return float(np.mean(np.asarray(logits, dtype=np.float64)))

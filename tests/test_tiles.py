@@ -1,0 +1,88 @@
+"""Tiled bundles: an image scored as crops at native resolution, reduced by the mean logit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cinemae.runtime.detector import Detector
+from cinemae.runtime.preprocess import normalise
+from cinemae.runtime.tiles import MAX_TILES, TileSpec, tile_boxes, tile_views
+
+
+def _tiled(bundle: Path, **tiles) -> Path:
+    m = json.loads((bundle / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": 16, "scale": "native", "seed": 0, "reduce": "mean_logit", **tiles}
+    (bundle / "cinemae.json").write_text(json.dumps(m))
+    return bundle
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["grid", "seeded"])
+def test_tiled_logit_is_mean_of_crops_scored_alone(tiny_bundle_copy: Path, mode: str) -> None:
+    det = Detector(_tiled(tiny_bundle_copy, mode=mode, n=6), backend="onnxruntime", device="cpu",
+                   provenance=False)
+    img = _image(70, 100)
+    r = det.detect(img)
+    crops, boxes = tile_views(img.astype(np.float32) / 255.0, 32, det.tiles)
+    assert r.ok and len(r.tiles) == len(crops) == len(boxes) <= 6
+    # native scale: every crop is the image's own pixels at its box, untouched
+    for c, (x0, y0, x1, y1) in zip(crops, boxes, strict=True):
+        np.testing.assert_array_equal(c, normalise(img[y0:y1, x0:x1].astype(np.float32) / 255.0))
+    alone = [det.run_arrays(c[None]) for c in crops]
+    logits = np.array([float(o.logit[0]) for o in alone])
+    assert [t["logit"] for t in r.tiles] == logits.tolist()
+    assert r.logit == float(np.mean(logits))
+    np.testing.assert_allclose(r.stats, np.mean([o.stats[0] for o in alone], axis=0), rtol=1e-6)
+    rec = r.to_record()
+    assert rec["tiles"][0]["box"] == list(boxes[0]) and "heatmap" not in rec
+    # the same image in a batch with others, and through detect_many, scores the same
+    batch = det.detect_batch([_image(40, 40, 1), img, _image(33, 90, 2)])
+    assert batch[1].logit == r.logit
+    assert [x.logit for x in det.detect_many([_image(40, 40, 1), img], batch_size=2)][1] == r.logit
+
+
+def test_grid_covers_image_within_n() -> None:
+    spec = TileSpec(mode="grid", n=16)
+    assert tile_boxes(64, 96, 32, spec) == [(0, 0), (0, 32), (0, 64), (32, 0), (32, 32), (32, 64)]
+    big = tile_boxes(1000, 3000, 32, spec)  # far more than n crops would cover: n at most, spread out
+    assert 12 <= len(big) <= 16
+    assert min(t for t, _ in big) == 0 and max(t for t, _ in big) == 1000 - 32
+    assert min(c for _, c in big) == 0 and max(c for _, c in big) == 3000 - 32
+
+
+def test_seeded_positions_deterministic() -> None:
+    a = tile_boxes(300, 500, 32, TileSpec(mode="seeded", n=8, seed=3))
+    assert a == tile_boxes(300, 500, 32, TileSpec(mode="seeded", n=8, seed=3))
+    assert a != tile_boxes(300, 500, 32, TileSpec(mode="seeded", n=8, seed=4))
+    assert len(a) == 8 and all(0 <= t <= 300 - 32 and 0 <= c <= 500 - 32 for t, c in a)
+
+
+def test_small_image_enlarged_not_padded() -> None:
+    rgb = _image(20, 50).astype(np.float32) / 255.0
+    crops, boxes = tile_views(rgb, 32, TileSpec(mode="grid", n=16))
+    assert crops.shape == (3, 3, 32, 32)  # shorter side 20 -> 32, longer 50 -> 80: three crops along it
+    assert all(0 <= x0 < x1 <= 50 and 0 <= y0 < y1 <= 20 for x0, y0, x1, y1 in boxes)
+    assert float(np.abs(crops).min()) >= 0 and np.isfinite(crops).all()
+
+
+def test_scale_respects_pixel_limit(tiny_bundle_copy: Path) -> None:
+    det = Detector(_tiled(tiny_bundle_copy, scale=4.0), backend="onnxruntime", device="cpu",
+                   provenance=False, max_pixels=100 * 100)
+    r = det.detect(_image(60, 60))
+    assert r.error_code == "too_large" and "pixel limit" in r.error
+    ok = det.detect(_image(20, 20))  # 80 x 80 after scaling: within the limit
+    assert ok.ok and len(ok.tiles) == 9
+
+
+@pytest.mark.parametrize("bad", [{"mode": "random"}, {"n": MAX_TILES + 1}, {"n": 0}, {"scale": "big"},
+                                 {"reduce": "max"}])
+def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict) -> None:
+    with pytest.raises(ValueError, match="tiles"):
+        Detector(_tiled(tiny_bundle_copy, **bad), backend="onnxruntime", device="cpu")
