@@ -152,19 +152,14 @@ def _prepped(det: Any, inputs: Sequence[str], done: set[bytes], window: int,
                 f.cancel()
 
 
-def _score(det: Any, batch: list[_Prepped]) -> list[dict[str, Any]]:
+def _score(det: Any, batch: list[_Prepped], want_lcas: bool = False) -> list[dict[str, Any]]:
     """One backend call for the decodable inputs of ``batch``; one record per input."""
     from .detector import Result
 
     results = [Result(source=p.path, error=p.error, error_code=p.code) for p in batch]
-    det.score_prepared(results, [p.array for p in batch], sum(p.seconds for p in batch))
-    recs = []
-    for p, r in zip(batch, results, strict=True):
-        d = r.to_dict()
-        d["sha256"], d["bytes"] = p.sha256, p.size
-        d["model_id"], d["model_version"] = det.bundle.model_id, det.bundle.model_version
-        recs.append(d)
-    return recs
+    det.score_prepared(results, [p.array for p in batch], sum(p.seconds for p in batch),
+                       want_lcas=want_lcas)
+    return [r.to_record(sha256=p.sha256, bytes=p.size) for p, r in zip(batch, results, strict=True)]
 
 
 def _append(fd: int, records: list[dict[str, Any]]) -> None:
@@ -179,7 +174,7 @@ def _append(fd: int, records: list[dict[str, Any]]) -> None:
 
 def scan(det: Any, inputs: Sequence[str], out: str | os.PathLike[str], *, resume: bool = False,
          as_json: bool = False, progress: bool = True, batch_size: int | None = None,
-         workers: int = 2) -> int:
+         workers: int = 2, want_lcas: bool = False) -> int:
     """Score ``inputs`` (file paths) with ``det`` and append one record per input to ``out``.
 
     Prints each new result (a table row, or the JSON record with ``as_json``) to stdout and a
@@ -225,7 +220,7 @@ def scan(det: Any, inputs: Sequence[str], out: str | os.PathLike[str], *, resume
                    dynamic_ncols=True)
 
         def emit(batch: list[_Prepped]) -> None:
-            recs = _score(det, batch)
+            recs = _score(det, batch, want_lcas)
             _append(fd, recs)  # durable before it is reported
             for p, d in zip(batch, recs, strict=True):
                 seen.add(record_key(p.sha256, p.path))

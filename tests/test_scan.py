@@ -65,7 +65,7 @@ def test_scan_records_every_input_once(tiny_bundle: Path, tmp_path: Path, capsys
             import hashlib
 
             assert r["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
-            assert r["bytes"] == p.stat().st_size and r["model_id"] == "test-tiny"
+            assert r["bytes"] == p.stat().st_size and r["model"] == det.model
     stdout = capsys.readouterr().out
     assert len([line for line in stdout.splitlines() if line.startswith("{")]) == 13
 
