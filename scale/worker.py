@@ -57,14 +57,11 @@ def read_batch(batch: dict[str, np.ndarray], max_bytes: int, base: str) -> dict[
             "error": _column(errors), "error_code": _column(codes)}
 
 
-def scan_record(det: Any, result: Any, sha256: str | None, size: int | None) -> dict[str, Any]:
-    """The record of one input: ``Result.to_record()`` plus ``sha256`` and ``bytes`` of the
-    input, exactly as ``cinemae-detect --out`` writes it."""
-    if hasattr(result, "to_record"):
-        return result.to_record(sha256=sha256, bytes=size)
-    rec = result.to_dict()  # runtime without Result.to_record: the same fields by hand
-    rec.update(sha256=sha256, bytes=size, model=det.bundle.fingerprint())
-    return rec
+def scan_record(result: Any, sha256: str | None, size: int | None) -> dict[str, Any]:
+    """The record of one input: ``Result.to_record()`` (scores, verdict, stats or error, the
+    model fingerprint, provenance) plus ``sha256`` and ``bytes`` of the input, as
+    ``cinemae-detect --out`` writes it."""
+    return result.to_record(sha256=sha256, bytes=size)
 
 
 class ScoreActor:
@@ -95,7 +92,7 @@ class ScoreActor:
                 data = bytes(data)
                 sha, size = hashlib.sha256(data).hexdigest(), len(data)
                 try:
-                    a = self.det.preprocess(data)
+                    a = self.det.prepare(data, r)  # provenance first, then pixels, as cinemae-detect
                 except InputError as e:
                     r.error, r.error_code = str(e), e.code
                 except Exception as e:  # noqa: BLE001 - one bad input never fails the job
@@ -105,7 +102,7 @@ class ScoreActor:
             hashes.append(sha)
             sizes.append(size)
         self.det.score_prepared(results, arrays, time.perf_counter() - t)
-        records = [json.dumps(scan_record(self.det, r, h, s), separators=(",", ":"))
+        records = [json.dumps(scan_record(r, h, s), separators=(",", ":"))
                    for r, h, s in zip(results, hashes, sizes, strict=True)]
         return {"source": batch["source"], "chunk": batch["chunk"], "record": _column(records)}
 

@@ -122,6 +122,7 @@ def assert_same_scores(recs: dict[str, dict], ref: dict[str, dict]) -> float:
     for src, d in ref.items():
         r = recs[src]
         assert r["verdict"] == d["verdict"] and r["error_code"] == d["error_code"], src
+        assert r.get("reason") == d.get("reason") and r["model"] == d["model"], src
         if d["score"] is not None:
             worst = max(worst, abs(r["score"] - d["score"]))
             assert np.allclose(r["stats"], d["stats"], rtol=0, atol=1e-5), src
