@@ -182,11 +182,14 @@ def test_local_scan_bad_inputs_resume_and_a_new_input(tmp_path: Path) -> None:
     assert r.returncode == 2 and "other settings (k)" in r.stderr  # never mixes two settings in one folder
 
 
-N_SHORT, N_FULL = 240, 2000
-sizes = [pytest.param(N_SHORT, id=f"{N_SHORT}img"), pytest.param(N_FULL, id=f"{N_FULL}img", marks=pytest.mark.slow)]
+N_FULL = 2000  # the full runs are marked slow: python -m pytest -q -m slow tests/test_scale.py
 
 
-@pytest.mark.parametrize("n", sizes)
+def sizes(short: int) -> list:
+    return [pytest.param(short, id=f"{short}img"), pytest.param(N_FULL, id=f"{N_FULL}img", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("n", sizes(240))
 def test_two_node_cluster_scan_matches_detect(n: int, shared_data: Path, tmp_path: Path) -> None:
     """A head and a second node (1 CPU each) joined over loopback, two actors (one per node):
     every input exactly once, the same verdicts and |score difference| <= 1e-6 as cinemae-detect."""
@@ -221,7 +224,7 @@ def _wait_shards(out: Path, proc: subprocess.Popen, at_least: int, timeout: floa
     raise AssertionError(f"no {at_least} shards in {timeout} s")
 
 
-@pytest.mark.parametrize("n", sizes)
+@pytest.mark.parametrize("n", sizes(400))
 def test_two_node_faults_node_then_driver_killed_then_rerun(n: int, shared_data: Path, tmp_path: Path) -> None:
     """SIGKILL the second node's processes mid-scan (the scan goes on with the head's actor),
     then SIGKILL the driver mid-scan; a node joins again and the same command is rerun: every
@@ -242,7 +245,12 @@ def test_two_node_faults_node_then_driver_killed_then_rerun(n: int, shared_data:
             at_node_kill = _wait_shards(out, p, 2)
             assert p.poll() is None, "the scan ended before the node could be killed"
             assert cluster.kill_node(node) > 0
-            at_driver_kill = _wait_shards(out, p, at_node_kill + 3)
+            # Ray retries the dead node's work on the head; commits stall until it is noticed:
+            # the driver is killed in that window or right after the next commit
+            t = time.monotonic()
+            while time.monotonic() - t < 3 and len(list(out.glob("part-*.jsonl"))) <= at_node_kill:
+                time.sleep(0.05)
+            at_driver_kill = len(list(out.glob("part-*.jsonl")))
             assert p.poll() is None, "the scan ended before the driver could be killed"
             p.send_signal(signal.SIGKILL)
             p.wait(timeout=60)
