@@ -12,8 +12,8 @@ command and it scores what is missing.
 started for this run (``--num-cpus``, ``--object-store-memory``) and stopped at the end.
 
 Exit codes: 0 every input of this run scored, 1 some inputs failed (each has an error record),
-2 usage or output-folder error, 3 the cluster failed mid-run (rerun to continue), 130
-interrupted (rerun to continue).
+2 usage or output-folder error, 3 the cluster failed mid-run (rerun to continue), 74 a shard
+could not be written (disk full; rerun once there is room), 130 interrupted (rerun to continue).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from cinemae.runtime.cli import split_bundle
+from cinemae.runtime.inputs import split_bundle
 
 from .inputs import list_inputs
 from .shards import ShardError, ShardStore, plan_chunks
@@ -127,15 +127,17 @@ def _init_ray(args: argparse.Namespace) -> Any:
     return ray
 
 
-def build_dataset(ray: Any, chunks: list[tuple[str, list[str]]], args: argparse.Namespace,
+def build_dataset(ray: Any, chunks: list[tuple[str, list[str]]], names: dict[str, str], args: argparse.Namespace,
                   detector_kwargs: dict[str, Any]) -> Any:
-    """The pipeline: rows {source, chunk} -> read (tasks) -> score (actor pool) -> {chunk, record}."""
+    """The pipeline: rows {source, path, chunk} -> read (tasks) -> score (actor pool) ->
+    {path, chunk, record}; ``chunks`` hold input identities, ``names`` maps them to the names
+    records show."""
     from .worker import ScoreActor, read_batch
 
-    rows = [{"source": s, "chunk": cid} for cid, srcs in chunks for s in srcs]
+    rows = [{"source": os.fsencode(names[p]), "path": os.fsencode(p), "chunk": cid} for cid, ids in chunks for p in ids]
     bs = max(1, args.batch_size)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(chunks)))
-    ds = ds.map_batches(read_batch, fn_kwargs={"max_bytes": detector_kwargs["max_bytes"], "base": os.getcwd()},
+    ds = ds.map_batches(read_batch, fn_kwargs={"max_bytes": detector_kwargs["max_bytes"]},
                         batch_size=bs, num_cpus=0,
                         compute=ray.data.TaskPoolStrategy(size=max(2, 2 * args.actors)))
     return ds.map_batches(ScoreActor, fn_constructor_kwargs=detector_kwargs, batch_size=bs,
@@ -149,11 +151,11 @@ def run(args: argparse.Namespace) -> int:
     from cinemae.runtime.bundle import BundleError, resolve_bundle
     from cinemae.runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
-    bundle_arg, sources = split_bundle(args.paths, args.bundle)
-    if not sources and not args.manifest:
-        print(f"{PROG}: give at least one folder, file, URI or --manifest", file=sys.stderr)
-        return 2
     try:
+        bundle_arg, sources = split_bundle(args.paths, args.bundle)
+        if not sources and not args.manifest:
+            print(f"{PROG}: give at least one folder, file, URI or --manifest", file=sys.stderr)
+            return 2
         bundle = resolve_bundle(bundle_arg)
     except (BundleError, OSError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
@@ -176,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"{PROG}: cannot list the inputs ({e})", file=sys.stderr)
             return 2
-        remaining = [s for s in inputs if s not in done]
+        remaining = [p for p in inputs if p not in done]
         skipped = len(inputs) - len(remaining)
         chunks = plan_chunks(remaining, args.chunk_size)
         print(f"# {len(inputs)} inputs listed in {time.perf_counter() - t_list:.1f} s: {skipped} already in "
@@ -191,27 +193,33 @@ def run(args: argparse.Namespace) -> int:
                            "threads": max(1, int(math.ceil(args.cpus_per_actor))),
                            "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES}
         ray = _init_ray(args)
-        sizes = {cid: len(srcs) for cid, srcs in chunks}
-        order = {cid: srcs for cid, srcs in chunks}
+        sizes = {cid: len(ids) for cid, ids in chunks}
+        order = dict(chunks)
         progress = Progress(len(remaining), enabled=not args.no_progress)
         pending: dict[str, dict[str, str]] = {}
         written = dup = 0
         try:
-            ds = build_dataset(ray, chunks, args, detector_kwargs)
+            ds = build_dataset(ray, chunks, inputs, args, detector_kwargs)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for cid, src, rec in zip(batch["chunk"], batch["source"], batch["record"], strict=True):
+                for cid, path, rec in zip(batch["chunk"], batch["path"], batch["record"], strict=True):
                     got = pending.setdefault(str(cid), {})
-                    if str(src) in got:
+                    ident = os.fsdecode(bytes(path))
+                    if ident in got:
                         dup += 1  # a retried task's second answer: keep the first
                         continue
-                    got[str(src)] = str(rec)
+                    got[ident] = str(rec)
                     if len(got) == sizes[str(cid)]:
-                        recs = [got[s] for s in order[str(cid)]]
+                        recs = [got[p] for p in order[str(cid)]]
                         store.commit(str(cid), recs)
                         failed = sum(json.loads(r)["error"] is not None for r in recs)
                         written += 1
                         del pending[str(cid)]
                         progress.update(len(recs) - failed, failed, 1)
+        except (ShardError, OSError) as e:  # the driver's own disk: say so, not "the cluster"
+            progress.close()
+            print(f"{PROG}: cannot commit a shard in {args.out} ({e}); {written} shards committed this run "
+                  "are kept; rerun the same command once it is writable", file=sys.stderr)
+            return 74
         except KeyboardInterrupt:
             progress.close()
             print(f"# interrupted: {written} shards committed this run; rerun the same command to "

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from cinemae.runtime.cli import IMAGE_SUFFIXES, iter_inputs
+from cinemae.runtime.inputs import IMAGE_SUFFIXES, iter_inputs, normalise_path
 
 
 def has_scheme(source: str) -> bool:
@@ -39,27 +39,32 @@ def _list_uri(uri: str) -> list[str]:
     return sorted(out)
 
 
+def identity(source: str) -> str:
+    """What makes two names one input: the URI as given, or the normalised absolute path
+    (``small``, ``./small`` and ``/abs//small`` are one file), as the local scan's ``path``."""
+    return source if has_scheme(source) else normalise_path(source)
+
+
 def read_manifest(path: str) -> list[str]:
     """One input (path or URI) per line; blank lines and ``#`` comments are ignored."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
 
 
-def list_inputs(sources: Iterable[str], manifests: Iterable[str] = ()) -> list[str]:
-    """Every input named by ``sources`` (folders, files, URIs) and the ``manifests``, each once,
-    in sorted order (the order the plan is cut from)."""
-    found: set[str] = set()
+def list_inputs(sources: Iterable[str], manifests: Iterable[str] = ()) -> dict[str, str]:
+    """Every input named by ``sources`` (folders, files, URIs) and the ``manifests``:
+    {identity: name as listed}, each input once (the first name met), sorted by identity
+    (the order the plan is cut from)."""
+    found: dict[str, str] = {}
     items = list(sources)
     for m in manifests:
         items += read_manifest(m)
     for s in items:
         if s.startswith("file://"):
             s = s[len("file://"):]
-        if has_scheme(s):
-            found.update(_list_uri(s))
-        else:
-            found.update(iter_inputs([s]))
-    return sorted(found)
+        for name in (_list_uri(s) if has_scheme(s) else iter_inputs([s])):
+            found.setdefault(identity(name), name)
+    return dict(sorted(found.items()))
 
 
 def read_input(source: str, max_bytes: int) -> bytes:

@@ -4,16 +4,19 @@ Layout of ``OUT/``::
 
     scan.json              the model fingerprint and scoring options of the first run
     part-<chunk id>.jsonl  committed shards: one JSON record per input, never rewritten
-    .tmp-<chunk id>-<pid>  a shard being written (ignored, and removed by the next run)
+    .part-<...>.tmp        a shard being written (ignored, and removed by the next run)
     .lock                  flock held by the one driver that may commit here
+
+Records are those of the local scan (:mod:`cinemae.runtime.scan`); an input's identity is its
+record's ``path`` (the normalised absolute file name, or the URI).
 
 Exactly once rests on three rules:
 
 1. One committer. Only the driver writes shards, under an exclusive ``flock`` on ``.lock``;
    Ray workers only score and return records.
-2. Atomic commits. A shard is written to a temporary name, fsynced, renamed to its final
-   name and the folder fsynced; a reader sees a whole shard or none, and an input counts as
-   done only once its shard is committed.
+2. Atomic commits (:func:`cinemae.runtime.atomic.atomic_write`). A shard is written to a
+   temporary name, fsynced, renamed to its final name and the folder fsynced; a reader sees a
+   whole shard or none, and an input counts as done only once its shard is committed.
 3. The plan subtracts what is committed. Each run lists the inputs, removes every input that
    appears in a committed shard, and cuts what is left (sorted) into chunks; a chunk's id is a
    digest of its input list, so a rerun of an unchanged remainder makes the same chunks.
@@ -34,11 +37,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cinemae.runtime.atomic import atomic_write
+from cinemae.runtime.inputs import path_from_record, valid_text
+
 META = "scan.json"
 LOCK = ".lock"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".jsonl"
-TMP_PREFIX = ".tmp-"
+TMP_GLOB = ".*.tmp"  # atomic_write's temporaries
+
+
+def identity_of(rec: dict[str, Any]) -> str:
+    """The identity of a record's input: its ``path`` (exact bytes when the name is not UTF-8)."""
+    return os.fsdecode(path_from_record(rec["path"], rec.get("path_bytes_b64")))
 
 
 class ShardError(RuntimeError):
@@ -58,14 +69,6 @@ def plan_chunks(remaining: Sequence[str], chunk_size: int) -> list[tuple[str, li
     items = sorted(remaining)
     n = max(1, int(chunk_size))
     return [(chunk_id(items[i:i + n]), items[i:i + n]) for i in range(0, len(items), n)]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardStore:
@@ -108,20 +111,21 @@ class ShardStore:
     def remove_temporaries(self) -> int:
         """Delete shards left half-written by a killed driver; returns how many."""
         n = 0
-        for p in self.out.glob(TMP_PREFIX + "*"):
+        for p in self.out.glob(TMP_GLOB):
             p.unlink(missing_ok=True)
             n += 1
         return n
 
     @staticmethod
     def read_shard(path: Path) -> list[dict[str, Any]]:
-        """All records of one committed shard (raises ShardError when it is not ours)."""
+        """All records of one committed shard, each with ``ident`` (its input's identity) added;
+        raises ShardError when the shard is not ours."""
         recs = []
         with open(path, "rb") as f:
             for i, raw in enumerate(f, 1):
                 try:
                     rec = json.loads(raw)
-                    rec["source"]  # noqa: B018 - every record names its input
+                    rec["ident"] = identity_of(rec)
                 except (ValueError, KeyError, TypeError) as e:
                     raise ShardError(f"{path}:{i}: not a cinemae scan record ({e})") from None
                 recs.append(rec)
@@ -134,10 +138,10 @@ class ShardStore:
         shards = self.shards()
         for p in shards:
             for rec in self.read_shard(p):
-                if rec["source"] in seen:
-                    raise ShardError(f"{rec['source']} is recorded twice (again in {p.name}); "
+                if rec["ident"] in seen:
+                    raise ShardError(f"{valid_text(rec['ident'])} is recorded twice (again in {p.name}); "
                                      "was this folder written by two scans at once?")
-                seen.add(rec["source"])
+                seen.add(rec["ident"])
         return seen, len(shards)
 
     def check_meta(self, meta: dict[str, Any]) -> None:
@@ -151,26 +155,13 @@ class ShardStore:
                 raise ShardError(f"{self.out} holds a scan with other settings ({', '.join(diff)}); "
                                  "use the same bundle and options, or another --out folder")
             return
-        self._atomic_write(p, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(p, json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
     # writing -----------------------------------------------------------------------------------
-    def _atomic_write(self, final: Path, data: bytes) -> None:
-        tmp = self.out / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        _fsync_dir(self.out)
-
-    def commit(self, chunk: str, records: Sequence[str]) -> Path:
-        """Write one chunk's records (JSON strings) as ``part-<chunk>.jsonl``, atomically."""
+    def commit(self, chunk: str, lines: Sequence[str]) -> Path:
+        """Write one chunk's records (JSON lines, each ending in a newline) as
+        ``part-<chunk>.jsonl``, atomically."""
         final = self.out / f"{SHARD_PREFIX}{chunk}{SHARD_SUFFIX}"
         if final.exists():  # one committer holds the lock, so nothing can race this check
             raise ShardError(f"{final} is already committed")
-        self._atomic_write(final, "".join(r + "\n" for r in records).encode())
-        return final
+        return atomic_write(final, "".join(lines))

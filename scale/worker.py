@@ -1,18 +1,22 @@
 """The Ray Data stages of a cluster scan.
 
-``read_batch`` (a task stage) turns rows ``{source, chunk}`` into ``{source, chunk, data,
-error, error_code}``: the input's bytes, or the one-sentence reason it could not be read (empty
-strings stand for "none": a column of Nones would reach the next stage as float NaNs).
-:class:`ScoreActor` (an actor stage, one :class:`~cinemae.runtime.detector.Detector` per actor)
-turns those rows into ``{source, chunk, record}``: the scan record as a JSON string, with the
-same fields as a ``cinemae-detect --out`` record. A bad input is an error record, never an
-exception: nothing an input contains can fail the job.
+Rows carry ``source`` (the input's name as listed, as ``cinemae-detect`` names it), ``path``
+(its identity: the normalised absolute file name, or the URI) and ``chunk``; names travel as
+bytes (``os.fsencode``) so that file names that are not UTF-8 cross Arrow unchanged.
+
+``read_batch`` (a task stage) adds ``data`` (the input's bytes) or ``error``/``error_code``
+(the one-sentence reason it could not be read; empty strings stand for "none": a column of
+Nones would reach the next stage as float NaNs). :class:`ScoreActor` (an actor stage, one
+:class:`~cinemae.runtime.detector.Detector` per actor) turns the rows into ``{path, chunk,
+record}``: the scan record as one JSON line, built by the local scan's own
+:func:`cinemae.runtime.scan.worker.score_batch`, so it has exactly the fields of a
+``cinemae-detect --out`` record. A bad input is an error record, never an exception: nothing
+an input contains can fail the job.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import resource
 import time
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import has_scheme, read_input
+from .inputs import read_input
 
 
 def _column(values: list[Any]) -> np.ndarray:
@@ -29,18 +33,15 @@ def _column(values: list[Any]) -> np.ndarray:
     return out
 
 
-def read_batch(batch: dict[str, np.ndarray], max_bytes: int, base: str) -> dict[str, np.ndarray]:
-    """Read the bytes of every input of a batch of rows ``{source [n], chunk [n]}``. A relative
-    local path is read from ``base`` (the driver's working directory: workers run elsewhere)
-    and keeps its name as given."""
+def read_batch(batch: dict[str, np.ndarray], max_bytes: int) -> dict[str, np.ndarray]:
+    """Read the bytes of every input of a batch of rows ``{source, path, chunk}`` [n]."""
     from cinemae.runtime.preprocess import InputError
 
     data: list[bytes] = []
     errors: list[str] = []
     codes: list[str] = []
-    for src in batch["source"]:
-        name = str(src)
-        path = name if has_scheme(name) or os.path.isabs(name) else os.path.join(base, name)
+    for src, path in zip(batch["source"], batch["path"], strict=True):
+        name, path = os.fsdecode(bytes(src)), os.fsdecode(bytes(path))
         try:
             data.append(read_input(path, max_bytes))
             errors.append("")
@@ -53,15 +54,7 @@ def read_batch(batch: dict[str, np.ndarray], max_bytes: int, base: str) -> dict[
             data.append(b"")
             errors.append(f"{type(e).__name__}: {e}")
             codes.append("internal")
-    return {"source": batch["source"], "chunk": batch["chunk"], "data": _column(data),
-            "error": _column(errors), "error_code": _column(codes)}
-
-
-def scan_record(result: Any, sha256: str | None, size: int | None) -> dict[str, Any]:
-    """The record of one input: ``Result.to_record()`` (scores, verdict, stats or error, the
-    model fingerprint, provenance) plus ``sha256`` and ``bytes`` of the input, as
-    ``cinemae-detect --out`` writes it."""
-    return result.to_record(sha256=sha256, bytes=size)
+    return {**batch, "data": _column(data), "error": _column(errors), "error_code": _column(codes)}
 
 
 class ScoreActor:
@@ -79,32 +72,40 @@ class ScoreActor:
         self.startup_s = time.perf_counter() - t
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cinemae.runtime.detector import Result
+        from cinemae.runtime.inputs import text_and_bytes
         from cinemae.runtime.preprocess import InputError
+        from cinemae.runtime.scan.results import encode_records
+        from cinemae.runtime.scan.worker import Prepared, score_batch
 
-        t = time.perf_counter()
-        results, arrays, hashes, sizes = [], [], [], []
-        for src, data, err, code in zip(batch["source"], batch["data"], batch["error"],
-                                        batch["error_code"], strict=True):
-            r = Result(source=str(src), error=str(err) or None, error_code=str(code) or None)
-            a = sha = size = None
-            if r.error is None:
+        prepared = []
+        for src, data, err, code in zip(batch["source"], batch["data"], batch["error"], batch["error_code"],
+                                        strict=True):
+            t = time.perf_counter()
+            p = Prepared(os.fsdecode(bytes(src)))
+            if err:
+                p.error, p.code = str(err), str(code)
+            else:
                 data = bytes(data)
-                sha, size = hashlib.sha256(data).hexdigest(), len(data)
-                try:
-                    a = self.det.prepare(data, r)  # provenance first, then pixels, as cinemae-detect
+                p.sha256, p.size = hashlib.sha256(data).hexdigest(), len(data)
+                try:  # provenance from the same bytes, then the pixels, as cinemae-detect does
+                    p.array = self.det.prepare(data, p.result)
                 except InputError as e:
-                    r.error, r.error_code = str(e), e.code
+                    p.error, p.code = str(e), e.code
                 except Exception as e:  # noqa: BLE001 - one bad input never fails the job
-                    r.error, r.error_code = f"{type(e).__name__}: {e}", "internal"
-            results.append(r)
-            arrays.append(a)
-            hashes.append(sha)
-            sizes.append(size)
-        self.det.score_prepared(results, arrays, time.perf_counter() - t)
-        records = [json.dumps(scan_record(r, h, s), separators=(",", ":"))
-                   for r, h, s in zip(results, hashes, sizes, strict=True)]
-        return {"source": batch["source"], "chunk": batch["chunk"], "record": _column(records)}
+                    p.error, p.code = f"{type(e).__name__}: {e}", "internal"
+            p.seconds = time.perf_counter() - t
+            prepared.append(p)
+        records = score_batch(self.det, prepared)
+        lines = []
+        for rec, path in zip(records, batch["path"], strict=True):
+            # the identity planned by the driver (workers run in another directory, or machine)
+            text, raw = text_and_bytes(os.fsdecode(bytes(path)))
+            rec["path"] = text
+            rec.pop("path_bytes_b64", None)
+            if raw is not None:
+                rec["path_bytes_b64"] = raw
+            lines.append(encode_records([rec]).decode("ascii"))
+        return {"path": batch["path"], "chunk": batch["chunk"], "record": _column(lines)}
 
     def info(self) -> dict[str, float]:
         """Start-up seconds (Detector load) and peak resident memory (MiB) of this actor."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cinemae.scale.shards import TMP_PREFIX, ShardError, ShardStore, chunk_id, plan_chunks
+from cinemae.scale.shards import TMP_GLOB, ShardError, ShardStore, chunk_id, plan_chunks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,16 +52,16 @@ def test_shard_store_commits_atomically_and_refuses_what_would_break_exactly_onc
     store.check_meta({"model": {"id": "m", "manifest_sha256": "aa"}, "k": 2})
     with pytest.raises(ShardError, match="other settings.*model"):
         store.check_meta({"model": {"id": "m", "manifest_sha256": "bb"}, "k": 2})
-    recs = [json.dumps({"source": f"s{i}", "error": None}) for i in range(3)]
+    recs = [json.dumps({"source": f"s{i}", "path": f"/d/s{i}", "error": None}) + "\n" for i in range(3)]
     p = store.commit("c1", recs)
-    assert p.name == "part-c1.jsonl" and [r["source"] for r in store.read_shard(p)] == ["s0", "s1", "s2"]
+    assert p.name == "part-c1.jsonl" and [r["ident"] for r in store.read_shard(p)] == ["/d/s0", "/d/s1", "/d/s2"]
     with pytest.raises(ShardError, match="already committed"):
         store.commit("c1", recs)
-    (tmp_path / "out" / f"{TMP_PREFIX}part-c2.jsonl-123").write_text('{"source": "s9"')  # a killed write
-    assert store.done() == ({"s0", "s1", "s2"}, 1)  # a temporary is not a shard
+    (tmp_path / "out" / ".part-c2.jsonl.x1y2.tmp").write_text('{"source": "s9"')  # a killed write
+    assert store.done() == ({"/d/s0", "/d/s1", "/d/s2"}, 1)  # a temporary is not a shard
     assert store.remove_temporaries() == 1
-    store.commit("c2", [json.dumps({"source": "s1", "error": None})])  # two drivers without the lock
-    with pytest.raises(ShardError, match="s1 is recorded twice"):
+    store.commit("c2", [json.dumps({"source": "s1", "path": "/d/s1", "error": None}) + "\n"])  # two writers
+    with pytest.raises(ShardError, match="/d/s1 is recorded twice"):
         store.done()
     store.unlock()
     other.lock()  # free again
@@ -96,15 +97,18 @@ def extract_cifake(shared: Path, dest: Path, n: int) -> Path:
 def shard_records(out: Path) -> dict[str, dict]:
     """Every record of every committed shard; fails on a torn shard, a leftover temporary, or an
     input recorded twice."""
-    assert not list(out.glob(TMP_PREFIX + "*")), "a half-written shard is left behind"
+    assert not list(out.glob(TMP_GLOB)), "a half-written shard is left behind"
     recs: dict[str, dict] = {}
+    paths: set[str] = set()
     for p in sorted(out.glob("part-*.jsonl")):
         data = p.read_bytes()
         assert data.endswith(b"\n"), f"{p.name} is torn"
         for line in data.splitlines():
             r = json.loads(line)
-            assert r["source"] not in recs, f"{r['source']} recorded twice"
+            assert r["source"] not in recs and r["path"] not in paths, f"{r['source']} recorded twice"
+            assert os.path.isabs(r["path"])
             recs[r["source"]] = r
+            paths.add(r["path"])
     return recs
 
 
@@ -128,6 +132,13 @@ def assert_same_scores(recs: dict[str, dict], ref: dict[str, dict]) -> float:
             assert np.allclose(r["stats"], d["stats"], rtol=0, atol=1e-5), src
     assert worst <= 1e-6
     return worst
+
+
+def content(rec: dict) -> str:
+    """A record without what legitimately varies between two runs: timings, the last float bits
+    of score/logit/stats (batch composition), and object addresses in Pillow's error texts."""
+    kept = {k: v for k, v in rec.items() if k not in ("timings", "score", "logit", "stats")}
+    return re.sub(r" at 0x[0-9a-f]+", "", json.dumps(kept, sort_keys=True))
 
 
 def summary(stderr: str) -> str:
@@ -167,6 +178,15 @@ def test_local_scan_bad_inputs_resume_and_a_new_input(tmp_path: Path) -> None:
     assert ok["model"]["id"] and len(ok["model"]["manifest_sha256"]) == 64 and len(ok["sha256"]) == 64
     ref = detect_json(["in", f"{tmp_path}/extra.png", f"{tmp_path}/missing.jpg"], tmp_path)
     assert_same_scores(recs, ref)
+    local = subprocess.run([sys.executable, "-m", "cinemae.runtime.cli", "in", "--out", "local.jsonl", "--no-progress"],
+                           cwd=tmp_path, capture_output=True, text=True, env=ray_env(), timeout=900)
+    assert local.returncode == 1, local.stderr[-2000:]
+    for line in (tmp_path / "local.jsonl").read_text().splitlines():  # the same record as the local scan's
+        d = json.loads(line)
+        r = recs[d["source"]]
+        assert r.keys() == d.keys() and r["path"] == d["path"] and r["sha256"] == d["sha256"], d["source"]
+        assert content(r) == content(d)
+        assert d["score"] is None or abs(r["score"] - d["score"]) <= 1e-6
 
     r = subprocess.run(scan_cmd("in", "--manifest", manifest, *common), cwd=tmp_path, capture_output=True,
                        text=True, env=ray_env(), timeout=900)
@@ -258,7 +278,7 @@ def test_two_node_faults_node_then_driver_killed_then_rerun(n: int, shared_data:
             if p.poll() is None:
                 p.kill()
             err1.close()
-        after_kill = shard_records(out) if not list(out.glob(TMP_PREFIX + "*")) else None
+        after_kill = shard_records(out) if not list(out.glob(TMP_GLOB)) else None
         committed = len(list(out.glob("part-*.jsonl")))
         assert at_node_kill < committed < -(-n // chunk), (at_node_kill, committed)
         cluster.add_node(num_cpus=1)  # the lost machine is replaced
