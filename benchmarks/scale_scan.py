@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .environment import environment, load_average
+
+log = logging.getLogger(__name__)
 
 
 def extract(data: Path, dest: Path, n: int) -> Path:
@@ -110,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="actor start-up measurements")
     ap.add_argument("--out", required=True, help="results path without suffix (.json and .md are written)")
     args = ap.parse_args(argv)
+    from cinemae.runtime.commands import configure_logging
+
+    configure_logging("stderr")
 
     data = Path(args.data)
     if not (data / "cifake").is_dir():
-        print(f"no CIFAKE under {data}", file=sys.stderr)
+        log.error("no CIFAKE under %s", data)
         return 2
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     work = Path(tempfile.mkdtemp(prefix="cinemae-scale-bench-"))
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     sampler.join()
                     if sampler.peak:
                         row["actor_peak_rss_mib"] = round(max(sampler.peak.values()), 1)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            log.info("%s", json.dumps(row))
             rows.append(row)
         startup = actor_startup(None, args.repeats)
     finally:
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    log.info("%s", markdown(result))
     return 0
 
 

@@ -136,7 +136,10 @@ def build_dataset(ray: Any, chunks: list[tuple[str, list[str]]], names: dict[str
 
     rows = [{"source": os.fsencode(names[p]), "path": os.fsencode(p), "chunk": cid} for cid, ids in chunks for p in ids]
     bs = max(1, args.batch_size)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(chunks)))
+    # blocks of a few batches: reading overlaps scoring, and a block of photos stays far below
+    # the object store's size (at most 20,000 blocks: a million inputs make blocks of 50)
+    per_block = max(4 * bs, math.ceil(len(rows) / 20_000))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
     ds = ds.map_batches(read_batch, fn_kwargs={"max_bytes": detector_kwargs["max_bytes"]},
                         batch_size=bs, num_cpus=0,
                         compute=ray.data.TaskPoolStrategy(size=max(2, 2 * args.actors)))
@@ -192,7 +195,18 @@ def run(args: argparse.Namespace) -> int:
                            "k": args.k, "batch_size": args.batch_size,
                            "threads": max(1, int(math.ceil(args.cpus_per_actor))),
                            "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES}
-        ray = _init_ray(args)
+        try:
+            ray = _init_ray(args)
+        except Exception as e:  # noqa: BLE001 - no cluster at --address, Ray cannot start here, ...
+            print(f"{PROG}: cannot {'join Ray at ' + args.address if args.address else 'start a local Ray'} "
+                  f"({_cause(e)})", file=sys.stderr)
+            return 3
+        have = ray.cluster_resources()
+        for res, per in (("CPU", args.cpus_per_actor), ("GPU", args.gpus_per_actor)):
+            if per and args.actors * per > have.get(res, 0):
+                print(f"# warning: {args.actors} actors x {per:g} {res} need {args.actors * per:g} {res}s and the "
+                      f"cluster has {have.get(res, 0):g} now; the scan waits until there are enough (an autoscaler "
+                      "adds nodes; otherwise lower --actors)", file=sys.stderr)
         sizes = {cid: len(ids) for cid, ids in chunks}
         order = dict(chunks)
         progress = Progress(len(remaining), enabled=not args.no_progress)
