@@ -246,9 +246,10 @@ def _wait_shards(out: Path, proc: subprocess.Popen, at_least: int, timeout: floa
 
 @pytest.mark.parametrize("n", sizes(400))
 def test_two_node_faults_node_then_driver_killed_then_rerun(n: int, shared_data: Path, tmp_path: Path) -> None:
-    """SIGKILL the second node's processes mid-scan (the scan goes on with the head's actor),
-    then SIGKILL the driver mid-scan; a node joins again and the same command is rerun: every
-    input exactly once, none lost, no torn or temporary shard, same scores as cinemae-detect."""
+    """SIGKILL the second node's processes mid-scan (Ray retries their work on the head), then
+    SIGKILL the driver mid-scan (at most 3 s later, or right after the next commit); a node
+    joins again and the same command is rerun: every input exactly once, none lost, no torn or
+    temporary shard, same scores as cinemae-detect."""
     _need_ray()
     from ray_cluster import RayCluster
 
@@ -280,7 +281,7 @@ def test_two_node_faults_node_then_driver_killed_then_rerun(n: int, shared_data:
             err1.close()
         after_kill = shard_records(out) if not list(out.glob(TMP_GLOB)) else None
         committed = len(list(out.glob("part-*.jsonl")))
-        assert at_node_kill < committed < -(-n // chunk), (at_node_kill, committed)
+        assert at_node_kill <= committed < -(-n // chunk), (at_node_kill, committed)
         cluster.add_node(num_cpus=1)  # the lost machine is replaced
         r = subprocess.run([*cmd, "--address", cluster.address], cwd=tmp_path, capture_output=True, text=True,
                            env=cluster.env, timeout=1800)
