@@ -197,6 +197,10 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K_max differs from the K the bundle's head was trained for
         det = Detector(b, backend="onnxruntime", device="cpu", k=k_max, threads=threads)
+    if det.tiles is not None:
+        det.close()
+        raise ValueError(f"{b.root} is a tiled bundle (one row per crop); the feature cache holds one row per image: "
+                         "train its head with `python -m cinemae.train.photo_tiles`")
     key = bundle_key(b, k_max)
     cache = FeatureCache(cache_dir, key)
     t0 = time.perf_counter()
