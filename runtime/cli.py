@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="per-image decoded pixel limit (decompression-bomb guard)")
+    ap.add_argument("--formats", default=None, metavar="LIST",
+                    help="comma-separated image formats to accept, checked from the header before "
+                         "decoding (default: JPEG,PNG,WEBP,GIF,BMP,TIFF and AVIF/HEIF where a Pillow "
+                         "plugin is installed)")
     ap.add_argument("--out", help="write results as JSON lines to this file, fsynced per batch "
                                   "(an existing non-empty file needs --resume)")
     ap.add_argument("--resume", action="store_true",
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                         precision=args.precision, k=args.k, batch_size=args.batch_size,
                         threads=args.threads, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                         provenance=not args.no_provenance,
-                        provenance_policy=not args.no_provenance_policy, trust_anchors=trust)
+                        provenance_policy=not args.no_provenance_policy, trust_anchors=trust,
+                        formats=args.formats.split(",") if args.formats else None)
     if det is None:
         return 2
     inputs = list(iter_inputs(paths))

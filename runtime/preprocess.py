@@ -115,8 +115,10 @@ def _header_failure(data: bytes, formats: tuple[str, ...]) -> InputError:
                 factory(io.BytesIO(data), "")
             except Exception as e:  # noqa: BLE001 - the plugin's own reason
                 cause = e.__cause__ or e
+                # "not identified by this driver": the parser reached the end of the data
+                # without finding the image size (e.g. a JPEG cut inside its first segments)
                 if isinstance(cause, (EOFError, IndexError, struct.error)) \
-                        or "truncat" in str(cause).lower():
+                        or "truncat" in str(cause).lower() or "not identified" in str(cause):
                     return InputError("truncated", f"{fmt} data ends inside its header "
                                       f"({len(data)} bytes; truncated file)")
                 return InputError("undecodable", f"corrupt {fmt} header ({e})")

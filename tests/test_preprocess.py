@@ -341,3 +341,67 @@ class TestBoundedWork:
         stored = encode(upright.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif)
         np.testing.assert_allclose(load_resized(stored, 32, 1.0),
                                    load_resized(encode(upright, "PNG"), 32, 1.0), atol=1e-6)
+
+
+class TestHeaderChecks:
+    """Issue 16 items 14, 15, 17: limits and formats are decided from the header."""
+
+    def test_twenty_byte_jpeg_is_truncated(self) -> None:
+        data = encode(sample_rgb(64, 64), "JPEG")[:20]
+        with pytest.raises(InputError) as e:
+            decode(data)
+        assert e.value.code == "truncated", e.value
+
+    def test_pixel_limit_above_pillows_own(self) -> None:
+        from PIL import Image as PILImage
+
+        pillow = PILImage.MAX_IMAGE_PIXELS or 89_478_485
+        side = int((2.5 * pillow) ** 0.5)  # beyond twice Pillow's limit: Pillow alone would refuse it
+        with pytest.raises(InputError) as e:
+            decode(png_header_only(side, side), max_pixels=side * side + 1)
+        assert e.value.code != "too_large"  # passed the limit; the fake body then fails to decode
+        with pytest.raises(InputError) as e:
+            decode(png_header_only(3 * side, 3 * side), max_pixels=side * side + 1)
+        assert e.value.code == "too_large" and f"{side * side + 1}-pixel" in str(e.value)
+
+    def test_eps_is_refused_before_decoding(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from PIL import EpsImagePlugin
+
+        def no_ghostscript(*a: object, **k: object) -> None:
+            raise AssertionError("Ghostscript was invoked")
+
+        monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+        eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n"
+        with pytest.raises(InputError) as e:
+            decode(eps)
+        assert e.value.code == "unsupported" and "EPS images are not accepted" in str(e.value)
+
+    def test_ico_refused_and_formats_configurable(self) -> None:
+        ico = encode(sample_rgb(32, 32), "ICO")
+        with pytest.raises(InputError) as e:
+            decode(ico)
+        assert e.value.code == "unsupported" and "ICO" in str(e.value)
+        png = encode(sample_rgb(), "PNG")
+        with pytest.raises(InputError) as e:
+            decode(png, formats=["JPEG"])
+        assert e.value.code == "unsupported" and "PNG images are not accepted" in str(e.value)
+        assert decode(ico, formats=["ICO"]).shape == (32, 32, 3)
+        with pytest.raises(ValueError, match="unknown image format"):
+            decode(png, formats=["NOPE"])
+
+
+def test_embedded_model_warns_once_on_large_images() -> None:
+    import warnings
+
+    from cinemae.runtime import Detector
+
+    det = Detector(device="cpu")
+    big = encode(sample_rgb(512, 384), "JPEG")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.detect_batch([encode(sample_rgb(32, 32), "PNG")])
+        assert not caught  # a 32-px image is the model's domain
+        det.detect_batch([big, big])
+        det.detect_batch([big])
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "32-pixel CIFAKE demonstration" in msgs[0] and "cinemae-export" in msgs[0]
