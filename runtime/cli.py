@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="per-image decoded pixel limit (decompression-bomb guard)")
+    ap.add_argument("--require-signature", metavar="PUBKEY", default=None,
+                    help="refuse a bundle whose manifest is not signed by this Ed25519 public key "
+                         "(PEM; default: $CINEMAE_REQUIRE_SIGNATURE)")
     ap.add_argument("--formats", default=None, metavar="LIST",
                     help="comma-separated image formats to accept, checked from the header before "
                          "decoding (default: JPEG,PNG,WEBP,GIF,BMP,TIFF and AVIF/HEIF where a Pillow "
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         threads=args.threads, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                         provenance=not args.no_provenance,
                         provenance_policy=not args.no_provenance_policy, trust_anchors=trust,
-                        formats=args.formats.split(",") if args.formats else None)
+                        formats=args.formats.split(",") if args.formats else None,
+                        require_signature=args.require_signature)
     if det is None:
         return 2
     inputs = list(iter_inputs(paths))

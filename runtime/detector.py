@@ -156,6 +156,9 @@ class Detector:
     provenance_policy: signed AI provenance or generator parameters make the verdict ``ai``
                 (reason ``provenance``); metadata never makes an image ``real``
     trust_anchors: PEM certificates whose C2PA signers count as trusted
+    formats:    image formats accepted (Pillow names; default preprocess.DEFAULT_FORMATS)
+    require_signature: an Ed25519 public key (PEM) that must have signed the bundle's manifest
+                (default: $CINEMAE_REQUIRE_SIGNATURE when set)
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, *,
@@ -163,10 +166,11 @@ class Detector:
                  k: int | None = None, batch_size: int = 16, threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
                  provenance: bool = True, provenance_policy: bool = True,
-                 trust_anchors: str | None = None, formats: Sequence[str] | None = None) -> None:
+                 trust_anchors: str | None = None, formats: Sequence[str] | None = None,
+                 require_signature: str | os.PathLike[str] | None = None) -> None:
         #: image formats accepted, checked from the header before decoding (None: DEFAULT_FORMATS)
         self.formats = allowed_formats(formats)
-        self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle)
+        self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle, require_signature)
         self.k = self.bundle.k if k is None else int(k)
         if self.k != self.bundle.k and self.bundle.trained:
             warnings.warn(f"the head was trained for K={self.bundle.k}; scores at K={self.k} are "
