@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--parity-images", help="folder of real images for the parity report")
     ap.add_argument("--model-id", default=None)
     ap.add_argument("--init-seed", type=int, default=0, help="seed for --arch / untrained heads")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="encoder attention heads of a facebookresearch checkpoint whose shape "
+                         "matches no preset (not stored in .pth files)")
+    ap.add_argument("--decoder-heads", type=int, default=None,
+                    help="decoder attention heads, likewise (MAE's own decoders use 16)")
     ap.add_argument("--sign", metavar="KEY", default=None,
                     help="sign the manifest with this Ed25519 private key (PEM, unencrypted): writes "
                          "cinemae.json.sig, checked at load with --require-signature PUBKEY")
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.init_seed)
     try:
         if args.checkpoint:
-            model, prov = load_checkpoint(args.checkpoint, norm_pix=args.norm_pix)
+            model, prov = load_checkpoint(args.checkpoint, norm_pix=args.norm_pix,
+                                          heads=args.heads, decoder_heads=args.decoder_heads)
         else:
             cfg = preset(args.arch)
             if args.norm_pix is not None:
