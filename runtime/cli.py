@@ -33,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "that produced them)")
     ap.add_argument("--lcas", action="store_true",
                     help="with --json or --out: add each image's per-patch LCAS map (K runs x L patches)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    ap.add_argument("--device", default="auto",
-                    help="auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    from .backends import backend_choices, device_help, precision_choices  # the backend registry
+
+    ap.add_argument("--backend", default="auto", choices=backend_choices())
+    ap.add_argument("--device", default="auto", help=device_help())
+    ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--k", type=int, default=None, help="masking runs (default: the bundle's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")

@@ -47,7 +47,8 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 class EngineBuildError(BackendUnavailable):
     """TensorRT could not parse a graph or build an engine; the message says which and why
-    (the parser's or builder's own error text)."""
+    (the parser's or builder's own error text). A kind of BackendUnavailable: ``auto`` passes over
+    TensorRT and says why."""
 
 
 # ------------------------------------------------------------------------------------------------
