@@ -130,10 +130,10 @@ class Bundle:
     """A loaded, verified bundle directory."""
 
     def __init__(self, root: str | os.PathLike[str], verify: bool = True,
-                 require_signature: str | os.PathLike[str] | None = None) -> None:
+                 require_signature: str | os.PathLike[str] | bool | None = None) -> None:
         """Load and verify ``root``. ``require_signature``: a PEM Ed25519 public key that must
-        have signed the manifest (default: the ``CINEMAE_REQUIRE_SIGNATURE`` environment
-        variable, when set)."""
+        have signed the manifest (None: the ``CINEMAE_REQUIRE_SIGNATURE`` environment variable,
+        when set; False: none, for the exporter's own staging directory)."""
         self.root = Path(root)
         mpath = self.root / MANIFEST
         if not self.root.is_dir():
@@ -153,7 +153,7 @@ class Bundle:
         fv = self.manifest.get("format_version")
         if fv != FORMAT_VERSION:
             raise BundleError(f"{mpath}: format_version {fv!r}, this runtime reads {FORMAT_VERSION}")
-        key = require_signature or os.environ.get(REQUIRE_SIGNATURE_ENV) or None
+        key = os.environ.get(REQUIRE_SIGNATURE_ENV) if require_signature is None else require_signature
         if key:
             verify_signature(self.root, raw, key)
         if verify:
