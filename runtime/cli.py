@@ -72,7 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _plain_warnings(prog: str) -> None:
+    """Warnings (e.g. the embedded model on large photos) as one plain stderr line each."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    _plain_warnings("cinemae-detect")
     # intermixed: options may sit between positionals (`cinemae-detect BUNDLE --device cpu DIR`)
     args = build_parser().parse_intermixed_args(argv)
     configure_logging("stderr")

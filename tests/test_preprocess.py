@@ -408,3 +408,17 @@ def test_embedded_model_warns_once_on_large_images() -> None:
         det.detect_batch([big])
     msgs = [str(w.message) for w in caught]
     assert len(msgs) == 1 and "32-pixel CIFAKE demonstration" in msgs[0] and "cinemae-export" in msgs[0]
+
+
+def test_cli_says_once_that_the_embedded_model_is_a_demo(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for i in range(3):
+        sample_rgb(400 + i, 300).save(tmp_path / f"photo{i}.jpg")
+    r = subprocess.run([sys.executable, "-m", "cinemae.runtime.cli", str(tmp_path), "--device", "cpu",
+                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "32-pixel CIFAKE demonstration" in ln]
+    assert len(lines) == 1 and lines[0].startswith("cinemae-detect: warning: ")
+    assert "cinemae-export --checkpoint" in lines[0]
