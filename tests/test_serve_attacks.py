@@ -387,7 +387,8 @@ def test_openapi_document(guarded: ServerProcess) -> None:
     doc = r.json()
     validator.validate(doc)
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/v1/detect", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert set(doc["paths"]) == {"/v1/detect", "/healthz", "/readyz", "/metrics", "/openapi.json", "/",
+                                 "/review/{name}"}
     post = doc["paths"]["/v1/detect"]["post"]
     assert {"200", "400", "401", "408", "413", "415", "422", "431", "503"} <= set(post["responses"])
     assert "Retry-After" in post["responses"]["503"]["headers"]
