@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     # inputs: synthetic JPEGs (or the user's files), decoded and preprocessed by the runtime
     n_pool = max(batches)
     if args.inputs:
-        from ..runtime.cli import iter_inputs
+        from ..runtime.inputs import iter_inputs
 
         sources: list[Any] = list(iter_inputs(args.inputs))[: max(n_pool, 16)]
         desc = f"{len(sources)} files from {' '.join(args.inputs)}"

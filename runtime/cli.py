@@ -1,65 +1,24 @@
 """``cinemae-detect [BUNDLE] PATH...``: score files and folders.
 
 Prints a table (or ``--json`` lines), shows a progress bar on a terminal, reports each input
-that fails without stopping, and exits 1 when any input failed (2 on a usage error).
+that fails without stopping. Exit codes: 0 all scored, 1 some input failed, 2 usage error (or a
+results file that cannot be used), 74 writing ``--out`` failed (disk full: rerun with
+``--resume`` once there is room), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from .bundle import MANIFEST, BundleError
+from .bundle import BundleError
+from .commands import TABLE_HEADER, format_row, open_detector
+from .inputs import IMAGE_SUFFIXES, iter_inputs, split_bundle
 
-if TYPE_CHECKING:
-    from .detector import Detector
-
-IMAGE_SUFFIXES = frozenset((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
-                            ".jfif", ".pgm", ".ppm", ".pbm", ".tga", ".ico"))
-
-
-def iter_inputs(paths: list[str]) -> Iterator[str]:
-    """Files as given (whatever their suffix), folders walked recursively in sorted order for
-    files with an image suffix."""
-    for p in paths:
-        if os.path.isdir(p):
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for f in sorted(files):
-                    if Path(f).suffix.lower() in IMAGE_SUFFIXES:
-                        yield os.path.join(root, f)
-        else:
-            yield p
-
-
-def split_bundle(positional: list[str], bundle: str | None) -> tuple[str | None, list[str]]:
-    """``cinemae-detect BUNDLE PATH...`` or ``cinemae-detect PATH...`` (embedded bundle)."""
-    if bundle is None and positional and (Path(positional[0]) / MANIFEST).is_file():
-        return positional[0], positional[1:]
-    return bundle, positional
-
-
-def open_detector(prog: str, bundle: str | None, **kwargs: Any) -> Detector | None:
-    """The Detector a command runs on (``kwargs`` go to ``Detector``). Prints the one-line
-    reason and returns None when it cannot start; otherwise prints the header line (model,
-    backend, and a warning for an untrained head) to stderr."""
-    from .backends import BackendUnavailable
-    from .detector import Detector
-
-    try:
-        det = Detector(bundle, **kwargs)
-    except (BundleError, BackendUnavailable, ValueError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return None
-    print(f"# {det.bundle.model_id}: {det.describe()}"
-          + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"),
-          file=sys.stderr)
-    return det
+# serve.py and stream.py import these from here until they import .commands / .inputs directly
+__all__ = ["IMAGE_SUFFIXES", "build_parser", "format_row", "iter_inputs", "main", "open_detector", "split_bundle"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,18 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def format_row(d: dict) -> str:
-    """One table line for a result record (``Result.to_record()`` or a scan record)."""
-    if d["error"]:
-        return (f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {d['source']}  "
-                f"[{d['error_code']}] {d['error']}")
-    s1, s2, s3 = d["stats"]
-    verdict = d["verdict"] + ("[prov]" if d.get("reason") == "provenance" else "")
-    return f"{verdict:<9} {d['score']:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {d['source']}"
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    bundle, paths = split_bundle(args.paths, args.bundle)
+    # intermixed: options may sit between positionals (`cinemae-detect BUNDLE --device cpu DIR`)
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        bundle, paths = split_bundle(args.paths, args.bundle)
+    except BundleError as e:
+        print(f"cinemae-detect: {e}", file=sys.stderr)
+        return 2
     if not paths:
         print("cinemae-detect: give at least one image file or folder", file=sys.stderr)
         return 2
@@ -156,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = 0
     if not args.json:
-        print(f"{'verdict':<9} {'score':>7} {'s1':>9} {'s2':>9} {'s3':>9}  path")
+        print(TABLE_HEADER)
     bar = tqdm(total=len(inputs), unit="img", file=sys.stderr,
                disable=True if args.no_progress else None)
     try:

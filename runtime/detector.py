@@ -74,15 +74,22 @@ class Result:
         timings, model (a copy of :attr:`model`), pixel_verdict, reason, provenance (when read),
         ``lcas`` only when the map was asked for: ``{"grid": [g, g], "runs": [[float | null] * L] * K}``
         (null at visible patches), and ``heatmap`` only when asked for (``explain``).
+        Text is always valid UTF-8: a source that is a non-UTF-8 file name is shown with U+FFFD
+        and ``source_bytes_b64`` holds its exact bytes.
         ``extra`` keys are added last and must not replace one of these.
         """
+        from .inputs import text_and_bytes, valid_text
+
+        source, source_b64 = text_and_bytes(self.source)
         rec: dict[str, Any] = {
-            "source": self.source, "score": self.score, "logit": self.logit, "verdict": self.verdict,
+            "source": source, "score": self.score, "logit": self.logit, "verdict": self.verdict,
             "stats": None if self.stats is None else [float(x) for x in self.stats],
-            "error": self.error, "error_code": self.error_code, "timings": dict(self.timings),
-            "model": None if self.model is None else dict(self.model),
+            "error": None if self.error is None else valid_text(self.error), "error_code": self.error_code,
+            "timings": dict(self.timings), "model": None if self.model is None else dict(self.model),
             "pixel_verdict": self.pixel_verdict, "reason": self.reason,
         }
+        if source_b64 is not None:
+            rec["source_bytes_b64"] = source_b64
         if self.provenance is not None:
             rec["provenance"] = self.provenance
         if self.lcas is not None:
@@ -281,8 +288,11 @@ class Detector:
         per = {k: v / len(idx) for k, v in timings.items()}
         for j, i in enumerate(idx):
             logit = float(out.logit[j])
-            p = sigmoid(logit)
             r = results[i]
+            if not math.isfinite(logit):
+                r.error, r.error_code = f"backend {self.backend.name} gave a non-finite logit ({logit})", "internal"
+                continue
+            p = sigmoid(logit)
             r.logit, r.score, r.pixel_verdict = logit, p, self.verdict(p)
             r.verdict, r.reason = self.apply_policy(r.provenance, r.pixel_verdict)
             r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
