@@ -123,8 +123,9 @@ def build_bundle_engines(bundle_dir: str | os.PathLike[str], precisions: Iterabl
                     done.append(old)
                     continue
                 report = BuildReport()
+                log(f"building {rel} ({'ahead of time, no GPU needed' if aot else 'on this GPU'})")
                 data = build_engine(trt.module, bundle.graph(role, precision), profiles[role], None,
-                                    log, target=target if aot else None, report=report)
+                                    lambda _: None, target=target if aot else None, report=report)
                 path = root / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(path.name + ".tmp")

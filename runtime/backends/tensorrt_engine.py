@@ -579,8 +579,9 @@ def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 
             cache.store(kk, data)
             return data
 
-        entry, why = select_engine(listed if isinstance(listed, list) else [], key)
-        if entry is not None:
+        stored, _ = cache.lookup(key)  # there only when built here before: the bundle had none, or
+        entry, why = select_engine(listed if isinstance(listed, list) else [], key)  # TensorRT refused it
+        if entry is not None and stored is None:
             path = bundle.root / str(entry.get("file", ""))
             data = path.read_bytes() if path.is_file() else b""
             if hashlib.sha256(data).hexdigest() == entry.get("sha256"):
@@ -588,7 +589,6 @@ def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 
                 out[role] = EngineEntry(role, key, path, data, False, rebuild, "bundle")
                 continue
             why = f"the bundle's {path.name} is missing or does not match its sha256"
-        stored, _ = cache.lookup(key)
         if stored is None and not build_at_first_use():
             raise BackendUnavailable(f"no usable TensorRT {precision} {role} engine for this "
                                      f"{gpu.name} ({sm_tag(target)}): {why}, and CINEMAE_TRT_BUILD=never "
