@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -60,9 +61,10 @@ def run(bundle_dir: Path, targets: list[str], precision: str, max_batch: int, lo
     from ..export.tensorrt_build import build_bundle_engines
     from ..runtime.backends.tensorrt_engine import import_tensorrt
     from ..runtime.bundle import Bundle
-    from .environment import cpu_name
+    from .environment import cpu_name, load_average
 
     trt = import_tensorrt()
+    load0 = load_average()
     t0 = time.perf_counter()
     entries = build_bundle_engines(bundle_dir, [precision], max_batch=max_batch, targets=targets, required=True,
                                    log=log)
@@ -74,13 +76,15 @@ def run(bundle_dir: Path, targets: list[str], precision: str, max_batch: int, lo
         k = e["key"]
         rows.append({"role": k["role"], "target": "sm" + k["target"].replace(".", ""), "precision": k["precision"],
                      "file": e["file"], "MB": round(e["bytes"] / 1e6, 1), "build_s": e["build_s"],
+                     "build_cpu_s": e.get("build_cpu_s"),
                      "graph_MB": round((bundle.root / e["graph"]).stat().st_size / 1e6, 1),
                      "layers": e["layers"].get("layers"), "layer_types": e["layers"].get("by_type"),
                      "precision_check": check_precisions(graph_types[k["role"]], e["layers"])})
     bb = bundle.manifest["backbone"]
     return {"format": "cinemae-tensorrt-aot/1",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": f"{platform.machine()} {cpu_name()}, no GPU",
+            "machine": f"{platform.machine()} {os.cpu_count()}-core {cpu_name()}, shared, no GPU",
+            "loadavg_start": load0, "loadavg_end": load_average(),
             "tensorrt": str(trt), "module": trt.name, "targets": targets, "precision": precision,
             "max_batch": max_batch, "k": bundle.k,
             "bundle": {"model_id": bundle.model_id, "img_size": bb.get("img_size"), "patch_size": bb.get("patch_size"),
@@ -93,12 +97,14 @@ def run(bundle_dir: Path, targets: list[str], precision: str, max_batch: int, lo
 def markdown(rec: dict[str, Any]) -> str:
     b = rec["bundle"]
     lines = [f"# TensorRT engines built ahead of time without a GPU ({rec['tensorrt']})", "",
+             *([f"Note: {rec['note']}", ""] if rec.get("note") else []),
              f"{rec['machine']}; {rec['created']}. Bundle `{b['model_id']}` ({b['img_size']} px, patch "
              f"{b['patch_size']}, D={b['embed_dim']} x{b['depth']}, decoder {b['decoder']}), K={rec['k']}, "
              f"{rec['precision']} graphs, profiles up to batch {rec['max_batch']} (B*K rows for the masked pass "
              f"and decoder). Built with `config.set_compute_capability` (module `{rec['module']}`), "
              f"{rec['wall_s']} s in all.", "",
-             "| engine | target | build s | engine MB | graph MB | layers | matmuls fp16 (engine / graph) | check |",
+             "| engine | target | build s (wall) | engine MB | graph MB | layers | matmuls fp16 (engine / graph) "
+             "| check |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rec["engines"]:
         c = r["precision_check"]
