@@ -16,8 +16,29 @@ import numpy as np
 from ..runtime.masks import MaskSet
 
 STAGE_NAMES = ("global_encoder", "masked_encoder", "decoder", "lcas", "head")
-RUNTIME_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-ALL_BACKENDS = (*RUNTIME_BACKENDS, "torch")
+
+
+def runtime_backends() -> tuple[str, ...]:
+    """The runtime's backends, from its registry (cinemae.runtime.backends.registry), in
+    ``auto`` order."""
+    from ..runtime.backends.registry import specs
+
+    return tuple(s.name for s in specs())
+
+
+def all_backends() -> tuple[str, ...]:
+    """Every row the bench can time: the runtime's backends and the torch reference."""
+    return (*runtime_backends(), "torch")
+
+
+def runs_on(backend: str, device: str) -> bool:
+    """Whether a bench row ``backend`` on ``device`` ("cpu", "cuda", "cuda:1", ...) is a
+    combination: the registry's declared devices for runtime backends, any device for torch."""
+    from ..runtime.backends.registry import REGISTRY
+
+    if backend not in REGISTRY:
+        return True
+    return device.split(":", 1)[0].split(".", 1)[0].lower() in REGISTRY[backend].devices
 
 
 class RuntimeRunner:
@@ -30,9 +51,7 @@ class RuntimeRunner:
         self.name = backend
         self.device = device
         self.precision = precision
-        kind = {"tensorrt": "tensorrt", "onnxruntime-cuda": "onnxruntime",
-                "onnxruntime-cpu": "onnxruntime"}[backend]
-        self.backend, _ = create_backend(bundle, kind, device, precision, threads)
+        self.backend, _ = create_backend(bundle, backend, device, precision, threads)
         if getattr(self.backend, "name", backend) != backend:
             got = self.backend.name
             self.backend.close()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .bundle import BundleError
-from .commands import TABLE_HEADER, format_row, open_detector
+from .commands import TABLE_HEADER, configure_logging, format_row, open_detector
 from .inputs import IMAGE_SUFFIXES, iter_inputs, split_bundle
 
 # serve.py and stream.py import these from here until they import .commands / .inputs directly
@@ -33,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "that produced them)")
     ap.add_argument("--lcas", action="store_true",
                     help="with --json or --out: add each image's per-patch LCAS map (K runs x L patches)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    ap.add_argument("--device", default="auto",
-                    help="auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    from .backends import backend_choices, device_help, precision_choices  # the backend registry
+
+    ap.add_argument("--backend", default="auto", choices=backend_choices())
+    ap.add_argument("--device", default="auto", help=device_help())
+    ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--k", type=int, default=None, help="masking runs (default: the bundle's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # intermixed: options may sit between positionals (`cinemae-detect BUNDLE --device cpu DIR`)
     args = build_parser().parse_intermixed_args(argv)
+    configure_logging("stderr")
     try:
         bundle, paths = split_bundle(args.paths, args.bundle)
     except BundleError as e:

@@ -44,6 +44,8 @@ class Result:
     heatmap:       the reduced per-patch map with patch boxes in the original image, when asked
                    for (``explain``; :func:`cinemae.runtime.explain.heatmap.heatmap_record`)
     image_size:    (W, H) of the original image after EXIF orientation (not in the record)
+    want_heatmap:  a heatmap asked for this item alone (False; True: from the bundle's K runs; N:
+                   from N runs), honoured by :meth:`Detector.score_prepared` (not in the record)
     """
 
     source: str
@@ -61,6 +63,7 @@ class Result:
     reason: str | None = None
     heatmap: dict[str, Any] | None = None
     image_size: tuple[int, int] | None = field(default=None, repr=False)
+    want_heatmap: bool | int = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -263,7 +266,9 @@ class Detector:
         with ``want_lcas`` a scored one also gets ``lcas`` [K, L]. ``explain`` fills
         ``heatmap`` from the same call's map; ``explain_k`` N > K adds a second call with the
         next N - K masks of the same seeded draw, so every patch is likely covered while the
-        verdict keeps the bundle's K. The provenance policy is applied here. Returns ``results``."""
+        verdict keeps the bundle's K. Without ``explain``, an item whose ``want_heatmap`` is set
+        gets its own heatmap (the service's per-request ``?explain=1``). The provenance policy is
+        applied here. Returns ``results``."""
         for r in results:
             r.model = self.model
         idx = [i for i, a in enumerate(arrays) if a is not None]
@@ -271,13 +276,15 @@ class Detector:
             return results
         batch = np.stack([arrays[i] for i in idx])
         try:
-            out = self.run_arrays(batch, want_lcas=want_lcas or explain)
+            wants: list[bool | int | None] = [(explain_k or True) if explain else results[i].want_heatmap
+                                              for i in idx]
+            out = self.run_arrays(batch, want_lcas=want_lcas or any(w is not False for w in wants))
             maps = None
-            if explain:
-                from .explain import explain_maps
+            if any(w is not False for w in wants):
+                from .explain.web import batch_maps
 
                 t = time.perf_counter()
-                maps = explain_maps(self, batch, out.lcas, explain_k)
+                maps = batch_maps(self, batch, out.lcas, wants)
                 out.timings["explain"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
             for i in idx:
@@ -300,7 +307,7 @@ class Detector:
             if want_lcas:  # K=0 runs no decoder: an empty [0, L] map
                 r.lcas = (np.asarray(out.lcas[j], dtype=np.float32) if out.lcas is not None else
                           np.empty((0, self.bundle.backbone.num_patches), dtype=np.float32))
-            if maps is not None:
+            if maps is not None and maps[j] is not None:
                 from .explain import explain_record
 
                 r.heatmap = explain_record(self, maps[j], r.image_size)

@@ -169,3 +169,65 @@ def test_detector_heatmap_on_a_file_and_cli(det, tmp_path):
     saved = json.loads(jsons[0].read_text())
     assert saved["heatmap"]["values"] == h["values"]
     assert detect_main([str(path), "--explain-k", "99", "--no-progress"]) == 2
+
+
+def test_explain_cost_rows(det):
+    """cinemae-bench --explain's measurement: every row present, no error rows, off is the baseline."""
+    import io
+
+    from PIL import Image
+
+    from cinemae.benchmarks.explain_cost import format_rows, measure
+
+    rng = np.random.default_rng(4)
+    files = []
+    for _ in range(2):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+        files.append(buf.getvalue())
+    pool = np.stack([det.preprocess(f) for f in files])
+    rows = measure(det, pool, files, [1, 2], explain_k=4, iters=1, warmup=0)
+    names = [(r["row"], r["batch"]) for r in rows]
+    assert ("off", 2) in names and ("map explain-k 4", 2) in names and ("overlay PNG", 1) in names
+    assert all("error" not in r for r in rows), rows
+    assert all(r["vs_off"] == 1.0 for r in rows if r["row"] == "off")
+    assert "explain cost" in format_rows(rows)
+
+
+def test_explain_k_chunks_for_engines_built_for_k(det, monkeypatch):
+    """A backend that refuses more runs than it was built for (TensorRT's k_built) gets the extra
+    masks in chunks; the map is the same as from one call."""
+    x = det.preprocess((smooth() * 255).astype(np.uint8))[None]
+    out = det.run_arrays(x, want_lcas=True)
+    whole = explain_maps(det, x, out.lcas, 8)
+    run = det.backend.run
+    seen = []
+
+    def limited(images, masks, **kw):
+        seen.append(masks.k)
+        if masks.k > 2:
+            raise ValueError("the engines were built for K <= 2")
+        return run(images, masks, **kw)
+
+    monkeypatch.setattr(det.backend, "k_built", 2, raising=False)
+    monkeypatch.setattr(det.backend, "run", limited)
+    chunked = explain_maps(det, x, out.lcas, 8)
+    assert seen == [2, 2, 2]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_per_item_heatmap_requests_in_one_batch(det):
+    """The service's case: in one batch only the items that asked get a heatmap, each from the runs
+    it asked for; the scores are those of a batch without heatmaps."""
+    from cinemae.runtime.detector import Result
+
+    rng = np.random.default_rng(5)
+    arrays = [det.preprocess((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(4)]
+    results = [Result(source=str(i)) for i in range(4)]
+    results[1].want_heatmap, results[2].want_heatmap, results[3].want_heatmap = True, 8, 8
+    det.score_prepared(results, arrays, 0.0)
+    plain = det.score_prepared([Result(source=str(i)) for i in range(4)], arrays, 0.0)
+    assert results[0].heatmap is None
+    assert results[1].heatmap["runs"] == det.k and results[2].heatmap["runs"] == 8
+    assert results[3].heatmap["covered"] == 1.0
+    assert [r.score for r in results] == [r.score for r in plain]

@@ -258,7 +258,7 @@ def nvrtc_ready() -> None:
 
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CINEMAE_CACHE_DIR shared by this module's tests (one NVRTC compile for sm_90)."""
+    """A CINEMAE_CACHE shared by this module's tests (one NVRTC compile for sm_90)."""
     return tmp_path_factory.mktemp("cinemae_cache")
 
 
@@ -272,7 +272,7 @@ def test_nvrtc_compiles_ptx(nvrtc_ready: None) -> None:
 
 def test_nvrtc_cubin_is_cached(nvrtc_ready: None, kernel_cache: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CINEMAE_CACHE_DIR", str(kernel_cache))
+    monkeypatch.setenv("CINEMAE_CACHE", str(kernel_cache))
     assert kernels.cache_dir() == kernel_cache / "kernels"
     data, path = kernels.cached_binary((9, 0))
     assert path.parent == kernel_cache / "kernels" and path.name.endswith("-sm_90.cubin")
@@ -381,7 +381,7 @@ def test_gpu_kernel_on_a_caller_stream() -> None:
         bufs = [ok(driver.cuMemAlloc(a.nbytes)) for a in (images, pred, vis, stats)]
         for buf, arr in zip(bufs[:3], (images, pred, vis), strict=True):
             ok(driver.cuMemcpyHtoDAsync(buf, arr.ctypes.data, arr.nbytes, stream))
-        kernels.lcas_stats_device(int(bufs[0]), int(bufs[1]), True, int(bufs[2]), b, k, hw, hw, p,
+        kernels.lcas_stats_device(int(bufs[0]), int(bufs[1]), np.float16, int(bufs[2]), b, k, hw, hw, p,
                                   1.0, False, int(bufs[3]), 0, int(stream))
         ok(driver.cuMemcpyDtoHAsync(stats.ctypes.data, bufs[3], stats.nbytes, stream))
         ok(driver.cuStreamSynchronize(stream))

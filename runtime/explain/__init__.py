@@ -33,9 +33,9 @@ def explain_maps(detector: Detector, images: np.ndarray, bundle_lcas: np.ndarray
 
     images:      [B, 3, S, S] preprocessed batch (the one the verdict came from)
     bundle_lcas: [B, K, L] from the verdict's own backend call (``want_lcas``), or None for K=0
-    explain_k:   N > K runs the extra N - K masks of the same seeded draw in a second backend
-                 call (its logit is ignored: the verdict keeps the bundle's K); None or N <= K
-                 uses the bundle's K runs only
+    explain_k:   N > K runs the extra N - K masks of the same seeded draw in one more backend
+                 call (TensorRT: calls of at most the K its engines were built for); their logits
+                 are ignored, the verdict keeps the bundle's K; None or N <= K uses the K runs only
     """
     b = images.shape[0]
     k = detector.k
@@ -45,8 +45,15 @@ def explain_maps(detector: Detector, images: np.ndarray, bundle_lcas: np.ndarray
         return base
     extra = extra_masks(num_patches, k, int(explain_k), detector.bundle.mask_ratio,
                         detector.bundle.mask_seed)
-    out = detector.backend.run(images, extra, want_lcas=True)
-    return np.concatenate([base, out.lcas], axis=1)
+    # TensorRT engines take at most the K they were built for (``k_built``): chunk the extra runs
+    # for them; ONNX Runtime takes any K in one call
+    built = getattr(detector.backend, "k_built", None)
+    step = max(1, int(built)) if built is not None else max(1, extra.k)
+    parts = [base]
+    for i in range(0, extra.k, step):
+        chunk = MaskSet(extra.ids_keep[i:i + step], extra.ids_restore[i:i + step], extra.visible[i:i + step])
+        parts.append(detector.backend.run(images, chunk, want_lcas=True).lcas)
+    return np.concatenate(parts, axis=1)
 
 
 def page_file(name: str) -> bytes:

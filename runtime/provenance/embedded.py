@@ -266,8 +266,8 @@ def read_embedded(data: bytes) -> dict[str, Any]:
             out["exif"] = _exif(im, state, errors)
             if im.format in ("JPEG", "MPO"):
                 comments, xmp = _jpeg_segments(im)
-                out["comments"] = [keep(c[:MAX_TEXT_BYTES].decode("utf-8", "replace"), state)
-                                   for c in comments[:16]]
+                texts = (c[:MAX_TEXT_BYTES].decode("utf-8", "replace").strip("\x00 \t\r\n") for c in comments[:16])
+                out["comments"] = [keep(t, state) for t in texts if t]  # blank padding is not a comment
             if xmp is None:
                 v = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
                 xmp = v.encode("utf-8") if isinstance(v, str) else v
