@@ -226,6 +226,9 @@ try:
     out["torch.version.cuda"] = torch.version.cuda
 except Exception as e:
     out["torch.cuda"] = str(e)
+import glob, os, sys
+# CUDA libraries from pip wheels (torch's nvidia-* dependencies): onnxruntime-gpu looks for them there
+out["nvidia_lib_dirs"] = sorted({d for p in sys.path for d in glob.glob(os.path.join(p, "nvidia", "*", "lib"))})
 print("GPU_CHECK_JSON " + json.dumps(out))
 """
 
@@ -246,6 +249,11 @@ def step_environment(ck: Check, env: dict[str, str]) -> dict[str, Any]:
         info["modules"] = _marked_json(text)
     except ValueError:
         info["modules"] = {"error": text[-500:]}
+    libs = info["modules"].pop("nvidia_lib_dirs", None) if isinstance(info["modules"], dict) else None
+    if libs:  # so onnxruntime-gpu finds libcublas/libcudnn of torch's wheels
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *[p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+                                                          if p]])
+        info["ld_library_path_added"] = libs
     ck.record["machine"]["gpu"] = info["nvidia_smi"]
     ck.step("environment", code == 0, time.monotonic() - t, **info)
     return info
