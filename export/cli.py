@@ -93,7 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle:
         if args.tensorrt == "skip":
             ap.error("--bundle adds TensorRT engines; --tensorrt skip leaves nothing to do")
-        return _engines(args.bundle, args, None)
+        code = _engines(args.bundle, args, None)
+        from ..runtime.bundle import SIGNATURE, BundleError, sign_manifest
+
+        if code == 0 and args.sign:  # the manifest changed: sign it again
+            try:
+                print(f"signed: {sign_manifest(args.bundle, args.sign)}")
+            except BundleError as e:
+                print(f"cinemae-export: {e}", file=sys.stderr)
+                return 1
+        elif code == 0 and (Path(args.bundle) / SIGNATURE).is_file():
+            print(f"note: {SIGNATURE} no longer matches the rewritten manifest; sign it again with --sign KEY")
+        return code
     if not args.out:
         ap.error("--out is required (or --bundle to add engines to an existing bundle)")
     try:
