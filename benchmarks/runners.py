@@ -16,8 +16,11 @@ import numpy as np
 from ..runtime.masks import MaskSet
 
 STAGE_NAMES = ("global_encoder", "masked_encoder", "decoder", "lcas", "head")
-RUNTIME_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+RUNTIME_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
+CPU_BACKENDS = ("onnxruntime-cpu", "openvino")
 ALL_BACKENDS = (*RUNTIME_BACKENDS, "torch")
+#: the reduced precisions each runner has on the CPU (fp32 everywhere; fp16 is the GPU's)
+CPU_REDUCED = {"torch": ("bf16",), "onnxruntime-cpu": ("int8",), "openvino": ("bf16", "int8")}
 
 
 class RuntimeRunner:
@@ -30,14 +33,19 @@ class RuntimeRunner:
         self.name = backend
         self.device = device
         self.precision = precision
-        kind = {"tensorrt": "tensorrt", "onnxruntime-cuda": "onnxruntime",
-                "onnxruntime-cpu": "onnxruntime"}[backend]
-        self.backend, _ = create_backend(bundle, kind, device, precision, threads)
+        if backend == "openvino":
+            from ..runtime.backends.openvino import OpenVINOBackend
+
+            self.backend = OpenVINOBackend(bundle, precision, device=device, threads=threads)
+        else:
+            kind = {"tensorrt": "tensorrt", "onnxruntime-cuda": "onnxruntime",
+                    "onnxruntime-cpu": "onnxruntime"}[backend]
+            self.backend, _ = create_backend(bundle, kind, device, precision, threads)
         if getattr(self.backend, "name", backend) != backend:
             got = self.backend.name
             self.backend.close()
             raise RuntimeError(f"asked for {backend}, the runtime gave {got}")
-        self.threads: int | str = threads or "ort default"
+        self.threads: int | str = threads or ("openvino default" if backend == "openvino" else "ort default")
 
     def run(self, images: np.ndarray, masks: MaskSet) -> tuple[np.ndarray, dict[str, float]]:
         out = self.backend.run(images, masks)
@@ -48,8 +56,9 @@ class RuntimeRunner:
 
 
 class TorchRunner:
-    """The torch reference (``cinemae.export.reference.TorchReference``), eager fp32 or fp16
-    autocast, timed stage by stage.
+    """The torch reference (``cinemae.export.reference.TorchReference``), eager fp32, fp16
+    autocast (GPU) or bf16 autocast (CPU: ``torch.autocast("cpu", dtype=torch.bfloat16)``, the
+    first thing a torch user tries), timed stage by stage.
 
     The staged run repeats TorchReference.run's calls in the same order; the first warm-up call
     goes through TorchReference.run itself and the staged logits are checked against it
@@ -65,7 +74,11 @@ class TorchRunner:
 
         if precision == "fp16" and not device.startswith("cuda"):
             raise RuntimeError("torch fp16 autocast is the GPU configuration; on the CPU the "
-                               "reference runs in fp32 only")
+                               "reference runs in fp32 or bf16 autocast")
+        if precision == "bf16" and device.startswith("cuda"):
+            raise RuntimeError("torch bf16 autocast is a CPU row here; on the GPU the reference runs fp16")
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise RuntimeError(f"the torch reference has no {precision} configuration")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("torch sees no CUDA device (CPU-only torch build or no GPU)")
         if threads:
@@ -81,8 +94,20 @@ class TorchRunner:
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
 
+    def _autocast(self):  # noqa: ANN202 - a torch autocast context
+        torch = self.torch
+        if self.precision == "fp16":
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.float16)
+        if self.precision == "bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cpu", enabled=False)
+
     def reference_logits(self, images: np.ndarray, masks: MaskSet) -> np.ndarray:
         """TorchReference.run itself (not timed)."""
+        if self.precision == "bf16":
+            # TorchReference has no bf16 switch: the same forward under the CPU autocast here
+            staged, _ = self.run(images, masks)
+            return staged
         return self.ref.run(images, masks, autocast_fp16=self.precision == "fp16").logit
 
     def run(self, images: np.ndarray, masks: MaskSet) -> tuple[np.ndarray, dict[str, float]]:
@@ -94,9 +119,7 @@ class TorchRunner:
         model, cfg = ref.model, ref.model.cfg
         t: dict[str, float] = {}
         with torch.no_grad():
-            ctx = (torch.autocast(device_type=dev.split(":")[0], dtype=torch.float16)
-                   if self.precision == "fp16" else torch.autocast(device_type="cpu", enabled=False))
-            with ctx:
+            with self._autocast():
                 self._sync()
                 t0 = time.perf_counter()
                 x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(dev)
