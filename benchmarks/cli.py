@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .runners import ALL_BACKENDS, CPU_BACKENDS, CPU_REDUCED, RUNTIME_BACKENDS
+from .runners import all_backends, cpu_reduced, runs_on
 
 DEFAULT_KS = "0,1,2,4"
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp32, fp16 (GPU), bf16 and int8 (CPU: torch bf16 autocast, ONNX Runtime int8, "
                          "OpenVINO bf16/int8); default fp32 on the CPU, fp32,fp16 with a GPU")
     ap.add_argument("--backends", default=None, metavar="NAME[,NAME...]|all",
-                    help=f"of {', '.join(ALL_BACKENDS)}; 'all' asks for every one (unavailable ones "
+                    help=f"of {', '.join(all_backends())}; 'all' asks for every one (unavailable ones "
                          "become error rows). Default: every backend available here")
     ap.add_argument("--device", default=None, help="cpu, cuda[:N] or all (default: all with a GPU, "
                     "else cpu)")
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", dest="json_path", help="write the JSON record here ('-' for stdout)")
     ap.add_argument("--markdown", help="write the markdown table here")
     ap.add_argument("--plot", help="write the PNG plot here")
+    ap.add_argument("--explain", action="store_true",
+                    help="also measure heatmaps and provenance: the verdict alone vs with the per-patch map, "
+                         "with --explain-k runs, the overlay PNG and reading provenance (CPU, ONNX Runtime)")
+    ap.add_argument("--explain-k", type=int, default=8, help="runs of the explain-k row (default 8)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap
 
@@ -112,36 +116,38 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
     else:
         devices = [device]
     if backends is None or backends == "all":
-        names = list(ALL_BACKENDS)
-        if backends is None and importlib.util.find_spec("openvino") is None:
+        names = list(all_backends())
+        if backends is None and importlib.util.find_spec("openvino") is None and "openvino" in names:
             names.remove("openvino")  # "available here": an optional extra that is not installed
         if backends == "all" and device is None:
             devices = ["cpu", "cuda"]
     else:
         names = [b.strip() for b in backends.split(",") if b.strip()]
-        bad = [b for b in names if b not in ALL_BACKENDS]
+        bad = [b for b in names if b not in all_backends()]
         if bad:
-            raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(ALL_BACKENDS)} or all")
-        if device is None and any(b in ("tensorrt", "onnxruntime-cuda") for b in names):
+            raise ValueError(f"unknown backend(s) {bad}; choose from {', '.join(all_backends())} or all")
+        if device is None and any(not runs_on(b, "cpu") for b in names):
             devices = ["cpu", "cuda"]
     if precision is None:
         precs = None  # fp32 on the CPU, fp32 and fp16 on a GPU
     else:
         precs = [p.strip() for p in precision.split(",") if p.strip()]
-        if any(p not in ("fp32", "fp16", "bf16", "int8") for p in precs):
-            raise ValueError(f"--precision takes fp32, fp16, bf16 and/or int8, got {precision!r}")
+        from ..runtime.precision import PRECISIONS
+
+        if any(p not in PRECISIONS for p in precs):
+            raise ValueError(f"--precision takes {', '.join(PRECISIONS)}, got {precision!r}")
     if no_torch:
         names = [n for n in names if n != "torch"]
     specs = []
     for dev in devices:
         on_gpu = dev.startswith("cuda")
         for name in names:
-            if name in RUNTIME_BACKENDS and (name in CPU_BACKENDS) == on_gpu:
+            if not runs_on(name, dev):
                 continue  # a CPU backend on a GPU device or the reverse: not a combination
             for p in precs or (["fp32", "fp16"] if on_gpu else ["fp32"]):
                 if name == "torch" and p == "fp16" and not on_gpu:
                     continue  # autocast fp16 is the GPU configuration (see the README)
-                if p in ("bf16", "int8") and (on_gpu or p not in CPU_REDUCED.get(name, ())):
+                if p in ("bf16", "int8") and (on_gpu or p not in cpu_reduced(name)):
                     continue  # bf16 / int8 are CPU precisions of the runners that have them
                 if name == "openvino" and p == "fp16":
                     continue  # OpenVINO is a CPU row here: fp32, bf16, int8
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     # inputs: synthetic JPEGs (or the user's files), decoded and preprocessed by the runtime
     n_pool = max(batches)
     if args.inputs:
-        from ..runtime.cli import iter_inputs
+        from ..runtime.inputs import iter_inputs
 
         sources: list[Any] = list(iter_inputs(args.inputs))[: max(n_pool, 16)]
         desc = f"{len(sources)} files from {' '.join(args.inputs)}"
@@ -244,7 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         if outputs["json"] and outputs["json"] != "-":
             report.write_json(outputs["json"], result)
         if final and outputs["markdown"]:
-            report.write_atomic(outputs["markdown"], report.markdown(result))
+            md = report.markdown(result)
+            if result.get("explain"):
+                from .explain_cost import format_rows
+
+                md += ("\n## Explain cost (heatmaps and provenance; ONNX Runtime CPU, interleaved)\n\n```\n"
+                       + format_rows(result["explain"]) + "\n```\n")
+            report.write_atomic(outputs["markdown"], md)
 
     def on_row(row: Any) -> None:
         result["rows"].append(row.to_dict())
@@ -260,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         opts = SweepOptions(warmup=args.warmup, iters=args.iters, min_iters=args.min_iters,
                             row_time=args.row_time, threads=args.threads, peaks=peaks)
         rows = run_sweep(target, specs, ks, batches, pool, pre_ms, opts, log, on_row)
+        if args.explain:
+            result["explain"] = _explain_cost(args, bundle, pool, sources, batches, log)
+            save()
         if args.data:
             acc_rows, acc_info = _accuracy(args, target, ks, perts, rows, log, evaluate, load_labeled)
             result["accuracy"] = [a.to_dict() for a in acc_rows]
@@ -314,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\naccuracy ({result['accuracy_info']['data']}; threshold logit "
               f"{result['accuracy_info']['threshold_logit']:.3f}; TPR at {args.fpr:.0%} FPR):")
         print(report.format_accuracy(result["accuracy"]))
+    if result.get("explain"):
+        from .explain_cost import format_rows
+
+        print("\n" + format_rows(result["explain"]))
     if outputs["json"] == "-":
         import json
 
@@ -325,6 +344,28 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0 and any(r.status == "error" for r in rows):
         status = 1
     return status
+
+
+def _explain_cost(args: argparse.Namespace, bundle: Any, pool: Any, sources: list[Any], batches: list[int],
+                  log: Any) -> list[dict[str, Any]]:
+    """The explain-cost rows (benchmarks/explain_cost.py) on ONNX Runtime CPU; an error is a row."""
+    from ..runtime.detector import Detector
+    from .explain_cost import measure
+
+    try:
+        files = [s if isinstance(s, bytes) else Path(s).read_bytes() for s in sources]
+        with Detector(bundle, backend="onnxruntime", device="cpu", threads=args.threads) as det:
+            rows = measure(det, pool, files, batches, explain_k=args.explain_k,
+                           iters=max(args.min_iters, min(args.iters, 10)), warmup=args.warmup, log=log)
+            if args.out:  # the overlay of a picture the project makes itself (the README's example)
+                from .explain_cost import example_figure
+
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                fig = example_figure(det, str(Path(args.out) / "explain_example.png"), args.explain_k)
+                rows.append({"row": "example figure", "batch": 1, "file": "explain_example.png", **fig})
+            return rows
+    except Exception as e:  # noqa: BLE001 - a failing measurement is a row with its error
+        return [{"row": "explain", "batch": 0, "error": f"{type(e).__name__}: {e}"}]
 
 
 def _outputs(args: argparse.Namespace) -> dict[str, str | None]:

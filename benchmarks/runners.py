@@ -16,11 +16,40 @@ import numpy as np
 from ..runtime.masks import MaskSet
 
 STAGE_NAMES = ("global_encoder", "masked_encoder", "decoder", "lcas", "head")
-RUNTIME_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
-CPU_BACKENDS = ("onnxruntime-cpu", "openvino")
-ALL_BACKENDS = (*RUNTIME_BACKENDS, "torch")
-#: the reduced precisions each runner has on the CPU (fp32 everywhere; fp16 is the GPU's)
-CPU_REDUCED = {"torch": ("bf16",), "onnxruntime-cpu": ("int8",), "openvino": ("bf16", "int8")}
+
+
+def runtime_backends() -> tuple[str, ...]:
+    """The runtime's backends, from its registry (cinemae.runtime.backends.registry), in
+    ``auto`` order."""
+    from ..runtime.backends.registry import specs
+
+    return tuple(s.name for s in specs())
+
+
+def all_backends() -> tuple[str, ...]:
+    """Every row the bench can time: the runtime's backends and the torch reference."""
+    return (*runtime_backends(), "torch")
+
+
+def runs_on(backend: str, device: str) -> bool:
+    """Whether a bench row ``backend`` on ``device`` ("cpu", "cuda", "cuda:1", ...) is a
+    combination: the registry's declared devices for runtime backends, any device for torch."""
+    from ..runtime.backends.registry import REGISTRY
+
+    if backend not in REGISTRY:
+        return True
+    return device.split(":", 1)[0].split(".", 1)[0].lower() in REGISTRY[backend].devices
+
+
+def cpu_reduced(backend: str) -> tuple[str, ...]:
+    """The reduced precisions (bf16, int8) a bench row ``backend`` has on the CPU: the registry's
+    for runtime backends (ONNX Runtime CPU int8, OpenVINO bf16/int8), bf16 autocast for torch."""
+    from ..runtime.backends.registry import REGISTRY
+
+    if backend == "torch":
+        return ("bf16",)
+    spec = REGISTRY.get(backend)
+    return tuple(p for p in spec.precisions if p in ("bf16", "int8")) if spec else ()
 
 
 class RuntimeRunner:
@@ -33,14 +62,7 @@ class RuntimeRunner:
         self.name = backend
         self.device = device
         self.precision = precision
-        if backend == "openvino":
-            from ..runtime.backends.openvino import OpenVINOBackend
-
-            self.backend = OpenVINOBackend(bundle, precision, device=device, threads=threads)
-        else:
-            kind = {"tensorrt": "tensorrt", "onnxruntime-cuda": "onnxruntime",
-                    "onnxruntime-cpu": "onnxruntime"}[backend]
-            self.backend, _ = create_backend(bundle, kind, device, precision, threads)
+        self.backend, _ = create_backend(bundle, backend, device, precision, threads)
         if getattr(self.backend, "name", backend) != backend:
             got = self.backend.name
             self.backend.close()

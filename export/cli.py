@@ -19,9 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "Face ViTMAEForPreTraining state dict (.bin / .safetensors)")
     src.add_argument("--arch", help="no checkpoint: random weights of a preset (vit-base, "
                      "vit-large, vit-huge, tiny, ...) for latency work; marked in the manifest")
+    src.add_argument("--bundle", help="no export: add TensorRT engines to this existing bundle "
+                     "(with --tensorrt and --trt-targets; every precision the bundle has)")
     ap.add_argument("--head", help="a head file written by cinemae-train (default: an untrained "
                     "head, stated in the manifest)")
-    ap.add_argument("--out", required=True, help="bundle directory to write")
+    ap.add_argument("--out", help="bundle directory to write (required unless --bundle)")
     ap.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                     help="fp16 / int8 also write the fp32 graphs (the reference); int8 = QDQ encoder and "
                          "decoder calibrated on real images (--calibration-images), fp32 head")
@@ -44,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-id", default=None)
     ap.add_argument("--init-seed", type=int, default=0, help="seed for --arch / untrained heads")
     ap.add_argument("--tensorrt", choices=["auto", "skip", "require"], default="auto",
-                    help="build TensorRT engines into BUNDLE/engines: auto = when TensorRT and a "
-                         "GPU are present, require = fail without them")
+                    help="build TensorRT engines into BUNDLE/engines and list them in the manifest: "
+                         "auto = when TensorRT can (a GPU, or --trt-targets with TensorRT-RTX), "
+                         "require = fail when it cannot")
+    ap.add_argument("--trt-targets", default=None, metavar="SM[,SM...]",
+                    help="compute capabilities to build engines for ahead of time, without that GPU "
+                         "(TensorRT-RTX: sm75,sm80,sm86,sm89,sm120,sm121), e.g. sm80,sm86,sm89; "
+                         "default: the GPU present")
     ap.add_argument("--trt-max-batch", type=int, default=16,
                     help="largest batch the TensorRT engines' profiles accept")
     return ap
@@ -76,8 +83,36 @@ def int8_image_split(calibration: str | None, parity: str | None, n_calib: int =
     return _spread(gate_pool[1::2], n_calib), _spread(gate_pool[0::2], n_gate)
 
 
+def _targets(text: str | None) -> list[str] | None:
+    return [t for t in (text or "").split(",") if t.strip()] or None
+
+
+def _engines(bundle: str | Path, args: argparse.Namespace, precisions: tuple[str, ...] | None) -> int:
+    """Build the TensorRT engines the flags ask for; 0, or 1 with one line on stderr."""
+    from ..runtime.backends.base import BackendUnavailable
+    from ..runtime.bundle import BundleError
+    from .tensorrt_build import build_bundle_engines
+
+    try:
+        build_bundle_engines(bundle, precisions, max_batch=args.trt_max_batch,
+                             targets=_targets(args.trt_targets), required=args.tensorrt == "require")
+    except (BackendUnavailable, BundleError, ValueError) as e:  # EngineBuildError is a BackendUnavailable
+        print(f"cinemae-export: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.trt_max_batch < 1:
+        ap.error("--trt-max-batch must be at least 1")
+    if args.bundle:
+        if args.tensorrt == "skip":
+            ap.error("--bundle adds TensorRT engines; --tensorrt skip leaves nothing to do")
+        return _engines(args.bundle, args, None)
+    if not args.out:
+        ap.error("--out is required (or --bundle to add engines to an existing bundle)")
     try:
         import torch
     except ImportError:
@@ -149,17 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as e:
         print(f"cinemae-export: {e}", file=sys.stderr)
         return 2
-    if args.tensorrt != "skip":
-        from ..runtime.backends.base import BackendUnavailable
-        from .tensorrt_build import EngineBuildError, build_bundle_engines
-
-        try:
-            trt_precisions = tuple(p for p in opts.precisions if p in ("fp32", "fp16"))  # no int8 engines
-            build_bundle_engines(out, trt_precisions, max_batch=args.trt_max_batch,
-                                 required=args.tensorrt == "require")
-        except (BackendUnavailable, EngineBuildError) as e:
-            print(f"cinemae-export: {e}", file=sys.stderr)
-            return 1
+    trt_precisions = tuple(p for p in opts.precisions if p in ("fp32", "fp16"))  # no int8 engines
+    if args.tensorrt != "skip" and _engines(out, args, trt_precisions):
+        return 1
     if not trained:
         print("note: the head is untrained (random initialisation); train it with "
               f"`cinemae-train --bundle {out} --real DIR --fake DIR`")

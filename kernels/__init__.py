@@ -7,12 +7,15 @@ the source is compiled with NVRTC at first use and cached (see ``loader``).
 
 Importing this package is cheap: cuda-python is imported only when a function needs it, and
 torch never. Without a GPU, driver, cuda-python or NVRTC library the functions raise
-``KernelUnavailable``.
+``KernelUnavailable`` (a ``KernelError``: the callers' signal to compute LCAS on the host).
 """
 
 from .loader import (
+    PRED_KERNELS,
     CudaError,
     KernelCompileError,
+    KernelError,
+    KernelInputUnsupported,
     KernelUnavailable,
     Plan,
     cache_dir,
@@ -24,14 +27,18 @@ from .loader import (
     lcas_stats_gpu,
     nvrtc_version,
     plan,
+    pred_kernel,
     prepare,
     source_bytes,
     supported_archs,
 )
 
 __all__ = [
+    "PRED_KERNELS",
     "CudaError",
     "KernelCompileError",
+    "KernelError",
+    "KernelInputUnsupported",
     "KernelUnavailable",
     "Plan",
     "cache_dir",
@@ -43,6 +50,7 @@ __all__ = [
     "lcas_stats_gpu",
     "nvrtc_version",
     "plan",
+    "pred_kernel",
     "prepare",
     "source_bytes",
     "supported_archs",

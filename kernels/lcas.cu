@@ -519,12 +519,13 @@ inline bool make_plan(int B, int K, int H, int W, int P, int threads, Plan* plan
 extern "C" CINEMAE_LCAS_API int cinemae_lcas_abi_version(void) { return CINEMAE_LCAS_ABI_VERSION; }
 
 extern "C" CINEMAE_LCAS_API int cinemae_lcas_stats(const float* image, const void* pred,
-                                                   int pred_is_fp16, const unsigned char* visible,
+                                                   int pred_dtype, const unsigned char* visible,
                                                    int B, int K, int H, int W, int P,
                                                    float lambda, int norm_pix, float* stats_out,
                                                    float* map_out, void* stream) {
   cinemae_lcas::Plan plan;
   if (B < 0 || !cinemae_lcas::make_plan(B, K, H, W, P, 0, &plan)) return cudaErrorInvalidValue;
+  if (pred_dtype != CINEMAE_LCAS_PRED_F32 && pred_dtype != CINEMAE_LCAS_PRED_F16) return cudaErrorInvalidValue;
   if (B == 0) return cudaSuccess;
   if (!stats_out || (K > 0 && (!image || !pred || !visible))) return cudaErrorInvalidValue;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -532,7 +533,7 @@ extern "C" CINEMAE_LCAS_API int cinemae_lcas_stats(const float* image, const voi
   const dim3 block(static_cast<unsigned>(plan.threads));
   const size_t smem = static_cast<size_t>(plan.smem_bytes);
   const int np = norm_pix ? 1 : 0;
-  if (pred_is_fp16) {
+  if (pred_dtype == CINEMAE_LCAS_PRED_F16) {
     lcas_stats_f16<<<grid, block, smem, s>>>(image, pred, visible, K, H, W, P, lambda, np,
                                              plan.single_pass, stats_out, map_out);
   } else {

@@ -9,7 +9,8 @@
  * All pointers except `stream` are device pointers in the calling thread's current context.
  *
  *   image     [B, 3, H, W] float32, NCHW, the normalised image batch
- *   pred      [B*K, L, P*P*3] float32 (pred_is_fp16 = 0) or IEEE half (pred_is_fp16 = 1), the
+ *   pred      [B*K, L, P*P*3] of pred_dtype: float32 (CINEMAE_LCAS_PRED_F32) or IEEE half
+ *             (CINEMAE_LCAS_PRED_F16); any other value is cudaErrorInvalidValue. The
  *             decoder output; row b*K + k is image b under masking run k; inside a patch the
  *             element d = (p*P + q)*3 + c is channel-last as MAE patchify; patch i is row-major
  *             over the (H/P) x (W/P) grid, L = (H/P)*(W/P)
@@ -44,14 +45,19 @@
 #define CINEMAE_LCAS_API __attribute__((visibility("default")))
 #endif
 
-#define CINEMAE_LCAS_ABI_VERSION 1
+/* ABI 2: the third argument is a dtype code (ABI 1 took a flag, nonzero meaning half). */
+#define CINEMAE_LCAS_ABI_VERSION 2
+
+/* pred_dtype codes */
+#define CINEMAE_LCAS_PRED_F32 0
+#define CINEMAE_LCAS_PRED_F16 1
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* Queue the fused kernel on `stream`; returns a cudaError_t value (0 on success). */
-CINEMAE_LCAS_API int cinemae_lcas_stats(const float* image, const void* pred, int pred_is_fp16,
+CINEMAE_LCAS_API int cinemae_lcas_stats(const float* image, const void* pred, int pred_dtype,
                                         const unsigned char* visible, int B, int K, int H, int W,
                                         int P, float lambda, int norm_pix, float* stats_out,
                                         float* map_out, void* stream);

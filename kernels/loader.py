@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 SOURCE_PATH = Path(__file__).with_name("lcas.cu")
 HEADER_PATH = Path(__file__).with_name("lcas.h")
 
-KERNEL_F32 = "lcas_stats_f32"
-KERNEL_F16 = "lcas_stats_f16"
 
 # Mirrors of the launch planning in lcas.cu (cinemae_lcas::make_plan); tests/test_kernel.py checks
 # them against the C++ code through the CPU emulator.
@@ -45,16 +43,46 @@ SMEM_LIMIT = 48 * 1024
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
 
-class KernelUnavailable(RuntimeError):
+class KernelError(RuntimeError):
+    """The fused kernel cannot be used for this work; callers fall back to the numpy reference
+    on the host. Every reason the kernel is not used is a subclass."""
+
+
+class KernelUnavailable(KernelError):
     """The kernel cannot run here (no cuda-python, no NVRTC library, no driver or no GPU)."""
 
 
-class KernelCompileError(RuntimeError):
+class KernelCompileError(KernelError):
     """NVRTC rejected kernels/lcas.cu; the message carries the compiler log."""
 
 
+class KernelInputUnsupported(KernelError):
+    """The kernel does not take this input (a decoder output dtype other than float32/float16,
+    a patch size over 16, a working set over the shared memory it uses)."""
+
+
 class CudaError(RuntimeError):
-    """A CUDA driver call failed while loading or launching the kernel."""
+    """A CUDA call (driver or runtime API) failed; the message names the call and the error.
+    The one class for every CUDA failure in the project (the backends' ``cuda_memory.check``
+    raises it too). Not a :class:`KernelError`: a failing CUDA call is not a reason to fall back."""
+
+
+# the decoder output dtypes the kernel reads, and the kernel that reads each
+PRED_KERNELS = {"float32": "lcas_stats_f32", "float16": "lcas_stats_f16"}
+
+
+def pred_kernel(pred_dtype: Any) -> str:
+    """The kernel function for a decoder output dtype (numpy dtype or its name);
+    KernelInputUnsupported for a dtype the kernel does not read (bfloat16, int8...)."""
+    import numpy as np
+
+    try:
+        name = np.dtype(pred_dtype).name
+    except TypeError:
+        name = str(pred_dtype)
+    if name not in PRED_KERNELS:
+        raise KernelInputUnsupported(f"the LCAS kernel reads float32 or float16 predictions, not {name}")
+    return PRED_KERNELS[name]
 
 
 @dataclass(frozen=True)
@@ -276,8 +304,7 @@ def cached_binary(capability: tuple[int, int], refresh: bool = False) -> tuple[b
 @dataclass
 class _Module:
     module: Any
-    f32: Any
-    f16: Any
+    functions: dict[str, Any]  # kernel name -> CUfunction
 
 
 _lock = threading.Lock()
@@ -418,9 +445,9 @@ def _module(driver: Any, ctx: Any) -> _Module:
                 f"the CUDA driver could not load the LCAS kernel ({_err_name(driver, err)}, "
                 f"{path.name}); the driver may be older than NVRTC {'.'.join(map(str, nvrtc_version()))}"
             )
-        f32 = _check(driver, driver.cuModuleGetFunction(module, KERNEL_F32.encode()), KERNEL_F32)
-        f16 = _check(driver, driver.cuModuleGetFunction(module, KERNEL_F16.encode()), KERNEL_F16)
-        mod = _Module(module, f32, f16)
+        functions = {name: _check(driver, driver.cuModuleGetFunction(module, name.encode()), name)
+                     for name in PRED_KERNELS.values()}
+        mod = _Module(module, functions)
         _modules[key] = mod
     return mod
 
@@ -439,7 +466,7 @@ def prepare(device: int = 0) -> None:
 def lcas_stats_device(
     image_ptr: int,
     pred_ptr: int,
-    pred_fp16: bool,
+    pred_dtype: Any,
     visible_ptr: int,
     B: int,
     K: int,
@@ -455,7 +482,8 @@ def lcas_stats_device(
     """Queue the fused LCAS kernel on ``stream`` for buffers already on the GPU (no sync).
 
     image_ptr   [B, 3, H, W] float32, the normalised image batch
-    pred_ptr    [B*K, L, P*P*3] float32, or float16 when pred_fp16; row b*K + k
+    pred_ptr    [B*K, L, P*P*3] of ``pred_dtype`` (numpy float32 or float16; other dtypes raise
+                KernelInputUnsupported); row b*K + k
     visible_ptr [K, L] uint8, nonzero where patch i is visible in run k
     stats_ptr   [B, 3] float32 output (s1, s2, s3)
     map_ptr     [B, K, L] float32 output, NaN at visible patches; 0 to skip
@@ -465,6 +493,7 @@ def lcas_stats_device(
     to that device's primary context. K = 0 writes zeros (pred and visible may be 0).
     """
     cfg = plan(K, H, W, P, B)
+    kernel = pred_kernel(pred_dtype)
     if B < 0:
         raise ValueError(f"B must be >= 0, got {B}")
     if B == 0:
@@ -495,7 +524,7 @@ def lcas_stats_device(
         _check(
             driver,
             driver.cuLaunchKernel(
-                mod.f16 if pred_fp16 else mod.f32,
+                mod.functions[kernel],
                 B, 1, 1,
                 cfg.threads, 1, 1,
                 cfg.smem_bytes,
@@ -546,8 +575,7 @@ def lcas_stats_gpu(
     if k and num_patches != (h // p) * (w // p):
         raise ValueError(f"visible has L={num_patches}, images give {(h // p) * (w // p)}")
     pred = np.asarray(pred)
-    fp16 = pred.dtype == np.float16
-    pred = np.ascontiguousarray(pred, dtype=np.float16 if fp16 else np.float32)
+    pred = np.ascontiguousarray(pred, dtype=np.float16 if pred.dtype == np.float16 else np.float32)
     if k and pred.shape != (b * k, num_patches, 3 * p * p):
         raise ValueError(f"pred {pred.shape} is not [B*K={b * k}, {num_patches}, {3 * p * p}]")
     stats = np.zeros((b, 3), dtype=np.float32)
@@ -585,7 +613,7 @@ def lcas_stats_gpu(
         d_stats = output(stats.size)
         d_map = output(lmap.size) if lmap is not None and lmap.size else 0
         lcas_stats_device(
-            d_image, d_pred, fp16, d_vis, b, k, h, w, p, lam, norm_pix, d_stats, d_map, 0
+            d_image, d_pred, pred.dtype, d_vis, b, k, h, w, p, lam, norm_pix, d_stats, d_map, 0
         )
         _check(driver, driver.cuCtxSynchronize(), "lcas kernel")
         _check(driver, driver.cuMemcpyDtoH(stats.ctypes.data, d_stats, stats.nbytes), "cuMemcpyDtoH")

@@ -4,6 +4,7 @@
     det = Detector("bundle/")            # or Detector() for the embedded default bundle
     r = det.detect("photo.jpg")          # paths, encoded bytes or RGB numpy arrays
     r.score, r.verdict, r.stats          # p(AI), "ai" | "real" | "uncertain", (s1, s2, s3)
+    r.to_record()                        # the JSON-able record every output is built from
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,13 +23,30 @@ import numpy as np
 from .backends import BatchOutput, create_backend
 from .bundle import Bundle, resolve_bundle
 from .masks import MaskSet, make_masks
-from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, InputError, preprocess
+from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, InputError, preprocess, read_bytes
 
 
 @dataclass
 class Result:
     """The verdict on one input. ``error`` is set (and score/verdict are None) when the input
-    could not be scored; ``error_code`` is one of InputError's codes or ``internal``."""
+    could not be scored; ``error_code`` is one of InputError's codes or ``internal``.
+
+    model: what produced the result (:meth:`Detector.model_info`): id, version,
+           manifest_sha256, backend, precision, k, threshold
+    lcas:  [K, L] float32 per-patch LCAS of each masking run (NaN at the run's visible
+           patches), only when asked for (``want_lcas``); patch i lies at row i // g, column
+           i % g of the g x g patch grid
+    provenance:    what the file says about itself, read before the pixels
+                   (:func:`cinemae.runtime.provenance.read_provenance`); None when not read
+    pixel_verdict: the verdict of the pixels alone; ``verdict`` differs from it only when the
+                   provenance policy made it ``ai`` (then ``reason`` is ``provenance``)
+    reason:        ``pixels`` or ``provenance``
+    heatmap:       the reduced per-patch map with patch boxes in the original image, when asked
+                   for (``explain``; :func:`cinemae.runtime.explain.heatmap.heatmap_record`)
+    image_size:    (W, H) of the original image after EXIF orientation (not in the record)
+    want_heatmap:  a heatmap asked for this item alone (False; True: from the bundle's K runs; N:
+                   from N runs), honoured by :meth:`Detector.score_prepared` (not in the record)
+    """
 
     source: str
     score: float | None = None  # p = sigmoid(logit), the probability of "AI-generated"
@@ -38,13 +56,67 @@ class Result:
     error: str | None = None
     error_code: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    lcas: np.ndarray | None = None
+    provenance: dict[str, Any] | None = None
+    pixel_verdict: str | None = None
+    reason: str | None = None
+    heatmap: dict[str, Any] | None = None
+    image_size: tuple[int, int] | None = field(default=None, repr=False)
+    want_heatmap: bool | int = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def to_record(self, **extra: Any) -> dict[str, Any]:
+        """The one JSON-able record of this result; every output (``cinemae-detect --json``,
+        scan files, the service, the stream reader) is this plus its own ``extra`` fields.
+
+        Keys: source, score, logit, verdict, stats ([s1, s2, s3] or null), error, error_code,
+        timings, model (a copy of :attr:`model`), pixel_verdict, reason, provenance (when read),
+        ``lcas`` only when the map was asked for: ``{"grid": [g, g], "runs": [[float | null] * L] * K}``
+        (null at visible patches), and ``heatmap`` only when asked for (``explain``).
+        Text is always valid UTF-8: a source that is a non-UTF-8 file name is shown with U+FFFD
+        and ``source_bytes_b64`` holds its exact bytes.
+        ``extra`` keys are added last and must not replace one of these.
+        """
+        from .inputs import text_and_bytes, valid_text
+
+        source, source_b64 = text_and_bytes(self.source)
+        rec: dict[str, Any] = {
+            "source": source, "score": self.score, "logit": self.logit, "verdict": self.verdict,
+            "stats": None if self.stats is None else [float(x) for x in self.stats],
+            "error": None if self.error is None else valid_text(self.error), "error_code": self.error_code,
+            "timings": dict(self.timings), "model": None if self.model is None else dict(self.model),
+            "pixel_verdict": self.pixel_verdict, "reason": self.reason,
+        }
+        if source_b64 is not None:
+            rec["source_bytes_b64"] = source_b64
+        if self.provenance is not None:
+            rec["provenance"] = self.provenance
+        if self.lcas is not None:
+            rec["lcas"] = lcas_record(self.lcas)
+        if self.heatmap is not None:
+            rec["heatmap"] = self.heatmap
+        clash = rec.keys() & extra.keys()
+        if clash:
+            raise ValueError(f"extra record fields {sorted(clash)} would replace the result's own")
+        rec.update(extra)
+        return rec
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Same as :meth:`to_record` with no extra fields (kept for existing callers)."""
+        return self.to_record()
+
+
+def lcas_record(lcas: np.ndarray) -> dict[str, Any]:
+    """[K, L] per-patch LCAS -> ``{"grid": [g, g], "runs": K lists of L floats, null where NaN}``
+    (JSON has no NaN; a visible patch has no LCAS in that run)."""
+    k, n = lcas.shape
+    g = math.isqrt(n)
+    runs = [[None if math.isnan(v) else v for v in row] for row in lcas.astype(np.float64).tolist()]
+    return {"grid": [g, n // g if g else 0], "runs": runs}
 
 
 def sigmoid(x: float) -> float:
@@ -68,13 +140,18 @@ class Detector:
     precision:  fp32 | fp16 (graphs of that precision must be in the bundle)
     k:          masking runs (default: the bundle's K, the one its head was trained for)
     batch_size: images per backend call in ``detect_many``
+    provenance: read each file's provenance (C2PA, XMP, EXIF, generator text) before its pixels
+    provenance_policy: signed AI provenance or generator parameters make the verdict ``ai``
+                (reason ``provenance``); metadata never makes an image ``real``
+    trust_anchors: PEM certificates whose C2PA signers count as trusted
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, *,
                  backend: str = "auto", device: str = "auto", precision: str = "fp32",
                  k: int | None = None, batch_size: int = 16, threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
-                 ) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
+                 provenance: bool = True, provenance_policy: bool = True,
+                 trust_anchors: str | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle)
         self.k = self.bundle.k if k is None else int(k)
         if self.k != self.bundle.k and self.bundle.trained:
@@ -90,6 +167,16 @@ class Detector:
         self.max_bytes = max_bytes
         self.threshold = self.bundle.threshold
         self.abstain_band = self.bundle.abstain_band
+        self.model = self.model_info()
+        self.read_provenance = provenance
+        self.provenance_policy = provenance_policy
+        self.trust_anchors = trust_anchors
+
+    def model_info(self) -> dict[str, Any]:
+        """What produced this detector's results: the bundle's fingerprint (id, version,
+        manifest_sha256) plus backend, precision, K and the decision threshold."""
+        return {**self.bundle.fingerprint(), "backend": self.backend.name,
+                "precision": self.backend.precision, "k": self.k, "threshold": self.threshold}
 
     @property
     def backend_name(self) -> str:
@@ -107,6 +194,29 @@ class Detector:
         return preprocess(src, bb.img_size, self.bundle.crop_ratio, self.max_pixels,
                           self.max_bytes)
 
+    def prepare(self, src: ImageSource, r: Result) -> np.ndarray:
+        """One source -> [3, S, S] float32, reading the file once: its provenance first (into
+        ``r.provenance``, also when the pixels then fail), its original size (``r.image_size``),
+        then its pixels (raises InputError)."""
+        from .explain.heatmap import oriented_size
+        from .provenance import no_provenance, read_provenance
+
+        data: bytes | None = None
+        if isinstance(src, (str, os.PathLike)):
+            data = read_bytes(src, self.max_bytes)
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            data = bytes(src)
+        if data is not None:
+            if self.read_provenance:
+                r.provenance = read_provenance(data[:self.max_bytes], trust_anchors=self.trust_anchors)
+            r.image_size = oriented_size(data)
+        else:
+            if self.read_provenance:
+                r.provenance = no_provenance("a decoded array carries no file metadata")
+            if isinstance(src, np.ndarray) and src.ndim >= 2:
+                r.image_size = (int(src.shape[1]), int(src.shape[0]))
+        return self.preprocess(data if data is not None else src)
+
     # scoring -----------------------------------------------------------------------------------
     def run_arrays(self, images: np.ndarray, *, want_feature: bool = False,
                    want_lcas: bool = False) -> BatchOutput:
@@ -120,38 +230,62 @@ class Detector:
             return "uncertain"
         return "ai" if p >= self.threshold else "real"
 
-    def detect(self, src: ImageSource, name: str | None = None) -> Result:
-        """Score one image (a path, encoded bytes or an RGB array)."""
-        return self.detect_batch([src], [name] if name else None)[0]
+    def detect(self, src: ImageSource, name: str | None = None, *, want_lcas: bool = False,
+               explain: bool = False, explain_k: int | None = None) -> Result:
+        """Score one image (a path, encoded bytes or an RGB array); ``want_lcas`` also fills
+        ``Result.lcas`` [K, L]; ``explain`` fills ``Result.heatmap`` (``explain_k``: see
+        :meth:`score_prepared`)."""
+        return self.detect_batch([src], [name] if name else None, want_lcas=want_lcas,
+                                 explain=explain, explain_k=explain_k)[0]
 
     def detect_batch(self, sources: Sequence[ImageSource],
-                     names: Sequence[str] | None = None) -> list[Result]:
+                     names: Sequence[str] | None = None, *, want_lcas: bool = False,
+                     explain: bool = False, explain_k: int | None = None) -> list[Result]:
         """Score a list of images in one backend call; a bad input gives an error Result and
         does not affect the others."""
         t0 = time.perf_counter()
         arrays: list[np.ndarray | None] = []
         results: list[Result] = []
         for i, src in enumerate(sources):
-            r = Result(source=names[i] if names else source_name(src, i))
+            r = Result(source=names[i] if names else source_name(src, i), model=self.model)
             try:
-                arrays.append(self.preprocess(src))
+                arrays.append(self.prepare(src, r))
             except InputError as e:
                 arrays.append(None)
                 r.error, r.error_code = str(e), e.code
             results.append(r)
-        return self.score_prepared(results, arrays, time.perf_counter() - t0)
+        return self.score_prepared(results, arrays, time.perf_counter() - t0, want_lcas=want_lcas,
+                                   explain=explain, explain_k=explain_k)
 
     def score_prepared(self, results: list[Result], arrays: list[np.ndarray | None],
-                       preprocess_s: float) -> list[Result]:
+                       preprocess_s: float, *, want_lcas: bool = False, explain: bool = False,
+                       explain_k: int | None = None) -> list[Result]:
         """Fill ``results`` in place from one backend call on the preprocessed ``arrays``
         (each [3, S, S], or None for an input that already failed); a backend failure marks
-        this batch's items ``internal`` and nothing else. Returns ``results``."""
+        this batch's items ``internal`` and nothing else. Every result gets :attr:`model`;
+        with ``want_lcas`` a scored one also gets ``lcas`` [K, L]. ``explain`` fills
+        ``heatmap`` from the same call's map; ``explain_k`` N > K adds a second call with the
+        next N - K masks of the same seeded draw, so every patch is likely covered while the
+        verdict keeps the bundle's K. Without ``explain``, an item whose ``want_heatmap`` is set
+        gets its own heatmap (the service's per-request ``?explain=1``). The provenance policy is
+        applied here. Returns ``results``."""
+        for r in results:
+            r.model = self.model
         idx = [i for i, a in enumerate(arrays) if a is not None]
         if not idx:
             return results
         batch = np.stack([arrays[i] for i in idx])
         try:
-            out = self.run_arrays(batch)
+            wants: list[bool | int | None] = [(explain_k or True) if explain else results[i].want_heatmap
+                                              for i in idx]
+            out = self.run_arrays(batch, want_lcas=want_lcas or any(w is not False for w in wants))
+            maps = None
+            if any(w is not False for w in wants):
+                from .explain.web import batch_maps
+
+                t = time.perf_counter()
+                maps = batch_maps(self, batch, out.lcas, wants)
+                out.timings["explain"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
             for i in idx:
                 results[i].error = f"backend {self.backend.name} failed: {e}"
@@ -161,15 +295,34 @@ class Detector:
         per = {k: v / len(idx) for k, v in timings.items()}
         for j, i in enumerate(idx):
             logit = float(out.logit[j])
-            p = sigmoid(logit)
             r = results[i]
-            r.logit, r.score, r.verdict = logit, p, self.verdict(p)
+            if not math.isfinite(logit):
+                r.error, r.error_code = f"backend {self.backend.name} gave a non-finite logit ({logit})", "internal"
+                continue
+            p = sigmoid(logit)
+            r.logit, r.score, r.pixel_verdict = logit, p, self.verdict(p)
+            r.verdict, r.reason = self.apply_policy(r.provenance, r.pixel_verdict)
             r.stats = tuple(float(x) for x in out.stats[j])  # type: ignore[assignment]
             r.timings = per
+            if want_lcas:  # K=0 runs no decoder: an empty [0, L] map
+                r.lcas = (np.asarray(out.lcas[j], dtype=np.float32) if out.lcas is not None else
+                          np.empty((0, self.bundle.backbone.num_patches), dtype=np.float32))
+            if maps is not None and maps[j] is not None:
+                from .explain import explain_record
+
+                r.heatmap = explain_record(self, maps[j], r.image_size)
         return results
 
+    def apply_policy(self, provenance: dict[str, Any] | None, pixel_verdict: str | None
+                     ) -> tuple[str | None, str]:
+        """(verdict, reason) under this detector's provenance policy."""
+        from .provenance import apply_policy
+
+        return apply_policy(provenance, pixel_verdict, self.provenance_policy)
+
     def detect_many(self, sources: Iterable[ImageSource], batch_size: int | None = None,
-                    workers: int = 2) -> Iterator[Result]:
+                    workers: int = 2, *, want_lcas: bool = False, explain: bool = False,
+                    explain_k: int | None = None) -> Iterator[Result]:
         """Stream results in input order, decoding ahead on ``workers`` threads while the
         backend runs; memory stays bounded by a few batches."""
         bs = batch_size or self.batch_size
@@ -179,7 +332,7 @@ class Detector:
             t = time.perf_counter()
             r = Result(source=source_name(src, i))
             try:
-                return r, self.preprocess(src), time.perf_counter() - t
+                return r, self.prepare(src, r), time.perf_counter() - t
             except InputError as e:
                 r.error, r.error_code = str(e), e.code
                 return r, None, time.perf_counter() - t
@@ -200,7 +353,8 @@ class Detector:
                 chunk, pending = pending[:bs], pending[bs:]
                 got = [f.result() for f in chunk]
                 yield from self.score_prepared([g[0] for g in got], [g[1] for g in got],
-                                               sum(g[2] for g in got))
+                                               sum(g[2] for g in got), want_lcas=want_lcas,
+                                               explain=explain, explain_k=explain_k)
 
     def close(self) -> None:
         self.backend.close()

@@ -624,10 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("bundle", nargs="?", help="bundle directory (default: the embedded bundle)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    ap.add_argument("--device", default="auto",
-                    help="auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    from .backends import backend_choices, device_help, precision_choices  # the backend registry
+
+    ap.add_argument("--backend", default="auto", choices=backend_choices())
+    ap.add_argument("--device", default="auto", help=device_help())
+    ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-batch", type=int, default=d.max_batch, help="images per backend call")
     ap.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,

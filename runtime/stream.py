@@ -167,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give up after this many failed attempts in a row (0: never)")
     ap.add_argument("--timeout", type=float, default=10.0,
                     help="open/read timeout for network sources, seconds")
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
-    ap.add_argument("--device", default="auto",
-                    help="auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    from .backends import backend_choices, device_help, precision_choices  # the backend registry
+
+    ap.add_argument("--backend", default="auto", choices=backend_choices())
+    ap.add_argument("--device", default="auto", help=device_help())
+    ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     return ap
 

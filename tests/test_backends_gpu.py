@@ -151,11 +151,11 @@ def test_gpu_modules_do_not_import_torch():
 def _key(**over):
     from cinemae.runtime.backends.tensorrt_engine import make_key
 
-    kw = dict(role="encoder", precision="fp16", gpu="NVIDIA H100 80GB HBM3", cc="9.0",
-              trt_module="tensorrt", trt_version="10.13.0", graph_sha256="ab" * 32,
+    kw = dict(role="encoder", precision="fp16", target="9.0", gpu="NVIDIA H100 80GB HBM3",
+              flavour="tensorrt", trt_version="10.13.0", graph_sha256="ab" * 32,
               profiles=[{"image": ((1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))}])
     kw.update(over)
-    return make_key(kw["role"], kw["precision"], kw["gpu"], kw["cc"], kw["trt_module"], kw["trt_version"],
+    return make_key(kw["role"], kw["precision"], kw["target"], kw["gpu"], kw["flavour"], kw["trt_version"],
                     kw["graph_sha256"], kw["profiles"])
 
 
@@ -172,26 +172,31 @@ def test_engine_cache_hits_only_on_an_exact_key(tmp_path):
         return f
 
     k0 = _key()
-    assert k0.filename == "encoder.fp16.nvidia-h100-80gb-hbm3.sm90.engine"
+    assert k0.filename.startswith("encoder.fp16.tensorrt-10.13.0.sm90.nvidia-h100-80gb-hbm3.gabababababab.p")
     data, built = cache.load_or_build(k0, build(b"0"), log=lambda *_: None)
     assert built and data == b"ENGINE-0"
     data, built = cache.load_or_build(k0, build(b"x"), log=lambda *_: None)
     assert not built and data == b"ENGINE-0"
     side = json.loads((tmp_path / (k0.filename + ".json")).read_text())
-    assert side["key"]["trt_version"] == "10.13.0" and side["key"]["compute_capability"] == "9.0"
-    # each part of the key, changed, forces a rebuild of the same file
-    for over in ({"trt_version": "11.0.0"}, {"trt_module": "tensorrt_rtx"}, {"graph_sha256": "cd" * 32},
-                 {"profiles": [{"image": ((1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))}]}):
+    assert side["key"]["trt_version"] == "10.13.0" and side["key"]["target"] == "9.0"
+    # each part of the key, changed, is another engine (another file name): built, never loaded
+    for over in ({"trt_version": "11.0.0"}, {"flavour": "tensorrt-rtx"}, {"graph_sha256": "cd" * 32},
+                 {"profiles": [{"image": ((1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))}]},
+                 {"gpu": "NVIDIA GeForce RTX 4090", "target": "8.9"}, {"precision": "fp32"}):
         k = _key(**over)
-        assert k.filename == k0.filename
+        assert k.filename != k0.filename
         got, why = cache.lookup(k)
-        assert got is None and "key mismatch" in why
+        assert got is None and why == "no engine built yet"
         data, built = cache.load_or_build(k, build(b"1"), log=lambda *_: None)
         assert built and data == b"ENGINE-1"
-        cache.load_or_build(k0, build(b"0"), log=lambda *_: None)  # back to k0 (rebuilt)
-    # another GPU or precision is another file
-    assert _key(gpu="NVIDIA GeForce RTX 4090", cc="8.9").filename != k0.filename
-    assert _key(precision="fp32").filename != k0.filename
+    # a sidecar whose key differs (the file renamed or edited by hand) is not trusted
+    side_path = tmp_path / (k0.filename + ".json")
+    meta = json.loads(side_path.read_text())
+    meta["key"]["trt_version"] = "0.0.0-other"
+    side_path.write_text(json.dumps(meta))
+    got, why = cache.lookup(k0)
+    assert got is None and why == "key mismatch (trt_version)"
+    cache.load_or_build(k0, build(b"0"), log=lambda *_: None)  # rebuilt
     # a corrupted engine is rebuilt, never loaded
     (tmp_path / k0.filename).write_bytes(b"garbage")
     got, why = cache.lookup(k0)
@@ -213,14 +218,23 @@ def test_bundle_profiles_shapes(bundle16):
     assert len(bundle_profiles(b, 4, k=0)["encoder"]) == 1
 
 
-def test_engine_dir_is_inside_a_writable_bundle(bundle16, tmp_path):
+def test_first_use_engines_are_cached_outside_the_bundle(bundle16, tmp_path, monkeypatch):
+    """The bundle holds only the ahead-of-time engines its manifest lists; engines built at first
+    use go to a per-bundle cache folder keyed by the graphs (adding engines to the bundle, which
+    rewrites the manifest, keeps the same folder)."""
     import shutil
 
     from cinemae.runtime.backends.tensorrt_engine import engine_dir
 
+    monkeypatch.setenv("CINEMAE_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "b"
     shutil.copytree(bundle16, root)
-    assert engine_dir(Bundle(root)) == root / "engines"
+    d = engine_dir(Bundle(root))
+    assert d.parent == tmp_path / "cache" / "engines" and d.name.startswith("test-gpu-")
+    m = json.loads((root / "cinemae.json").read_text())
+    m["engines"] = []
+    (root / "cinemae.json").write_text(json.dumps(m))
+    assert engine_dir(Bundle(root)) == d
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,18 +308,19 @@ def test_engine_cache_rebuilds_on_mismatch(bundle16, tmp_path):
     root = tmp_path / "b"
     shutil.copytree(bundle16, root)
     b = Bundle(root)
+    cache = tmp_path / "cache"
     try:
-        first = ensure_engines(b, "fp16", 0, max_batch=4, log=lambda *_: None)
+        first = ensure_engines(b, "fp16", 0, max_batch=4, log=lambda *_: None, cache_root=cache)
     except BackendUnavailable as e:
         pytest.skip(str(e))
     assert all(e.built for e in first.values()) and set(first) == {"encoder", "decoder", "head"}
-    again = ensure_engines(b, "fp16", 0, max_batch=4, log=lambda *_: None)
+    again = ensure_engines(b, "fp16", 0, max_batch=4, log=lambda *_: None, cache_root=cache)
     assert not any(e.built for e in again.values())
     side = first["decoder"].path.with_name(first["decoder"].path.name + ".json")
     meta = json.loads(side.read_text())
-    meta["key"]["trt_version"] = "0.0.0-other"
+    meta["sha256"] = "0" * 64  # as if the engine file were corrupted
     side.write_text(json.dumps(meta))
-    third = ensure_engines(b, "fp16", 0, max_batch=4, log=lambda *_: None)
+    third = ensure_engines(b, "fp16", 0, max_batch=4, log=lambda *_: None, cache_root=cache)
     assert third["decoder"].built and not third["encoder"].built
-    other = ensure_engines(b, "fp16", 0, max_batch=8, log=lambda *_: None)  # new profiles
+    other = ensure_engines(b, "fp16", 0, max_batch=8, log=lambda *_: None, cache_root=cache)  # new profiles
     assert all(e.built for e in other.values())

@@ -86,6 +86,40 @@ def test_cli_json_errors_and_exit_code(tiny_bundle: Path, folder: Path,
     assert all(by[f"ok{i}.jpg"]["score"] is not None for i in range(5))
 
 
+def test_result_record_names_the_model_and_carries_lcas(tiny_bundle: Path) -> None:
+    from cinemae.runtime import Bundle
+
+    det = Detector(tiny_bundle)
+    b = Bundle(tiny_bundle)
+    want = {**b.fingerprint(), "backend": "onnxruntime-cpu", "precision": "fp32", "k": 2,
+            "threshold": b.threshold}
+    assert det.model == want and len(want["manifest_sha256"]) == 64
+    plain, mapped = det.detect(jpeg(2)), det.detect(jpeg(2), want_lcas=True)
+    assert plain.lcas is None and "lcas" not in plain.to_record()
+    big_l = b.backbone.num_patches
+    assert mapped.lcas.shape == (2, big_l) and mapped.lcas.dtype == np.float32
+    # the map is the one the statistics were computed from: s2 = mean over masked entries
+    masked = ~np.isnan(mapped.lcas)
+    assert masked.sum() == 2 * (big_l - int(big_l * (1 - b.mask_ratio)))
+    assert mapped.stats[1] == pytest.approx(float(mapped.lcas[masked].mean()), rel=1e-5)
+    rec = json.loads(json.dumps(mapped.to_record(extra_field=1), allow_nan=False))  # strict JSON
+    g = int(round(big_l ** 0.5))
+    assert rec["lcas"]["grid"] == [g, g] and len(rec["lcas"]["runs"]) == 2
+    assert sum(v is None for row in rec["lcas"]["runs"] for v in row) == int((~masked).sum())
+    assert rec["model"] == want and rec["extra_field"] == 1 and rec["score"] == mapped.score
+    with pytest.raises(ValueError, match="score"):
+        mapped.to_record(score=0.5)  # an output adds fields, it never rewrites the result's
+    bad = det.detect(b"")  # an input that failed still names the model that refused it
+    assert bad.to_record()["model"] == want and bad.to_record()["score"] is None
+    assert Detector(tiny_bundle, k=0).detect(jpeg(2), want_lcas=True).lcas.shape == (0, big_l)
+
+
+def test_cli_json_names_the_model(tiny_bundle: Path, folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert detect_main([str(tiny_bundle), str(folder / "ok0.jpg"), "--json", "--lcas", "--no-progress"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["model"] == Detector(tiny_bundle).model and rec["lcas"]["grid"][0] > 0
+
+
 def test_cli_is_deterministic_and_table(tiny_bundle: Path, folder: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     good = [str(folder / f"ok{i}.jpg") for i in range(5)]

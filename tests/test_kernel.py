@@ -381,7 +381,7 @@ def test_gpu_kernel_on_a_caller_stream() -> None:
         bufs = [ok(driver.cuMemAlloc(a.nbytes)) for a in (images, pred, vis, stats)]
         for buf, arr in zip(bufs[:3], (images, pred, vis), strict=True):
             ok(driver.cuMemcpyHtoDAsync(buf, arr.ctypes.data, arr.nbytes, stream))
-        kernels.lcas_stats_device(int(bufs[0]), int(bufs[1]), True, int(bufs[2]), b, k, hw, hw, p,
+        kernels.lcas_stats_device(int(bufs[0]), int(bufs[1]), np.float16, int(bufs[2]), b, k, hw, hw, p,
                                   1.0, False, int(bufs[3]), 0, int(stream))
         ok(driver.cuMemcpyDtoHAsync(stats.ctypes.data, bufs[3], stats.nbytes, stream))
         ok(driver.cuStreamSynchronize(stream))

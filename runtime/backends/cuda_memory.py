@@ -13,11 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ...kernels.loader import CudaError, KernelError, KernelInputUnsupported
 from .base import BackendUnavailable
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed; the message names the call and the CUDA error."""
 
 
 def _rt() -> Any:
@@ -227,47 +224,62 @@ class CudaGraph:
         self.graph = self.exec = None
 
 
-class KernelShapeUnsupported(RuntimeError):
-    """The fused kernel does not take this shape (P > 16, too many patches for shared memory);
-    the backends then compute LCAS on the host."""
+def replicate_rows(dst: int, src: int, rows: int, k: int, row_bytes: int, stream: Stream) -> None:
+    """Queue the masked pass's input on the device: ``src`` [B, ...] -> ``dst`` [B*K, ...], row
+    b*K + j <- row b (one strided device-to-device copy per run j; ``row_bytes`` per row)."""
+    rt = _rt()
+    for j in range(k):
+        check(rt.cudaMemcpy2DAsync(dst + j * row_bytes, k * row_bytes, src, row_bytes, row_bytes, rows,
+                                   rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
+              "cudaMemcpy2DAsync(D2D)")
 
 
-def prepare_kernel(device_index: int, k: int, h: int, w: int, p: int) -> str:
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the fused LCAS kernel is used: ``ready``, or the one-sentence ``reason`` it is not
+    (the backends then compute LCAS on the host and say why in their notes)."""
+
+    ready: bool
+    reason: str = ""
+
+
+def prepare_kernel(device_index: int, k: int, h: int, w: int, p: int) -> KernelStatus:
     """Compile/load the fused LCAS kernel now (NVRTC at first use, cached) and check it takes
-    the bundle's shape. Returns "kernel", or "host: <why>" when the backends must fall back."""
+    the bundle's shape."""
     try:
         from ...kernels.loader import plan, prepare
 
         plan(k, h, w, p)
         prepare(device_index)
     except ImportError as e:
-        return f"host: the LCAS kernel loader is missing ({e})"
+        return KernelStatus(False, f"the LCAS kernel loader is missing ({e})")
     except ValueError as e:
-        return f"host: {e}"
-    except Exception as e:  # noqa: BLE001 - KernelUnavailable / KernelCompileError / CudaError
-        return f"host: {type(e).__name__}: {e}"
-    return "kernel"
+        return KernelStatus(False, str(e))
+    except (KernelError, CudaError) as e:
+        return KernelStatus(False, f"{type(e).__name__}: {e}")
+    return KernelStatus(True)
 
 
 def lcas_on_device(image_ptr: int, pred_ptr: int, visible_ptr: int, b: int, k: int, h: int, w: int,
                    p: int, lam: float, norm_pix: bool, stats_ptr: int, map_ptr: int, stream: Stream,
-                   pred_fp16: bool = False) -> None:
+                   pred_dtype: Any = np.float32) -> None:
     """Queue the fused LCAS kernel (``cinemae.kernels``) on ``stream``.
 
-    image [B, 3, H, W] f32, pred [B*K, L, P*P*3] f32, visible [K, L] uint8 -> stats [B, 3] f32
-    (and map [B, K, L] f32 when ``map_ptr``). Raises ImportError / the loader's KernelUnavailable
-    when the kernel cannot be built here; callers fall back to the host path.
+    image [B, 3, H, W] f32, pred [B*K, L, P*P*3] of ``pred_dtype`` (float32 or float16),
+    visible [K, L] uint8 -> stats [B, 3] f32 (and map [B, K, L] f32 when ``map_ptr``). Raises
+    ImportError or a :class:`KernelError` (KernelUnavailable, KernelInputUnsupported...) when the
+    kernel cannot do this work here; callers fall back to the host path on exactly those.
     """
     from ...kernels.loader import lcas_stats_device, plan
 
     try:
         plan(k, h, w, p)
     except ValueError as e:
-        raise KernelShapeUnsupported(str(e)) from None
-    lcas_stats_device(image_ptr, pred_ptr, bool(pred_fp16), visible_ptr, b, k, h, w, p, float(lam),
+        raise KernelInputUnsupported(str(e)) from None
+    lcas_stats_device(image_ptr, pred_ptr, pred_dtype, visible_ptr, b, k, h, w, p, float(lam),
                       bool(norm_pix), stats_ptr, map_ptr=map_ptr, stream=stream.ptr)
 
 
-__all__ = ["CudaError", "CudaGraph", "DeviceBuffer", "GpuInfo", "PinnedBuffer", "Stream", "check",
-           "d2h", "d2h_rows", "gpu_count", "h2d", "KernelShapeUnsupported", "lcas_on_device",
-           "prepare_kernel", "require_gpu"]
+__all__ = ["CudaError", "CudaGraph", "DeviceBuffer", "GpuInfo", "KernelError", "KernelStatus",
+           "PinnedBuffer", "Stream", "check", "d2h", "d2h_rows", "gpu_count", "h2d", "lcas_on_device",
+           "prepare_kernel", "replicate_rows", "require_gpu"]

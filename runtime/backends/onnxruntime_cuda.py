@@ -21,8 +21,19 @@ import numpy as np
 from ..bundle import Bundle
 from ..lcas import lcas_map, stats_from_map
 from ..masks import MaskSet, full_ids_keep
+from ..precision import float_dtype
 from .base import BackendUnavailable, BatchOutput
-from .cuda_memory import Stream, check, d2h, d2h_rows, h2d, lcas_on_device, prepare_kernel, require_gpu
+from .cuda_memory import (
+    KernelError,
+    Stream,
+    d2h,
+    d2h_rows,
+    h2d,
+    lcas_on_device,
+    prepare_kernel,
+    replicate_rows,
+    require_gpu,
+)
 
 
 def _require_ort_cuda() -> Any:
@@ -75,10 +86,10 @@ class OnnxRuntimeCUDA:
         self.lcas_impl = "kernel"
         self.notes: list[str] = []
         bb = bundle.backbone
-        why = prepare_kernel(device_index, max(bundle.k, 1), bb.img_size, bb.img_size, bb.patch_size)
-        if why != "kernel":
+        kernel = prepare_kernel(device_index, max(bundle.k, 1), bb.img_size, bb.img_size, bb.patch_size)
+        if not kernel.ready:
             self.lcas_impl = "host"
-            self.notes.append(f"fused LCAS kernel not used ({why[6:]}); LCAS runs on the host")
+            self.notes.append(f"fused LCAS kernel not used ({kernel.reason}); LCAS runs on the host")
         self._dev: dict[Any, Any] = {}  # cached device OrtValues (ids, masks)
         self._mask_id: bytes | None = None
 
@@ -137,13 +148,7 @@ class OnnxRuntimeCUDA:
             keep, restore, visible = self._masks(masks, b)
             r = b * k
             xk = self._empty((r, 3, s, s))
-            rt = _rt()
-            img_bytes = 3 * s * s * 4
-            for j in range(k):  # row b*K + j <- image b, on the device
-                check(rt.cudaMemcpy2DAsync(xk.data_ptr() + j * img_bytes, k * img_bytes, x.data_ptr(),
-                                           img_bytes, img_bytes, b,
-                                           rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream.handle),
-                      "cudaMemcpy2DAsync(D2D)")
+            replicate_rows(xk.data_ptr(), x.data_ptr(), b, k, 3 * s * s * 4, self.stream)
             tokens = self._bind_run(self.encoder, {"image": xk, "ids_keep": keep}, "tokens")
             self.stream.synchronize()
             t2 = time.perf_counter()
@@ -156,14 +161,12 @@ class OnnxRuntimeCUDA:
                     lcas_on_device(x.data_ptr(), pred.data_ptr(), visible.data_ptr(), b, k, s, s,
                                    bb.patch_size, self.bundle.lam, bb.norm_pix, stats_dev.data_ptr(),
                                    map_dev.data_ptr() if map_dev is not None else 0, self.stream,
-                                   pred_fp16=pred.data_type() == "tensor(float16)")
+                                   pred_dtype=float_dtype(pred.data_type()))
                     self.stream.synchronize()
                     if map_dev is not None:
                         lmap = np.empty((b, k, big_l), np.float32)
                         d2h(lmap, map_dev.data_ptr(), self.stream)
-                except Exception as e:
-                    if not isinstance(e, ImportError) and "Kernel" not in type(e).__name__:
-                        raise
+                except (KernelError, ImportError) as e:
                     self.lcas_impl = "host"
                     self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
             if self.lcas_impl == "host":
@@ -202,12 +205,6 @@ class OnnxRuntimeCUDA:
         if self.stream is not None:
             self.stream.close()
             self.stream = None  # type: ignore[assignment]
-
-
-def _rt() -> Any:
-    from cuda.bindings import runtime
-
-    return runtime
 
 
 __all__ = ["OnnxRuntimeCUDA"]

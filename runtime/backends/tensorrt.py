@@ -38,6 +38,7 @@ from .base import BackendUnavailable, BatchOutput
 from .cuda_memory import (
     CudaGraph,
     DeviceBuffer,
+    KernelError,
     PinnedBuffer,
     Stream,
     check,
@@ -46,6 +47,7 @@ from .cuda_memory import (
     h2d,
     lcas_on_device,
     prepare_kernel,
+    replicate_rows,
 )
 from .tensorrt_engine import EngineEntry, ensure_engines, gpu_and_trt
 
@@ -117,8 +119,9 @@ class TensorRTBackend:
         self.decoder = (_Engine(trt, self.runtime, self.entries["decoder"], 1, self.stream, self._log)
                         if bundle.k else None)
         self.head = _Engine(trt, self.runtime, self.entries["head"], 1, self.stream, self._log)
-        self.pred_fp16 = bool(self.decoder is not None
-                              and self.decoder.dtype("pred") == trt.DataType.HALF)
+        # the decoder output's dtype in device memory, as the kernel and the host fallback read it
+        self.pred_dtype = np.dtype(np.float16 if self.decoder is not None
+                                   and self.decoder.dtype("pred") == trt.DataType.HALF else np.float32)
         self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
         s, big_l, d = bb.img_size, bb.num_patches, bb.embed_dim
         self.dims = (s, big_l, d, bb.patch_dim)
@@ -130,10 +133,10 @@ class TensorRTBackend:
         self._graphs: dict[tuple[int, bool], CudaGraph] = {}
         self._shapes_set: tuple[int, bool] | None = None
         self.lcas_impl = "kernel"
-        why = prepare_kernel(device_index, max(bundle.k, 1), bb.img_size, bb.img_size, bb.patch_size)
-        if why != "kernel":
+        kernel = prepare_kernel(device_index, max(bundle.k, 1), bb.img_size, bb.img_size, bb.patch_size)
+        if not kernel.ready:
             self.lcas_impl = "host"
-            self.notes.append(f"fused LCAS kernel not used ({why[6:]}); LCAS runs on the host")
+            self.notes.append(f"fused LCAS kernel not used ({kernel.reason}); LCAS runs on the host")
         self._last_map: np.ndarray | None = None
         # every device buffer at its largest size now: pointers never change, so captured CUDA
         # graphs stay valid
@@ -174,7 +177,7 @@ class TensorRTBackend:
         self.buf["g_tokens"].ensure(b * (1 + big_l) * d * f4)
         nk = self._n_keep
         self.buf["m_tokens"].ensure(max(r, 1) * (1 + nk) * d * f4)
-        self.buf["pred"].ensure(max(r, 1) * big_l * pd * (2 if self.pred_fp16 else 4))
+        self.buf["pred"].ensure(max(r, 1) * big_l * pd * self.pred_dtype.itemsize)
         self.buf["stats"].ensure(b * 3 * f4)
         self.buf["logit"].ensure(b * f4)
         self.buf["map"].ensure(max(r, 1) * big_l * f4)
@@ -188,15 +191,8 @@ class TensorRTBackend:
     def _replicate_images(self, b: int, k: int) -> None:
         """Queue the masked pass's input: buf['image'] [B,3,S,S] -> buf['image_rep'] [B*K,3,S,S],
         row b*K + j <- image b (one strided device-to-device copy per run j)."""
-        rt = _rt()
         s = self.dims[0]
-        img_bytes = 3 * s * s * 4
-        for j in range(k):
-            check(rt.cudaMemcpy2DAsync(self.buf["image_rep"].ptr + j * img_bytes, k * img_bytes,
-                                       self.buf["image"].ptr, img_bytes, img_bytes, b,
-                                       rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-                                       self.stream.handle),
-                  "cudaMemcpy2DAsync(D2D)")
+        replicate_rows(self.buf["image_rep"].ptr, self.buf["image"].ptr, b, k, 3 * s * s * 4, self.stream)
 
     def _enqueue(self, b: int, k: int, want_lcas: bool, set_shapes: bool,
                  events: list[Any] | None) -> None:
@@ -231,7 +227,7 @@ class TensorRTBackend:
             mark()
             lcas_on_device(buf["image"].ptr, buf["pred"].ptr, buf["visible"].ptr, b, k, s, s,
                            int(self.bundle.backbone.patch_size), self.bundle.lam, self.bundle.backbone.norm_pix,
-                           buf["stats"].ptr, buf["map"].ptr if want_lcas else 0, st, pred_fp16=self.pred_fp16)
+                           buf["stats"].ptr, buf["map"].ptr if want_lcas else 0, st, pred_dtype=self.pred_dtype)
             mark()
         else:
             check(rt.cudaMemsetAsync(buf["stats"].ptr, 0, b * 3 * 4, st.handle), "cudaMemsetAsync")
@@ -246,7 +242,7 @@ class TensorRTBackend:
     def _host_lcas(self, images: np.ndarray, b: int, k: int, masks: MaskSet) -> np.ndarray:
         """Fallback without the kernel: pred to the host, numpy LCAS map [B, K, L]."""
         s, big_l, d, pd = self.dims
-        pred = self.host["pred"].array((b * k, big_l, pd), np.float16 if self.pred_fp16 else np.float32)
+        pred = self.host["pred"].array((b * k, big_l, pd), self.pred_dtype)
         d2h(pred, self.buf["pred"].ptr, self.stream)
         self.stream.synchronize()
         bb = self.bundle.backbone
@@ -274,9 +270,7 @@ class TensorRTBackend:
         if self.lcas_impl == "kernel":
             try:
                 self._run_device(b, k, want_lcas, timings)
-            except (ImportError, RuntimeError) as e:
-                if "Kernel" not in type(e).__name__ and not isinstance(e, ImportError):
-                    raise
+            except (KernelError, ImportError) as e:
                 self.lcas_impl = "host"
                 self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
                 self.stream.synchronize()

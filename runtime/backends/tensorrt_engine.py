@@ -1,6 +1,8 @@
-"""TensorRT engines for a bundle: building (torch-free) and the engine cache.
+"""TensorRT engines for a bundle: the TensorRT module, building (torch-free), choosing an engine
+for the running GPU, and the first-use engine cache.
 
-One code path for TensorRT 10, TensorRT 11 and TensorRT-RTX (module ``tensorrt_rtx``):
+One code path for TensorRT 10, TensorRT 11 and TensorRT-RTX (modules ``tensorrt``,
+``tensorrt_rtx`` or the standalone ``tensorrt_rtx_bindings`` wheel, tried in that order):
 
 * the network is created strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` where
   the flag exists; TensorRT 11 and TensorRT-RTX are strongly typed anyway) and no precision
@@ -8,13 +10,16 @@ One code path for TensorRT 10, TensorRT 11 and TensorRT-RTX (module ``tensorrt_r
 * optimization profiles: the encoder engine has two, the global pass (``image`` [1..B,3,H,W],
   ``ids_keep`` [1..B, L]) and the masked pass (B*K rows, ``ids_keep`` [1..B*K, n_keep]); the
   decoder one on 1..B*K rows; the head one on 1..B images;
-* a timing cache file per TensorRT version beside the engines (TensorRT only: TensorRT-RTX
-  deprecated the timing cache, its kernels are compiled just in time instead);
-* engines live in ``BUNDLE/engines/`` (or ``~/.cache/cinemae/engines/...`` when the bundle is
-  read-only), one file per graph, precision and GPU, each with a JSON sidecar holding its key:
-  GPU name, compute capability, TensorRT module and version, precision, the graph's sha256 and
-  the profile shapes. A sidecar that does not match the running key (other TensorRT, changed
-  graph, other batch limit, corrupted file) means the engine is rebuilt, never loaded.
+* ahead of time: TensorRT-RTX builds for a named compute capability without that GPU
+  (``config.set_compute_capability``); ``cinemae-export --trt-targets sm80,sm86,sm89`` puts such
+  engines in ``BUNDLE/engines/`` and lists them in the manifest (``engines``), each keyed by
+  flavour and version, target compute capability, precision, graph sha256 and profiles;
+* at run time :func:`select_engine` (a pure function) picks the bundle's engine made for the
+  running GPU and TensorRT. When the bundle has none (SM90 with TensorRT-RTX, which offers no SM90
+  target; another TensorRT version; another batch limit), the engine is **built at first use** on
+  the running GPU and cached outside the bundle (``$CINEMAE_CACHE`` or ``~/.cache/cinemae/engines``),
+  keyed the same way; ``CINEMAE_TRT_BUILD=never`` turns that into a one-sentence refusal instead.
+  An engine whose key differs from the running one is never loaded.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,41 +39,111 @@ from ..bundle import Bundle, sha256_file
 from ..masks import n_keep_for
 from .base import BackendUnavailable
 
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2
+TRT_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
-class EngineBuildError(RuntimeError):
-    """TensorRT could not parse a graph or build an engine; the message says which and why."""
+class EngineBuildError(BackendUnavailable):
+    """TensorRT could not parse a graph or build an engine; the message says which and why
+    (the parser's or builder's own error text). A kind of BackendUnavailable: ``auto`` passes over
+    TensorRT and says why."""
 
 
-def import_tensorrt() -> tuple[Any, str]:
-    """The TensorRT Python module and its name: ``tensorrt`` first, then ``tensorrt_rtx``.
-    Raises BackendUnavailable (one sentence) when neither imports."""
+# ------------------------------------------------------------------------------------------------
+# the TensorRT module
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """The imported TensorRT Python module and what engines it makes.
+
+    ``flavour`` is ``tensorrt`` or ``tensorrt-rtx`` (``tensorrt_rtx`` and ``tensorrt_rtx_bindings``
+    are the same library, so their engines are interchangeable at the same version)."""
+
+    module: Any
+    name: str
+    flavour: str
+    version: str
+
+    @property
+    def aot_targets(self) -> tuple[str, ...]:
+        """Compute capabilities ("8.6") this TensorRT builds for without that GPU (TensorRT-RTX's
+        ``ComputeCapability`` enum); () for TensorRT, which builds only for the GPU it runs on."""
+        enum = getattr(self.module, "ComputeCapability", None)
+        if enum is None:
+            return ()
+        out = []
+        for name in getattr(enum, "__members__", {}):
+            m = re.fullmatch(r"SM(\d+)(\d)", name)
+            if m:
+                out.append(f"{int(m.group(1))}.{m.group(2)}")
+        return tuple(out)
+
+    def __str__(self) -> str:
+        return f"{self.flavour} {self.version}"
+
+
+def import_tensorrt(order: Iterable[str] = TRT_MODULES) -> TensorRT:
+    """The first TensorRT module that imports, in the order ``tensorrt``, ``tensorrt_rtx``,
+    ``tensorrt_rtx_bindings``. Raises BackendUnavailable (one sentence) when none does.
+
+    The standalone wheels (``tensorrt-rtx-cu13-bindings`` + ``-libs``) need no library path: the
+    bindings import ``tensorrt_rtx_libs``, which loads ``libtensorrt_rtx.so.1`` and the ONNX parser
+    from its own folder, and the bindings' ``libtensorrt_rtx.so.1`` dependency resolves to that
+    already-loaded library by its soname."""
+    import importlib
+
     errors = []
-    for name in ("tensorrt", "tensorrt_rtx"):
+    for name in order:
         try:
-            return __import__(name), name
-        except ImportError as e:
-            errors.append(str(e))
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module is there but something it needs is not
+                errors.append(f"{name}: {e}")
+            continue
+        except ImportError as e:  # e.g. a shared library that does not load
+            errors.append(f"{name}: {e}")
+            continue
         except Exception as e:  # noqa: BLE001 - a broken install (missing libnvinfer) is "not usable"
             errors.append(f"{name}: {e}")
-    if any("No module named" not in e for e in errors):
-        raise BackendUnavailable("TensorRT is installed but does not load ("
-                                 + "; ".join(e for e in errors if "No module named" not in e) + ")")
-    raise BackendUnavailable("TensorRT is not installed (module tensorrt or tensorrt_rtx)")
+            continue
+        flavour = "tensorrt-rtx" if name.startswith("tensorrt_rtx") else "tensorrt"
+        return TensorRT(mod, name, flavour, str(getattr(mod, "__version__", "unknown")))
+    if errors:
+        raise BackendUnavailable("TensorRT is installed but does not load (" + "; ".join(errors) + ")")
+    raise BackendUnavailable("TensorRT is not installed (module tensorrt, tensorrt_rtx or tensorrt_rtx_bindings; "
+                             "pip install 'cinemae[tensorrt-rtx]')")
+
+
+def parse_target(text: str) -> str:
+    """``sm86``, ``sm_86``, ``86`` or ``8.6`` -> ``"8.6"`` (ValueError otherwise)."""
+    t = text.strip().lower().replace("sm_", "").replace("sm", "")
+    m = re.fullmatch(r"(\d+)\.(\d)", t) or re.fullmatch(r"(\d+)(\d)", t)
+    if not m:
+        raise ValueError(f"bad compute capability {text!r}; write it as sm86 or 8.6")
+    return f"{int(m.group(1))}.{m.group(2)}"
+
+
+def sm_tag(cc: str) -> str:
+    """``"8.6"`` -> ``"sm86"``."""
+    return "sm" + cc.replace(".", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# keys
 
 
 @dataclass(frozen=True)
 class EngineKey:
-    """Everything an engine depends on; a different key means a different engine."""
+    """Everything an engine depends on; a different key means a different engine (and file)."""
 
     role: str  # "encoder", "decoder" or "head"
     precision: str
-    gpu: str
-    compute_capability: str  # "8.9"
-    trt_module: str  # "tensorrt" or "tensorrt_rtx"
+    target: str  # compute capability the engine runs on, "8.6"
+    gpu: str  # "" = any GPU of that compute capability (TensorRT-RTX); else the GPU it was built on
+    flavour: str  # "tensorrt" or "tensorrt-rtx"
     trt_version: str
     graph_sha256: str
     profiles: tuple[tuple[tuple[str, tuple[Shape, Shape, Shape]], ...], ...]
@@ -76,20 +151,33 @@ class EngineKey:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["profiles"] = [{name: [list(s) for s in shapes] for name, shapes in p} for p in self.profiles]
+        d["profiles"] = profiles_to_json(self.profiles)
         return d
 
     @property
+    def profile_id(self) -> str:
+        """8 hex digits naming the optimization profiles."""
+        return hashlib.sha256(json.dumps(profiles_to_json(self.profiles)).encode()).hexdigest()[:8]
+
+    @property
     def filename(self) -> str:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.gpu).strip("-").lower() or "gpu"
-        return f"{self.role}.{self.precision}.{slug}.sm{self.compute_capability.replace('.', '')}.engine"
+        """``encoder.fp16.tensorrt-rtx-1.7.1.116.sm86.g<graph sha256[:12]>.p<profiles>.engine``
+        (plus a slug of the GPU name for engines tied to one GPU model)."""
+        ver = re.sub(r"[^A-Za-z0-9.]+", "-", self.trt_version)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.gpu).strip("-").lower()
+        return (f"{self.role}.{self.precision}.{self.flavour}-{ver}.{sm_tag(self.target)}"
+                f"{'.' + slug if slug else ''}.g{self.graph_sha256[:12]}.p{self.profile_id}.engine")
 
 
-def make_key(role: str, precision: str, gpu: str, cc: str, trt_module: str, trt_version: str,
+def profiles_to_json(profiles: Any) -> list[dict[str, list[list[int]]]]:
+    return [{name: [list(s) for s in shapes] for name, shapes in p} for p in profiles]
+
+
+def make_key(role: str, precision: str, target: str, gpu: str, flavour: str, trt_version: str,
              graph_sha256: str, profiles: list[Profile]) -> EngineKey:
     prof = tuple(tuple(sorted((n, tuple(tuple(int(x) for x in s) for s in shapes))
                               for n, shapes in p.items())) for p in profiles)
-    return EngineKey(role, precision, gpu, cc, trt_module, trt_version, graph_sha256, prof)  # type: ignore[arg-type]
+    return EngineKey(role, precision, target, gpu, flavour, trt_version, graph_sha256, prof)  # type: ignore[arg-type]
 
 
 def bundle_profiles(bundle: Bundle, max_batch: int, k: int | None = None) -> dict[str, list[Profile]]:
@@ -118,11 +206,178 @@ def bundle_profiles(bundle: Bundle, max_batch: int, k: int | None = None) -> dic
     return {"encoder": enc, "decoder": dec, "head": head}
 
 
-def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cache: Path | None,
-                 log: Callable[[str], None] = print, workspace: int | None = None) -> bytes:
+def engine_roles(k: int) -> tuple[str, ...]:
+    return ("encoder", "decoder", "head") if k else ("encoder", "head")
+
+
+def bundle_keys(bundle: Bundle, precision: str, trt: TensorRT, target: str, gpu: str, max_batch: int,
+                k: int | None = None) -> dict[str, EngineKey]:
+    """The key of each engine of ``bundle`` at ``precision`` for one target."""
+    k_eff = bundle.k if k is None else k
+    profiles = bundle_profiles(bundle, max_batch, k_eff)
+    return {role: make_key(role, precision, target, gpu, trt.flavour, trt.version,
+                           sha256_file(bundle.graph(role, precision)), profiles[role])
+            for role in engine_roles(k_eff)}
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing an engine (pure)
+
+
+def select_engine(engines: list[dict[str, Any]], want: EngineKey) -> tuple[dict[str, Any] | None, str]:
+    """Pick, from a manifest's ``engines`` list, the entry whose key equals ``want``.
+
+    Returns (entry, "") or (None, one sentence saying why none fits): no engines; none for this
+    graph and precision; another TensorRT flavour or version; no engine for this compute
+    capability (naming the ones the bundle has); built on another GPU model; from another graph;
+    for other batch profiles. Pure: reads nothing but its arguments.
+    """
+    what = f"{want.precision} {want.role}"
+    if not engines:
+        return None, "the bundle has no ahead-of-time TensorRT engines"
+    cands = [e for e in engines if _k(e).get("role") == want.role and _k(e).get("precision") == want.precision]
+    if not cands:
+        return None, f"the bundle has no {what} engine"
+    same = [e for e in cands if _k(e).get("flavour") == want.flavour and _k(e).get("trt_version") == want.trt_version]
+    if not same:
+        have = sorted({f"{_k(e).get('flavour')} {_k(e).get('trt_version')}" for e in cands})
+        return None, (f"the bundle's {what} engines are for {', '.join(have)}, this is "
+                      f"{want.flavour} {want.trt_version}")
+    on_target = [e for e in same if _k(e).get("target") == want.target]
+    if not on_target:
+        have = sorted({sm_tag(str(_k(e).get("target"))) for e in same})
+        return None, (f"the bundle has no {what} engine for {sm_tag(want.target)} "
+                      f"(it has {', '.join(have)} for {want.flavour} {want.trt_version})")
+    gpu_ok = [e for e in on_target if _k(e).get("gpu", "") in ("", want.gpu)]
+    if not gpu_ok:
+        names = sorted({str(_k(e).get("gpu")) for e in on_target})
+        return None, f"the bundle's {what} engines for {sm_tag(want.target)} were built on {', '.join(names)}"
+    graph_ok = [e for e in gpu_ok if _k(e).get("graph_sha256") == want.graph_sha256]
+    if not graph_ok:
+        return None, (f"the bundle's {what} engine for {sm_tag(want.target)} was built from another "
+                      "graph (its sha256 differs)")
+    want_prof = profiles_to_json(want.profiles)
+    prof_ok = [e for e in graph_ok if _k(e).get("profiles") == want_prof]
+    if not prof_ok:
+        got = sorted({_max_rows(_k(e).get("profiles")) for e in graph_ok})
+        return None, (f"the bundle's {what} engine for {sm_tag(want.target)} has other batch profiles "
+                      f"(largest batch {', '.join(map(str, got))}; this run wants {_max_rows(want_prof)})")
+    fmt_ok = [e for e in prof_ok if _k(e).get("format") == want.format]
+    if not fmt_ok:
+        return None, f"the bundle's {what} engine for {sm_tag(want.target)} has an older engine format"
+    return fmt_ok[0], ""
+
+
+def _k(entry: dict[str, Any]) -> dict[str, Any]:
+    k = entry.get("key")
+    return k if isinstance(k, dict) else {}
+
+
+def _max_rows(profiles: Any) -> int:
+    """Largest first dimension of the first input of the first profile (the batch limit)."""
+    try:
+        first = profiles[0]
+        return int(next(iter(first.values()))[2][0])
+    except (TypeError, IndexError, KeyError, StopIteration, ValueError):
+        return -1
+
+
+# ------------------------------------------------------------------------------------------------
+# building
+
+
+@dataclass
+class BuildReport:
+    """What one build said: seconds, the layer table's precision summary, warnings and errors."""
+
+    seconds: float = 0.0
+    layers: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    layer_lines: list[str] = field(default_factory=list)
+
+
+def _capture_logger(trt: Any, report: BuildReport, echo: Callable[[str], None] | None) -> Any:
+    """A TensorRT logger at VERBOSE that keeps the layer table (``LayerType:`` lines printed after
+    a build with DETAILED profiling verbosity), warnings and errors."""
+    sev = trt.ILogger.Severity
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:  # noqa: D401 - TensorRT's callback
+            if "LayerType:" in msg:  # the layer table: one message, one line per layer
+                report.layer_lines.extend(x for x in msg.splitlines() if "LayerType:" in x)
+            elif severity in (sev.ERROR, sev.INTERNAL_ERROR):
+                report.errors.append(msg.strip())
+                if echo:
+                    echo(f"TensorRT: {msg.strip()}")
+            elif severity == sev.WARNING:
+                report.warnings.append(msg.strip())
+
+    return _Logger()
+
+
+_ENTRY = re.compile(r"\{ Name: ([^,]*), Dimensions: \[([^\]]*)\][^{}]*?Datatype: (\w+)")
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+
+
+def _operand_types(section: str) -> set[str]:
+    """Data types of the non-scalar tensors in one ``Inputs: [...]`` or ``Constants: [...]`` list."""
+    return {dt for _, dims, dt in _ENTRY.findall(section) if dims.strip() not in ("", "1")}
+
+
+def layer_precisions(lines: list[str]) -> dict[str, Any]:
+    """Summarise the builder's layer table (one ``Name: ..., LayerType: ..., Inputs: [...],
+    Constants: [...], Outputs: [...], ... Metadata: [ONNX Layer: ...]`` line per engine layer,
+    printed at VERBOSE after a build with DETAILED profiling verbosity).
+
+    Every ONNX ``MatMul``/``Gemm`` node the layers name (fused attention and fc+GELU layers name
+    several) gets the precision of the layer computing it: the data type of its weights (the
+    non-scalar constants) when it has any, else of its non-scalar inputs; ``Half`` -> fp16,
+    ``Float`` -> fp32, anything else (several types) -> mixed. A ``gemm`` layer naming no ONNX node
+    counts under its own name. Optimization profiles are folded together. Returns counts by layer
+    type and by matmul precision, with the names of (at most 16 of) the matmuls not in fp16."""
+    by_type: dict[str, int] = {}
+    nodes: dict[str, set[str]] = {}
+    n = 0
+    for line in lines:
+        m = re.search(r"LayerType: (\w+)", line)
+        if not m:
+            continue
+        n += 1
+        ltype = m.group(1)
+        by_type[ltype] = by_type.get(ltype, 0) + 1
+        head = line.split(", Outputs: [", 1)[0]
+        inputs, _, consts = head.partition(", Constants: [")
+        weights = _operand_types(consts)
+        types = weights or _operand_types(inputs)
+        onnx_mm = [x.split(" [profile")[0] for x in _ONNX_LAYER.findall(line)]
+        onnx_mm = [x for x in onnx_mm if re.search(r"/(MatMul|Gemm)(_\d+)?$", x)]
+        if ltype == "gemm" and not onnx_mm:
+            onnx_mm = [re.sub(r"( \[profile \d+\])?_myl\d+_\d+$", "", line.split(",", 1)[0].removeprefix("Name: "))]
+        for node in onnx_mm:
+            nodes.setdefault(node, set()).update(types)
+    prec = {k: ("fp16" if v == {"Half"} else "fp32" if v == {"Float"} else "mixed") for k, v in nodes.items()}
+    return {"layers": n, "by_type": dict(sorted(by_type.items())), "matmul_nodes": len(nodes),
+            "matmul_fp16": sum(p == "fp16" for p in prec.values()),
+            "matmul_fp32": sum(p == "fp32" for p in prec.values()),
+            "matmul_mixed": sum(p == "mixed" for p in prec.values()),
+            "matmul_not_fp16": dict(sorted((k, p) for k, p in prec.items() if p != "fp16")[:16])}
+
+
+def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cache: Path | None = None,
+                 log: Callable[[str], None] = print, workspace: int | None = None,
+                 target: str | None = None, report: BuildReport | None = None) -> bytes:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine with the
-    given optimization profiles. No precision flag: the graph's types decide."""
-    logger = trt.Logger(trt.Logger.WARNING)
+    given optimization profiles. No precision flag: the graph's types decide.
+
+    ``target`` ("8.6") builds ahead of time for that compute capability (TensorRT-RTX only; no
+    GPU needed); None builds for the GPU this runs on. Raises EngineBuildError with the parser's
+    or builder's own messages. ``report`` (filled in) gets the build time and layer precisions."""
+    report = report if report is not None else BuildReport()
+    logger = _capture_logger(trt, report, None)
     builder = trt.Builder(logger)
     flags = 0
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -131,9 +386,22 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cach
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(int(getattr(parser, "num_errors", 0))))
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errs}")
+        errs = [str(parser.get_error(i)).strip() for i in range(int(getattr(parser, "num_errors", 0)))]
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: "
+                               + "; ".join(errs or report.errors or ["no reason given"]))
     config = builder.create_builder_config()
+    if target is not None:
+        if not hasattr(config, "set_compute_capability"):
+            raise BackendUnavailable(f"this TensorRT cannot build for {sm_tag(target)} without that GPU "
+                                     "(ahead-of-time builds need TensorRT-RTX)")
+        member = getattr(trt.ComputeCapability, "SM" + target.replace(".", ""), None)
+        if member is None:
+            raise BackendUnavailable(f"TensorRT-RTX {getattr(trt, '__version__', '')} cannot build for "
+                                     f"{sm_tag(target)}")
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(member, 0)
+    if hasattr(trt, "ProfilingVerbosity"):
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the layer table, and for inspectors
     if workspace:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
     for prof in profiles:
@@ -148,10 +416,14 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cach
         config.set_timing_cache(cache, False)
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
+    report.seconds = time.perf_counter() - t0
     if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name} "
-                               "(see the TensorRT log above)")
-    log(f"built TensorRT engine for {onnx_path.name} in {time.perf_counter() - t0:.1f} s")
+        why = "; ".join(report.errors[-3:]) or "no reason given"
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name}: {why}")
+    report.layers = layer_precisions(report.layer_lines)
+    report.layer_lines = []
+    where = f"for {sm_tag(target)} ahead of time" if target else "for this GPU"
+    log(f"built TensorRT engine from {onnx_path.name} {where} in {report.seconds:.1f} s")
     if cache is not None and timing_cache is not None:
         _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
@@ -165,15 +437,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------------------------------------------------
+# engines built at first use: a cache outside the bundle
+
+
 def engine_dir(bundle: Bundle) -> Path:
-    """``BUNDLE/engines`` when the bundle is writable, else a per-bundle folder under
-    ``$CINEMAE_CACHE`` or ``~/.cache/cinemae/engines``."""
-    d = bundle.root / "engines"
-    if (d.is_dir() and os.access(d, os.W_OK)) or (not d.exists() and os.access(bundle.root, os.W_OK)):
-        return d
+    """Where engines built at first use go: a per-bundle folder under ``$CINEMAE_CACHE/engines``
+    (default ``~/.cache/cinemae/engines``), named by the model id and the hash of its graphs.
+    Never inside the bundle, whose files the manifest lists and verifies."""
     base = Path(os.environ.get("CINEMAE_CACHE", Path.home() / ".cache" / "cinemae")) / "engines"
-    ident = hashlib.sha256(json.dumps(bundle.manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
-    return base / f"{bundle.model_id}-{ident[:16]}"
+    graphs = {k: v for k, v in bundle.manifest.get("files", {}).items() if k.endswith((".onnx", ".data"))}
+    ident = hashlib.sha256(json.dumps(graphs, sort_keys=True).encode()).hexdigest()
+    return base / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', bundle.model_id)}-{ident[:16]}"
 
 
 class EngineCache:
@@ -209,11 +484,11 @@ class EngineCache:
             return None, "engine file does not match its sha256"
         return data, ""
 
-    def store(self, key: EngineKey, data: bytes) -> Path:
+    def store(self, key: EngineKey, data: bytes, extra: dict[str, Any] | None = None) -> Path:
         path, side = self.paths(key)
         _atomic_write(path, data)
         meta = {"key": key.to_dict(), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
         _atomic_write(side, (json.dumps(meta, indent=2) + "\n").encode())
         return path
 
@@ -234,19 +509,24 @@ class EngineCache:
         return data, True
 
 
+# ------------------------------------------------------------------------------------------------
+# the running GPU: bundle engine, else first-use engine
+
+
 def gpu_and_trt(device_index: int = 0) -> tuple[Any, str, Any]:
     """(trt module, module name, GpuInfo); BackendUnavailable when either is missing."""
     from .cuda_memory import require_gpu
 
     gpu = require_gpu(device_index)
-    trt, name = import_tensorrt()
-    return trt, name, gpu
+    trt = import_tensorrt()
+    return trt.module, trt.name, gpu
 
 
 @dataclass
 class EngineEntry:
-    """One engine of a bundle: its key, where it is stored, its serialized bytes, and how to
-    rebuild it (used when TensorRT refuses to deserialize a stored engine)."""
+    """One engine for the running GPU: its key, where it came from (``bundle`` = an ahead-of-time
+    engine listed in the manifest, ``cache`` = built at first use), its serialized bytes, and how
+    to rebuild it into the cache (used when TensorRT refuses to deserialize a stored engine)."""
 
     role: str
     key: EngineKey
@@ -254,39 +534,74 @@ class EngineEntry:
     data: bytes
     built: bool
     rebuild: Callable[[], bytes]
+    source: str = "cache"
+
+
+def build_at_first_use() -> bool:
+    """False when ``CINEMAE_TRT_BUILD=never``: then a GPU without a bundle engine is refused."""
+    return os.environ.get("CINEMAE_TRT_BUILD", "auto").strip().lower() not in ("never", "0", "no", "off")
+
+
+def running_key_parts(trt: TensorRT, gpu: Any) -> tuple[str, str]:
+    """(target, gpu name in the key) for the running GPU: TensorRT-RTX engines run on any GPU of
+    their compute capability; TensorRT engines are tied to the GPU model they were built on."""
+    return gpu.sm, ("" if trt.flavour == "tensorrt-rtx" else gpu.name)
 
 
 def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 0,
                    max_batch: int = 16, k: int | None = None, log: Callable[[str], None] = print,
                    cache_root: Path | None = None) -> dict[str, EngineEntry]:
-    """Build (or find) the encoder, decoder (K > 0) and head engines of ``bundle`` at
-    ``precision`` for this GPU and TensorRT; BackendUnavailable when either is missing."""
-    trt, mod, gpu = gpu_and_trt(device_index)
-    version = str(getattr(trt, "__version__", "unknown"))
+    """The encoder, decoder (K > 0) and head engines of ``bundle`` at ``precision`` for this GPU
+    and TensorRT: the bundle's ahead-of-time engine where :func:`select_engine` finds one, else
+    one built at first use and cached (BackendUnavailable instead when CINEMAE_TRT_BUILD=never,
+    or without TensorRT or a GPU)."""
+    from .cuda_memory import require_gpu
+
+    gpu = require_gpu(device_index)
+    trt = import_tensorrt()
+    target, gpu_key = running_key_parts(trt, gpu)
     root = Path(cache_root) if cache_root else engine_dir(bundle)
     cache = EngineCache(root)
-    timing = None if mod == "tensorrt_rtx" else root / f"timing.{mod}-{version}.sm{gpu.sm.replace('.', '')}.cache"
+    timing = (None if trt.flavour == "tensorrt-rtx"
+              else root / f"timing.{trt.flavour}-{trt.version}.{sm_tag(target)}.cache")
     k_eff = bundle.k if k is None else k
     profiles = bundle_profiles(bundle, max_batch, k_eff)
+    keys = bundle_keys(bundle, precision, trt, target, gpu_key, max_batch, k_eff)
+    listed = bundle.manifest.get("engines", [])
     out: dict[str, EngineEntry] = {}
-    for role in ("encoder", "decoder", "head"):
-        if role == "decoder" and k_eff == 0:
-            continue
+    for role, key in keys.items():
         graph = bundle.graph(role, precision)
-        key = make_key(role, precision, gpu.name, gpu.sm, mod, version, sha256_file(graph), profiles[role])
 
         def make(g: Path = graph, r: str = role) -> bytes:
-            return build_engine(trt, g, profiles[r], timing, log)
+            return build_engine(trt.module, g, profiles[r], timing, log)
 
         def rebuild(kk: EngineKey = key, m: Callable[[], bytes] = make) -> bytes:
             data = m()
             cache.store(kk, data)
             return data
 
+        entry, why = select_engine(listed if isinstance(listed, list) else [], key)
+        if entry is not None:
+            path = bundle.root / str(entry.get("file", ""))
+            data = path.read_bytes() if path.is_file() else b""
+            if hashlib.sha256(data).hexdigest() == entry.get("sha256"):
+                log(f"TensorRT {role} engine: {path.name} from the bundle (built ahead of time)")
+                out[role] = EngineEntry(role, key, path, data, False, rebuild, "bundle")
+                continue
+            why = f"the bundle's {path.name} is missing or does not match its sha256"
+        stored, _ = cache.lookup(key)
+        if stored is None and not build_at_first_use():
+            raise BackendUnavailable(f"no usable TensorRT {precision} {role} engine for this "
+                                     f"{gpu.name} ({sm_tag(target)}): {why}, and CINEMAE_TRT_BUILD=never "
+                                     "forbids building one at first use")
+        if stored is None:
+            log(f"TensorRT {role} engine: {why}; building one for this GPU at first use (cached in {root})")
         data, built = cache.load_or_build(key, make, log)
-        out[role] = EngineEntry(role, key, cache.paths(key)[0], data, built, rebuild)
+        out[role] = EngineEntry(role, key, cache.paths(key)[0], data, built, rebuild, "cache")
     return out
 
 
-__all__ = ["EngineBuildError", "EngineCache", "EngineKey", "bundle_profiles", "build_engine",
-           "EngineEntry", "engine_dir", "ensure_engines", "gpu_and_trt", "import_tensorrt", "make_key"]
+__all__ = ["BuildReport", "EngineBuildError", "EngineCache", "EngineEntry", "EngineKey", "TRT_MODULES",
+           "TensorRT", "build_at_first_use", "build_engine", "bundle_keys", "bundle_profiles", "engine_dir",
+           "engine_roles", "ensure_engines", "gpu_and_trt", "import_tensorrt", "layer_precisions",
+           "make_key", "parse_target", "select_engine", "sm_tag"]

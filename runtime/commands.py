@@ -1,0 +1,48 @@
+"""What the commands (``cinemae-detect``, the scan, ``cinemae-serve``, ``cinemae-stream``) share
+without being a command themselves: opening the Detector a command runs on, and the table row.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .bundle import BundleError
+
+if TYPE_CHECKING:
+    from .detector import Detector
+
+TABLE_HEADER = f"{'verdict':<9} {'score':>7} {'s1':>9} {'s2':>9} {'s3':>9}  path"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def open_detector(prog: str, bundle: str | None, *, say: Callable[[str], None] = _stderr,
+                  **kwargs: Any) -> Detector | None:
+    """The Detector a command runs on (``kwargs`` go to ``Detector``). Says the one-line
+    reason (``say``, stderr by default) and returns None when it cannot start; otherwise says
+    the header line (model, backend, and a warning for an untrained head)."""
+    from .backends import BackendUnavailable
+    from .detector import Detector
+
+    try:
+        det = Detector(bundle, **kwargs)
+    except (BundleError, BackendUnavailable, ValueError) as e:
+        say(f"{prog}: {e}")
+        return None
+    say(f"# {det.bundle.model_id}: {det.describe()}"
+        + ("" if det.bundle.trained else " [UNTRAINED HEAD: scores are not meaningful]"))
+    return det
+
+
+def format_row(d: dict[str, Any]) -> str:
+    """One table line (under :data:`TABLE_HEADER`) for a result record (``Result.to_record()``)."""
+    if d["error"]:
+        return (f"{'error':<9} {'':>7} {'':>9} {'':>9} {'':>9}  {d['source']}  "
+                f"[{d['error_code']}] {d['error']}")
+    s1, s2, s3 = d["stats"]
+    verdict = d["verdict"] + ("[prov]" if d.get("reason") == "provenance" else "")
+    return f"{verdict:<9} {d['score']:>7.4f} {s1:>9.4f} {s2:>9.4f} {s3:>9.4f}  {d['source']}"
