@@ -203,12 +203,16 @@ def gate_row(form: str, ref: Any, out: Any, threshold: float, tolerances: dict[s
 
 
 def int8_gate(bundle: Any, images: np.ndarray, masks: Any, tolerances: dict[str, float] | None = None,
-              forms: Sequence[str] = ("onnxruntime-cpu", "openvino"), log: Callable[[str], None] = print
-              ) -> list[GateRow]:
-    """The INT8 forms of ``forms`` (those that can run here) against the fp32 graphs in ONNX
-    Runtime CPU, on ``images`` [N, 3, H, W] (real photos, not the calibration images)."""
+              forms: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[GateRow]:
+    """The INT8 form in each CPU backend of ``forms`` that can run here (default: every registered
+    CPU backend that runs int8: ONNX Runtime CPU, OpenVINO) against the fp32 graphs in ONNX Runtime
+    CPU, on ``images`` [N, 3, H, W] (real photos, not the calibration images)."""
     from ..runtime.backends.base import BackendUnavailable
     from ..runtime.backends.onnxruntime_cpu import OnnxRuntimeCPU
+    from ..runtime.backends.registry import create_backend, specs
+
+    if forms is None:
+        forms = [s.name for s in specs() if "cpu" in s.devices and "int8" in s.precisions]
 
     tol = dict(tolerances or INT8_TOLERANCES)
     fp32 = OnnxRuntimeCPU(bundle, "fp32")
@@ -217,14 +221,7 @@ def int8_gate(bundle: Any, images: np.ndarray, masks: Any, tolerances: dict[str,
     rows = []
     for form in forms:
         try:
-            if form == "onnxruntime-cpu":
-                be: Any = OnnxRuntimeCPU(bundle, "int8")
-            elif form == "openvino":
-                from ..runtime.backends.openvino import OpenVINOBackend
-
-                be = OpenVINOBackend(bundle, "int8", cache_dir=False)
-            else:
-                raise ValueError(f"unknown form {form!r}")
+            be, _ = create_backend(bundle, form, "cpu", "int8")
         except (BackendUnavailable, ImportError) as e:
             log(f"int8 gate: {form} cannot run here ({e}); not gated")
             continue
