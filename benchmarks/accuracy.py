@@ -5,6 +5,7 @@ Scores are logits (any monotone score works); label 1 = fake (the positive class
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ import numpy as np
 from ..runtime.metrics import auc, threshold_at_fpr
 from .datasets import LabeledItem
 from .perturb import Perturbation
+
+_logger = logging.getLogger(__name__)
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
@@ -95,7 +98,7 @@ def prepare(items: list[LabeledItem], perturbation: Perturbation, img_size: int,
 def evaluate(items: list[LabeledItem], run_logits: Callable[[np.ndarray, int], np.ndarray],
              ks: Sequence[int], perturbations: Sequence[Perturbation], img_size: int,
              crop_ratio: float, threshold_logit: float, fpr: float = 0.05,
-             log: Callable[[str], None] = print) -> tuple[list[AccuracyRow], list[dict[str, str]]]:
+             log: Callable[[str], None] = _logger.info) -> tuple[list[AccuracyRow], list[dict[str, str]]]:
     """Score ``items`` at every K under every perturbation (identically for both classes).
 
     run_logits(images [N, 3, S, S], k) -> logits [N]. Returns the rows and the per-item errors

@@ -24,6 +24,7 @@ Otherwise the torch rows are error rows that say what to pass.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any
 
 from ..runtime.bundle import Bundle, BundleError, default_bundle_path
 from .environment import cache_dir
+
+_logger = logging.getLogger(__name__)
 
 RANDOM_NOTE = "random weights: latency only"
 
@@ -138,7 +141,7 @@ def _arch_dir(arch: str, k: int, seed: int, fp16: bool) -> Path:
 
 
 def build_arch_target(arch: str, k: int = 2, seed: int = 0, fp16: bool = False,
-                      log: Callable[[str], None] = print, origin: str | None = None) -> BenchTarget:
+                      log: Callable[[str], None] = _logger.info, origin: str | None = None) -> BenchTarget:
     """A random-weight bundle of preset ``arch`` (cached) and, in this process, its torch model
     built from the same seed. ``fp16`` also asks the exporter for FP16 graphs."""
     try:
@@ -185,7 +188,7 @@ def build_arch_target(arch: str, k: int = 2, seed: int = 0, fp16: bool = False,
 
 def resolve_target(bundle_path: str | None, arch: str | None, checkpoint: str | None = None,
                    head_path: str | None = None, k: int = 2, seed: int = 0, fp16: bool = False,
-                   log: Callable[[str], None] = print) -> BenchTarget:
+                   log: Callable[[str], None] = _logger.info) -> BenchTarget:
     """``--bundle`` / ``--arch`` / the embedded default / the tiny fallback (in that order)."""
     if arch:
         return build_arch_target(arch, k, seed, fp16, log)

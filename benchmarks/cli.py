@@ -156,7 +156,12 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from ..runtime.commands import configure_logging
+
     args = build_parser().parse_args(argv)
+    configure_logging("stderr", logging.WARNING if args.quiet else logging.INFO)
     log = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     started = time.perf_counter()
 

@@ -35,10 +35,11 @@ GPU_PEAKS: dict[str, tuple[float, float]] = {
 
 
 def cache_dir() -> Path:
-    """``$CINEMAE_CACHE`` or ``~/.cache/cinemae`` (where the bench caches its --arch bundles)."""
-    root = os.environ.get("CINEMAE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cinemae")
-    return Path(root)
+    """The cinemae cache (:func:`cinemae.runtime.cache.cache_root`), where the bench caches its
+    --arch bundles."""
+    from ..runtime.cache import cache_root
+
+    return cache_root()
 
 
 def cpu_name() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -150,12 +149,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, p)
+    from ..runtime.atomic import atomic_write
+
+    atomic_write(path, text)
 
 
 def write_json(path: str | os.PathLike[str], result: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ before the clock is read); p50/p95 use linear interpolation over the timed batch
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from .bundles import TorchUnavailable
 from .flops import bundle_flops
 from .memory import PeakRSS, cuda_used_mb
 from .runners import STAGE_NAMES, RuntimeRunner, TorchRunner
+
+_logger = logging.getLogger(__name__)
 
 PRE_STAGE = "decode_preprocess"
 
@@ -188,7 +191,7 @@ def _one_line(e: BaseException) -> str:
 
 def run_sweep(target: Any, specs: Sequence[RunnerSpec], ks: Sequence[int], batches: Sequence[int],
               pool: np.ndarray, pre_ms: float, opts: SweepOptions,
-              log: Callable[[str], None] = print, on_row: Callable[[Row], None] | None = None
+              log: Callable[[str], None] = _logger.info, on_row: Callable[[Row], None] | None = None
               ) -> list[Row]:
     """Measure every spec at every (K, batch) on ``pool`` [N, 3, S, S] (N >= max batch).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ from .model import MaskedAutoencoderViT
 from .onnx_export import OPSET, export_decoder, export_encoder, export_head
 from .parity import FP16_TOLERANCES, FP32_TOLERANCES, ParityRow, compare, format_rows
 from .reference import TorchReference
+
+_logger = logging.getLogger(__name__)
 
 
 class ParityError(RuntimeError):
@@ -151,7 +154,7 @@ def _add_int8(stage: Path, bundle: Bundle, model: MaskedAutoencoderViT, opts: Ex
 
 
 def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.PathLike[str],
-                  opts: ExportOptions, trained: bool = False, log: Callable[[str], None] = print
+                  opts: ExportOptions, trained: bool = False, log: Callable[[str], None] = _logger.info
                   ) -> tuple[Path, list[ParityRow]]:
     """Export the three graphs (and FP16 variants when asked), check parity, and move the
     bundle into ``out``. Raises ParityError (bundle left at ``OUT.rejected``) on failure."""

@@ -103,8 +103,11 @@ def _engines(bundle: str | Path, args: argparse.Namespace, precisions: tuple[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..runtime.commands import configure_logging
+
     ap = build_parser()
     args = ap.parse_args(argv)
+    configure_logging("stdout")  # the export's progress and parity table, as before
     if args.trt_max_batch < 1:
         ap.error("--trt-max-batch must be at least 1")
     if args.bundle:

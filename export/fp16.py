@@ -30,6 +30,7 @@ it would. The measured maxima therefore decide, independently of the executor.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
 DEFAULT_SAFE_MAX = 4096.0
@@ -156,13 +159,14 @@ def _load(path: Path) -> Any:
 def _save(model: Any, path: Path) -> None:
     import onnx
 
-    tmp = path.with_name(path.name + ".tmp")
-    if model.ByteSize() > 1_800_000_000:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(tmp))
-    tmp.replace(path)
+    from ..runtime.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        if model.ByteSize() > 1_800_000_000:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(model, str(tmp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +471,7 @@ def _output_error(fp32_path: Path, fp16_model: Any, feeds: list[dict[str, np.nda
 
 
 def convert_graphs_fp16(stage: Path, fp32_graphs: dict[str, str], model: Any,
-                        log: Callable[[str], None] = print, *,
+                        log: Callable[[str], None] = _logger.info, *,
                         calibration: np.ndarray | None = None, masks: Any = None,
                         lam: float = 1.0, safe_max: float = DEFAULT_SAFE_MAX,
                         keep_residual_fp32: bool = True) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..runtime.atomic import atomic_path
 from .head import CinemaeHead
 from .model import MaskedAutoencoderViT
 
@@ -43,15 +44,12 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
             dynamic_axes: dict[str, dict[int, str]], output_shapes: dict[str, list[int | str]]
             ) -> Path:
     module.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".onnx.tmp")
-    with warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(tmp), input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes,
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
-    _set_output_shapes(tmp, output_shapes)
-    os.replace(tmp, path)
+        _set_output_shapes(tmp, output_shapes)
     return path
 
 

@@ -18,11 +18,13 @@ and a matching file is kept, not rebuilt.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..runtime.atomic import atomic_write
 from ..runtime.backends.base import BackendUnavailable
 from ..runtime.backends.tensorrt_engine import (
     BuildReport,
@@ -36,6 +38,8 @@ from ..runtime.backends.tensorrt_engine import (
     sm_tag,
 )
 from ..runtime.bundle import Bundle, write_manifest
+
+_logger = logging.getLogger(__name__)
 
 
 def _gpu_here(device_index: int) -> Any | None:
@@ -88,7 +92,7 @@ def _sha256(path: Path) -> str:
 
 def build_bundle_engines(bundle_dir: str | os.PathLike[str], precisions: Iterable[str] | None = None,
                          max_batch: int = 16, targets: Iterable[str] | None = None, device_index: int = 0,
-                         required: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                         required: bool = False, log: Callable[[str], None] = _logger.info) -> list[dict[str, Any]]:
     """Build the engines of every precision (default: all the bundle has) for each target into
     ``BUNDLE/engines`` and list them in the manifest. Returns the manifest entries built or kept.
 
@@ -126,10 +130,7 @@ def build_bundle_engines(bundle_dir: str | os.PathLike[str], precisions: Iterabl
                 data = build_engine(trt.module, bundle.graph(role, precision), profiles[role], None,
                                     log, target=target if aot else None, report=report)
                 path = root / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
+                atomic_write(path, data)
                 entry = {"file": rel, "key": key.to_dict(), "sha256": hashlib.sha256(data).hexdigest(),
                          "bytes": len(data), "build_s": round(report.seconds, 2), "max_batch": max_batch,
                          "built": "ahead of time, without that GPU" if aot else f"on {gpu.name}",

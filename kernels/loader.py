@@ -2,7 +2,7 @@
 
 At first use the kernel source is compiled with NVRTC for the GPU's compute capability (a CUBIN;
 PTX for a GPU newer than the installed NVRTC knows), cached on disk under
-``$CINEMAE_CACHE_DIR/kernels`` (default ``~/.cache/cinemae/kernels``, or
+``$CINEMAE_CACHE/kernels`` (default ``~/.cache/cinemae/kernels``, or
 ``$XDG_CACHE_HOME/cinemae/kernels``) as ``lcas-<sha256 of source, options, NVRTC version>-<arch>``,
 and loaded with the CUDA driver API. cuda-python (``cuda.bindings``) is imported only inside
 the functions that need it, so importing this module is cheap and works without CUDA.
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,14 +236,12 @@ def compile_cubin(arch: str = "sm_90") -> bytes:
 
 
 def cache_dir() -> Path:
-    """Folder of the compiled kernels: $CINEMAE_CACHE_DIR/kernels, else
-    $XDG_CACHE_HOME/cinemae/kernels, else ~/.cache/cinemae/kernels."""
-    root = os.environ.get("CINEMAE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "cinemae" / "kernels"
+    """Folder of the compiled kernels: ``kernels/`` in the cinemae cache
+    (:func:`cinemae.runtime.cache.cache_root`: $CINEMAE_CACHE, else $XDG_CACHE_HOME/cinemae,
+    else ~/.cache/cinemae)."""
+    from ..runtime.cache import cache_dir as under_cache
+
+    return under_cache("kernels")
 
 
 def _target_for(capability: tuple[int, int]) -> str:
@@ -282,16 +278,10 @@ def cached_binary(capability: tuple[int, int], refresh: bool = False) -> tuple[b
         except OSError:
             pass
     data = _compile(target)
+    from ..runtime.atomic import atomic_write
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data)
     except OSError:
         pass
     return data, path

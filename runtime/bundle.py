@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,12 +171,9 @@ def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> di
                 and p.suffix in (".onnx", ".data", ".engine", ".plan", ".json", ".cache", ".pt", ".pth"):
             files[p.relative_to(root).as_posix()] = sha256_file(p)
     manifest["files"] = files
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, root / MANIFEST)
+    from .atomic import atomic_write
+
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
 

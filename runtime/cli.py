@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .bundle import BundleError
-from .commands import TABLE_HEADER, format_row, open_detector
+from .commands import TABLE_HEADER, configure_logging, format_row, open_detector
 from .inputs import IMAGE_SUFFIXES, iter_inputs, split_bundle
 
 # serve.py and stream.py import these from here until they import .commands / .inputs directly
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # intermixed: options may sit between positionals (`cinemae-detect BUNDLE --device cpu DIR`)
     args = build_parser().parse_intermixed_args(argv)
+    configure_logging("stderr")
     try:
         bundle, paths = split_bundle(args.paths, args.bundle)
     except BundleError as e:

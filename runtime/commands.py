@@ -4,6 +4,7 @@ without being a command themselves: opening the Detector a command runs on, and 
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,37 @@ if TYPE_CHECKING:
     from .detector import Detector
 
 TABLE_HEADER = f"{'verdict':<9} {'score':>7} {'s1':>9} {'s2':>9} {'s3':>9}  path"
+
+
+class _CurrentStream(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` / ``sys.stderr`` is at the time of each record (so a
+    redirected or captured stream gets the lines)."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.which = which
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - logging's own attribute
+        return getattr(sys, self.which)
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
+def configure_logging(stream: str = "stderr", level: int = logging.INFO) -> None:
+    """What a command does first: the library's ``cinemae.*`` loggers print their messages as
+    plain lines on ``stream`` ("stdout" or "stderr") from ``level`` up. Library code only logs;
+    calling this again replaces the earlier setting."""
+    root = logging.getLogger("cinemae")
+    for h in list(root.handlers):
+        if isinstance(h, _CurrentStream):
+            root.removeHandler(h)
+    handler = _CurrentStream(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _stderr(line: str) -> None:

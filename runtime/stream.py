@@ -10,12 +10,14 @@ frames through OpenCV, one JSON line per scored frame on stdout.
   delivered frame resets it; ``--max-retries`` bounds the attempts in a row, 0 = no bound).
 * A file source ends cleanly at its end (exit 0). SIGINT / SIGTERM end the stream cleanly too.
 
-A JSON line: ``{"frame": i, "timestamp_ms": t, "time": unix_s, "score", "logit", "verdict",
-"threshold", "stats": [s1, s2, s3], "latency_ms", "source", "model_id", "model_version"}`` where
-``frame`` counts the frames read from the source since the start (across reconnects) and
-``timestamp_ms`` is the source's position (``CAP_PROP_POS_MSEC``), or the time since the stream
-began when the source reports none. A frame that cannot be scored gives ``error`` and
-``error_code`` instead of the score fields.
+A JSON line is the runtime's one result record (``Result.to_record()``: ``source`` (the
+``--source`` as given), ``score``, ``logit``, ``verdict``, ``stats`` [s1, s2, s3], ``error``,
+``error_code``, ``timings``, ``model`` {id, version, manifest_sha256, backend, precision, k,
+threshold}) plus the stream's own fields ``frame``, ``timestamp_ms``, ``time`` (unix s) and
+``latency_ms``, where ``frame`` counts the frames read from the source since the start (across
+reconnects) and ``timestamp_ms`` is the source's position (``CAP_PROP_POS_MSEC``), or the time
+since the stream began when the source reports none. A frame that cannot be scored has
+``error`` and ``error_code`` set and null score fields.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.every < 1:
         print("cinemae-stream: --every must be >= 1", file=sys.stderr)
         return 2
-    from .cli import open_detector
+    from .commands import open_detector
 
     det = open_detector("cinemae-stream", args.bundle, backend=args.backend, device=args.device,
                         precision=args.precision, batch_size=1, threads=args.threads)
@@ -192,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     stopper = Stopper()
     stopper.install()
     scored = 0
-    base = {"source": args.source, "model_id": det.bundle.model_id,
-            "model_version": det.bundle.model_version}
     try:
         for index, ts, bgr in frames(source, args.every, live, backoff=args.backoff,
                                      max_backoff=args.max_backoff, max_retries=args.max_retries,
@@ -201,14 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                                      opener=lambda s: open_capture(s, args.timeout)):
             t = time.perf_counter()
             rgb = bgr[:, :, ::-1]  # OpenCV frames are BGR
-            r = det.detect_batch([rgb], [f"frame {index}"])[0]
-            rec: dict[str, Any] = {"frame": index, "timestamp_ms": round(ts, 3), "time": time.time()}
-            if r.ok:
-                rec.update(score=r.score, logit=r.logit, verdict=r.verdict, threshold=det.threshold,
-                           stats=list(r.stats), latency_ms=1000 * (time.perf_counter() - t))
-            else:
-                rec.update(error=r.error, error_code=r.error_code)
-            rec.update(base)
+            r = det.detect_batch([rgb], [args.source])[0]
+            rec = r.to_record(frame=index, timestamp_ms=round(ts, 3), time=time.time(),
+                              latency_ms=1000 * (time.perf_counter() - t))
             print(json.dumps(rec), flush=True)
             scored += 1
             if args.max_frames and scored >= args.max_frames:

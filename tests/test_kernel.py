@@ -258,7 +258,7 @@ def nvrtc_ready() -> None:
 
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CINEMAE_CACHE_DIR shared by this module's tests (one NVRTC compile for sm_90)."""
+    """A CINEMAE_CACHE shared by this module's tests (one NVRTC compile for sm_90)."""
     return tmp_path_factory.mktemp("cinemae_cache")
 
 
@@ -272,7 +272,7 @@ def test_nvrtc_compiles_ptx(nvrtc_ready: None) -> None:
 
 def test_nvrtc_cubin_is_cached(nvrtc_ready: None, kernel_cache: Path,
                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CINEMAE_CACHE_DIR", str(kernel_cache))
+    monkeypatch.setenv("CINEMAE_CACHE", str(kernel_cache))
     assert kernels.cache_dir() == kernel_cache / "kernels"
     data, path = kernels.cached_binary((9, 0))
     assert path.parent == kernel_cache / "kernels" and path.name.endswith("-sm_90.cubin")

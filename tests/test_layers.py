@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("runtime", "kernels", "export", "train", "benchmarks", "scale")
 
@@ -109,3 +111,32 @@ def test_runtime_and_kernels_stay_below_export_train_and_bench() -> None:
             bad = {d for d in package_reaches(mod, graph)
                    if d.startswith(("cinemae.export", "cinemae.train", "cinemae.benchmarks", "cinemae.scale"))}
             assert not bad, f"{mod} reaches {sorted(bad)}"
+
+
+def test_library_code_logs_and_commands_print(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Library modules say what they do through ``logging`` (no print, no stdout of their own);
+    a command's configure_logging turns those records into plain lines on its stream."""
+    import ast
+    import logging
+
+    from cinemae.runtime.commands import configure_logging
+
+    repo = Path(__file__).resolve().parents[1]
+    offenders = []
+    for pkg in ("runtime", "kernels", "export", "train", "benchmarks"):
+        for f in (repo / pkg).rglob("*.py"):
+            rel = f.relative_to(repo)
+            if f.name in ("cli.py", "commands.py", "__main__.py", "stream.py", "serve.py", "serve_load.py",
+                          "build_default.py", "pretrain_mae.py") or "serve" in rel.parts:
+                continue  # commands print: the CLIs, the service and stream reader, the two training scripts
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Name) and node.id == "print":
+                    offenders.append(f"{f.relative_to(repo)}:{node.lineno}")
+    assert not offenders, offenders
+    configure_logging("stdout")
+    logging.getLogger("cinemae.export.bundle").info("parity passed")
+    logging.getLogger("cinemae.export.bundle").debug("not shown")
+    configure_logging("stderr")  # replaces, does not add
+    logging.getLogger("cinemae.train.head").info("epoch 1")
+    got = capsys.readouterr()
+    assert got.out == "parity passed\n" and got.err == "epoch 1\n"

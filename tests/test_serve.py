@@ -14,11 +14,15 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from cinemae.benchmarks.serve_load import (  # noqa: E402
-    ServerProcess,
+from serve_support import (  # noqa: E402
     malformed_corpus,
+    parse_metrics,
+    png_bomb,
     random_images,
+    sample,
 )
+
+from cinemae.benchmarks.serve_load import ServerProcess  # noqa: E402
 
 TOKEN = "s3cret-token"
 
@@ -46,21 +50,20 @@ def auth(**extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}", **extra}
 
 
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def scrape(url: str) -> dict:
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return parse_metrics(r.text)
 
 
 def test_probes(server: ServerProcess) -> None:
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
     r = httpx.get(server.url + "/readyz")
     assert r.status_code == 200 and r.json()["model"]["id"] == "test-tiny"
-    m = httpx.get(server.url + "/metrics")
-    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
-    assert "cinemae_ready 1" in m.text and "# TYPE cinemae_request_duration_seconds histogram" in m.text
+    m = scrape(server.url)
+    assert sample(m, "cinemae_ready") == 1
+    assert sample(m, "cinemae_model_info", model_id="test-tiny", model_version=r.json()["model"]["version"],
+                  backend=r.json()["model"]["backend"]) == 1
     r = httpx.get(server.url + "/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(server.url + "/v1/detect", headers=auth())
@@ -75,11 +78,14 @@ def test_raw_body_matches_runtime(server: ServerProcess, direct) -> None:
     assert body["model"]["id"] == "test-tiny" and body["model"]["version"]
     (res,) = body["results"]
     want = direct.detect(img)
-    assert res["index"] == 0 and "filename" not in res
+    assert res["index"] == 0 and res["source"] == "<request body>"
     assert res["score"] == pytest.approx(want.score, abs=1e-5)
-    assert res["verdict"] == want.verdict and res["threshold"] == pytest.approx(direct.threshold)
+    assert res["verdict"] == want.verdict and res["model"]["threshold"] == pytest.approx(direct.threshold)
     assert res["stats"] == pytest.approx(list(want.stats), rel=1e-4, abs=1e-5)
-    assert res["model_id"] == "test-tiny"
+    # the one result record (Result.to_record) plus the service's own fields
+    assert set(res) == set(want.to_record()) | {"index", "sha256"}
+    assert res["model"] == direct.model and body["model"] == {**direct.model, "trained": direct.bundle.trained}
+    assert res["error"] is None and res["error_code"] is None
     for k in ("decode_ms", "queue_ms", "inference_ms", "batch_size"):
         assert k in res["timings"]
     assert body["timings"]["total_ms"] > 0
@@ -103,9 +109,10 @@ def test_multipart_mixed(server: ServerProcess, direct) -> None:
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [x["index"] for x in res] == [0, 1, 2, 3, 4]
-    assert [x["filename"] for x in res] == ["a.png", "notes.txt", "b.png", "empty.jpg", "c.png"]
-    assert res[1]["error"]["code"] == "unsupported" and res[1]["status"] == 415
-    assert res[3]["error"]["code"] == "empty" and res[3]["status"] == 422
+    assert [x["source"] for x in res] == ["a.png", "notes.txt", "b.png", "empty.jpg", "c.png"]
+    assert res[1]["error_code"] == "unsupported" and res[1]["status"] == 415 and res[1]["score"] is None
+    assert res[3]["error_code"] == "empty" and res[3]["status"] == 422 and res[3]["error"]
+    assert "status" not in res[0]
     for i, g in ((0, good[0]), (2, good[1]), (4, good[2])):
         assert res[i]["score"] == pytest.approx(direct.detect(g).score, abs=1e-5)
     # every image failed -> the status of the first failure, with a top-level error
@@ -124,7 +131,7 @@ def test_concurrent_clients_batch_and_match(server: ServerProcess, direct) -> No
     right image (its score matches the runtime called directly), and batches of >1 formed."""
     images = random_images(12 * 8, seed=4)
     expect = {i: r.score for i, r in enumerate(direct.detect_batch(images))}
-    before = httpx.get(server.url + "/metrics").text
+    before = scrape(server.url)
     got: dict[int, float] = {}
     lock = threading.Lock()
 
@@ -144,9 +151,9 @@ def test_concurrent_clients_batch_and_match(server: ServerProcess, direct) -> No
     assert sorted(got) == sorted(expect)
     for i, s in got.items():
         assert s == pytest.approx(expect[i], abs=1e-5), i
-    after = httpx.get(server.url + "/metrics").text
-    n_batches = metric(after, "cinemae_batch_size_count") - metric(before, "cinemae_batch_size_count")
-    n_images = metric(after, "cinemae_batch_size_sum") - metric(before, "cinemae_batch_size_sum")
+    after = scrape(server.url)
+    n_batches = sample(after, "cinemae_batch_size_count") - sample(before, "cinemae_batch_size_count")
+    n_images = sample(after, "cinemae_batch_size_sum") - sample(before, "cinemae_batch_size_sum")
     assert n_images == 12 * 8
     assert n_batches < n_images, "dynamic batching never put two images in one backend call"
 
@@ -175,8 +182,6 @@ def test_malformed_corpus_gets_json_4xx_and_server_keeps_serving(server: ServerP
 def test_bomb_is_rejected_before_decoding(server: ServerProcess) -> None:
     """A 30000 x 30000 PNG (9e8 pixels, ~110 kB on the wire) is refused from its header:
     413 quickly, and the server's memory does not grow by gigabytes."""
-    from cinemae.benchmarks.serve_load import png_bomb
-
     bomb = png_bomb(30000)
     assert len(bomb) < 300_000
     t = time.perf_counter()
@@ -191,10 +196,30 @@ def test_bomb_is_rejected_before_decoding(server: ServerProcess) -> None:
 
 
 def test_metrics_count_outcomes(server: ServerProcess) -> None:
-    m = httpx.get(server.url + "/metrics").text
-    assert metric(m, "cinemae_requests_total") > 0
-    assert 'cinemae_images_total{outcome="scored"}' in m
-    assert "cinemae_queue_depth" in m and "cinemae_inference_duration_seconds_bucket" in m
+    """Each request and image outcome is counted under its label, and the histograms agree
+    with the counters: one scored image, one unsupported, one unauthorized request."""
+    img = random_images(1, seed=9)[0]
+    before = scrape(server.url)
+    assert httpx.post(server.url + "/v1/detect", content=img, headers=auth()).status_code == 200
+    assert httpx.post(server.url + "/v1/detect", content=b"text", headers=auth()).status_code == 415
+    assert httpx.post(server.url + "/v1/detect", content=img).status_code == 401
+    after = scrape(server.url)
+
+    def d(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert d("cinemae_requests_total", outcome="ok", status="200") == 1
+    assert d("cinemae_requests_total", outcome="item_error", status="415") == 1
+    assert d("cinemae_requests_total", outcome="unauthorized", status="401") == 1
+    assert d("cinemae_images_total", outcome="scored") == 1
+    assert d("cinemae_images_total", outcome="unsupported") == 1
+    assert d("cinemae_request_duration_seconds_count") == 3
+    assert d("cinemae_batch_size_sum") == 1 and d("cinemae_decode_duration_seconds_count") == 1
+    for gauge in ("cinemae_queue_depth", "cinemae_admitted_images", "cinemae_inflight_requests",
+                  "cinemae_inflight_body_bytes", "cinemae_decoding_images"):
+        assert sample(after, gauge) == 0, gauge  # nothing in flight between requests
+    le = {dict(k[1]).get("le"): v for k, v in after.items() if k[0] == "cinemae_inference_duration_seconds_bucket"}
+    assert le["+Inf"] == sample(after, "cinemae_inference_duration_seconds_count") > 0
 
 
 def test_overload_answers_503_with_retry_after(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -220,8 +245,8 @@ def test_overload_answers_503_with_retry_after(tiny_bundle: Path, tmp_path: Path
         for r in rs:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "overloaded"
-        m = httpx.get(srv.url + "/metrics").text
-        assert metric(m, 'cinemae_requests_total{outcome="rejected",status="503"}') == codes.count(503)
+        m = scrape(srv.url)
+        assert sample(m, "cinemae_requests_total", outcome="rejected", status="503") == codes.count(503)
         assert httpx.post(srv.url + "/v1/detect", content=images[0]).status_code == 200
     finally:
         assert srv.terminate() == 0
@@ -243,7 +268,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(tiny_bundle: Path, tmp_pa
         t.start()
         end = time.monotonic() + 30
         while time.monotonic() < end:  # wait until the server is working on the request
-            if metric(httpx.get(srv.url + "/metrics").text, "cinemae_admitted_images") > 0:
+            if sample(scrape(srv.url), "cinemae_admitted_images") > 0:
                 break
             time.sleep(0.01)
         else:
@@ -266,7 +291,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(tiny_bundle: Path, tmp_pa
         srv.terminate()
     r = result["r"]
     assert r.status_code == 200, r.text
-    assert len(r.json()["results"]) == 40 and all("score" in x for x in r.json()["results"])
+    assert len(r.json()["results"]) == 40 and all(x["score"] is not None for x in r.json()["results"])
     assert rc == 0
 
 
@@ -295,7 +320,7 @@ def test_inflight_body_budget_answers_503(tiny_bundle: Path, tmp_path: Path) -> 
         t.start()
         try:
             end = time.monotonic() + 20
-            while metric(httpx.get(srv.url + "/metrics").text, "cinemae_inflight_body_bytes") < len(first):
+            while sample(scrape(srv.url), "cinemae_inflight_body_bytes") < len(first):
                 assert time.monotonic() < end, "the slow upload never arrived"
                 time.sleep(0.02)
             r = httpx.post(srv.url + "/v1/detect", content=img, timeout=30)
@@ -305,7 +330,7 @@ def test_inflight_body_budget_answers_503(tiny_bundle: Path, tmp_path: Path) -> 
             release.set()
             t.join(60)
         assert result["r"].status_code == 200, result["r"].text
-        assert metric(httpx.get(srv.url + "/metrics").text, "cinemae_inflight_body_bytes") == 0
+        assert sample(scrape(srv.url), "cinemae_inflight_body_bytes") == 0
         assert httpx.post(srv.url + "/v1/detect", content=img, timeout=30).status_code == 200
     finally:
         assert srv.terminate() == 0

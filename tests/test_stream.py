@@ -63,7 +63,9 @@ def test_file_every_n_frames(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
             want = det.detect(decoded[x["frame"]][:, :, ::-1])  # BGR -> RGB, as the stream does
             assert x["score"] == pytest.approx(want.score, abs=1e-5)
             assert x["stats"] == pytest.approx(list(want.stats), rel=1e-4, abs=1e-5)
-            assert x["verdict"] == want.verdict and x["model_id"] == "test-tiny"
+            assert x["verdict"] == want.verdict and x["model"] == det.model and x["model"]["id"] == "test-tiny"
+            assert set(x) == set(want.to_record()) | {"frame", "timestamp_ms", "time", "latency_ms"}
+            assert x["source"] == str(video) and x["error"] is None
             # the BGR frame scored as if it were RGB would give another score
             assert det.detect(decoded[x["frame"]]).score != pytest.approx(x["score"], abs=1e-7)
 

@@ -26,8 +26,10 @@ from .data import DataError, Item, gather
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cinemae" / "features"
+    """``features/`` in the cinemae cache (:func:`cinemae.runtime.cache.cache_root`)."""
+    from ..runtime.cache import cache_dir
+
+    return cache_dir("features")
 
 
 def split_items(items: list[Item], val_frac: float, seed: int) -> tuple[list[int], list[int]]:
@@ -258,7 +260,10 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..runtime.commands import configure_logging
+
     args = build_parser().parse_args(argv)
+    configure_logging("stderr")
     try:
         run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (DataError, FileExistsError, ValueError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -27,10 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.atomic import atomic_write
 from ..runtime.bundle import Bundle
 from ..runtime.lcas import stats_from_map
 from ..runtime.preprocess import InputError
 from .data import Item
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -171,17 +175,14 @@ class FeatureCache:
         feat = np.stack([self._pending[h][0] for h in hashes])
         lcas = np.stack([self._pending[h][1] for h in hashes])
         name = f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
-        tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, hashes=np.array(hashes), feature=feat, lcas=lcas)
-        os.replace(tmp, self.dir / name)
+        atomic_write(self.dir / name, lambda f: np.savez(f, hashes=np.array(hashes), feature=feat, lcas=lcas))
         self._pending.clear()
 
 
 def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_max: int = 4, *,
             cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 64,
             threads: int | None = None, flush_every: int = 2048, progress: bool = True,
-            log: Callable[[str], None] = print, augment: str | None = None) -> FeatureSet:
+            log: Callable[[str], None] = _logger.info, augment: str | None = None) -> FeatureSet:
     """Run every item through the runtime (``Detector.run_arrays`` with K_max runs) or take it
     from the cache. Unreadable items are listed in ``errors`` and left out.
 

@@ -9,6 +9,7 @@ weight decay 0.05), batch 256, 25 epochs. The epoch with the lowest validation l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..runtime.bundle import Bundle, write_manifest
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,7 +58,7 @@ def head_logits(head: Any, g: np.ndarray, s: np.ndarray, batch: int = 4096) -> n
 
 def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s_val: np.ndarray,
                y_val: np.ndarray, *, fusion: str = "add", pooling: str = "cls", k: int = 2,
-               cfg: TrainConfig | None = None, log: Callable[[str], None] = print) -> TrainedHead:
+               cfg: TrainConfig | None = None, log: Callable[[str], None] = _logger.info) -> TrainedHead:
     """Train one head for K=k.
 
     g: [N, D] pooled global features, s: [N, 3] statistics, y: [N] labels (1 = AI-generated);
@@ -175,8 +178,6 @@ def write_head(bundle_dir: str | os.PathLike[str], head: Any, decision: dict[str
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, p)
+    from ..runtime.atomic import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=2, default=float) + "\n")

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..runtime.atomic import atomic_write
+
+_logger = logging.getLogger(__name__)
 
 
 def random_masks(batch: int, num_patches: int, n_keep: int, gen: Any) -> tuple[Any, Any, Any]:
@@ -56,7 +60,7 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def load_images(tar: Path, limit: int | None = None, log: Any = print) -> tuple[np.ndarray, list[str]]:
+def load_images(tar: Path, limit: int | None = None, log: Any = _logger.info) -> tuple[np.ndarray, list[str]]:
     """All images of a tar archive -> [N, 3, 32, 32] float32 normalised (runtime preprocessing),
     member names in archive order. Undecodable members are skipped and counted."""
     from ..runtime.preprocess import InputError, preprocess
@@ -103,12 +107,10 @@ def evaluate(model: Any, images: np.ndarray, n_keep: int, seed: int = 123, batch
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     import torch
 
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
-def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the summary written to ``OUT/summary.json``."""
     import torch
 
@@ -128,9 +130,7 @@ def pretrain(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             images, names = z["images"], [str(n) for n in z["names"]]
     else:
         images, names = load_images(Path(args.tar), args.limit, log)
-        with open(out / "decoded.npz.tmp", "wb") as f:
-            np.savez(f, images=images, names=np.array(names))
-        os.replace(out / "decoded.npz.tmp", decoded)
+        atomic_write(decoded, lambda f: np.savez(f, images=images, names=np.array(names)))
     hold = split_holdout(names)
     train_x, val_x = images[~hold], images[hold]
     log(f"loaded {len(images)} images in {time.time() - t0:.0f}s: {len(train_x)} train, "

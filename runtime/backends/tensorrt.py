@@ -24,8 +24,8 @@ from a copy of ``pred`` (numpy reference) and :attr:`lcas_impl` says so.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -148,7 +148,7 @@ class TensorRTBackend:
     def _note(self, msg: str) -> None:
         """Engine builds take minutes: say so on stderr, and keep the line in :attr:`notes`."""
         self.notes.append(msg)
-        print(f"cinemae: {msg}", file=sys.stderr)
+        logging.getLogger(__name__).warning("cinemae: %s", msg)
 
     # ------------------------------------------------------------------------------------------
     def _upload_masks(self, masks: MaskSet) -> None:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +38,8 @@ from typing import Any
 from ..bundle import Bundle, sha256_file
 from ..masks import n_keep_for
 from .base import BackendUnavailable
+
+_logger = logging.getLogger(__name__)
 
 ENGINE_FORMAT = 2
 TRT_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
@@ -368,7 +370,7 @@ def layer_precisions(lines: list[str]) -> dict[str, Any]:
 
 
 def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cache: Path | None = None,
-                 log: Callable[[str], None] = print, workspace: int | None = None,
+                 log: Callable[[str], None] = _logger.info, workspace: int | None = None,
                  target: str | None = None, report: BuildReport | None = None) -> bytes:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine with the
     given optimization profiles. No precision flag: the graph's types decide.
@@ -430,11 +432,9 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cach
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from ..atomic import atomic_write
+
+    atomic_write(path, data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,7 +445,9 @@ def engine_dir(bundle: Bundle) -> Path:
     """Where engines built at first use go: a per-bundle folder under ``$CINEMAE_CACHE/engines``
     (default ``~/.cache/cinemae/engines``), named by the model id and the hash of its graphs.
     Never inside the bundle, whose files the manifest lists and verifies."""
-    base = Path(os.environ.get("CINEMAE_CACHE", Path.home() / ".cache" / "cinemae")) / "engines"
+    from ..cache import cache_dir
+
+    base = cache_dir("engines")
     graphs = {k: v for k, v in bundle.manifest.get("files", {}).items() if k.endswith((".onnx", ".data"))}
     ident = hashlib.sha256(json.dumps(graphs, sort_keys=True).encode()).hexdigest()
     return base / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', bundle.model_id)}-{ident[:16]}"
@@ -497,7 +499,7 @@ class EngineCache:
             p.unlink(missing_ok=True)
 
     def load_or_build(self, key: EngineKey, build: Callable[[], bytes],
-                      log: Callable[[str], None] = print) -> tuple[bytes, bool]:
+                      log: Callable[[str], None] = _logger.info) -> tuple[bytes, bool]:
         """(engine bytes, built?) : the stored engine when its key matches, else ``build()``
         (stored before returning)."""
         data, why = self.lookup(key)
@@ -549,7 +551,7 @@ def running_key_parts(trt: TensorRT, gpu: Any) -> tuple[str, str]:
 
 
 def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 0,
-                   max_batch: int = 16, k: int | None = None, log: Callable[[str], None] = print,
+                   max_batch: int = 16, k: int | None = None, log: Callable[[str], None] = _logger.info,
                    cache_root: Path | None = None) -> dict[str, EngineEntry]:
     """The encoder, decoder (K > 0) and head engines of ``bundle`` at ``precision`` for this GPU
     and TensorRT: the bundle's ahead-of-time engine where :func:`select_engine` finds one, else
