@@ -19,6 +19,7 @@ outside :data:`INT8_TOLERANCES` rejects the export. The gate's figures go into t
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+_logger = logging.getLogger(__name__)
 
 #: INT8 forms vs the fp32 graphs on real images. ``decision_agreement_decisive`` counts only the
 #: items whose fp32 p lies farther than ``p_abs_max`` from the threshold (an untrained head puts
@@ -144,7 +147,7 @@ def quantize_graph(src: Path, dst: Path, feeds: Sequence[dict[str, np.ndarray]],
 
 
 def convert_graphs_int8(stage: Path, fp32_graphs: dict[str, str], model: Any, images: np.ndarray,
-                        masks: Any, lam: float, log: Callable[[str], None] = print
+                        masks: Any, lam: float, log: Callable[[str], None] = _logger.info
                         ) -> tuple[dict[str, str], dict[str, Any]]:
     """Write ``encoder.int8.onnx`` and ``decoder.int8.onnx`` into ``stage``.
 
@@ -203,7 +206,7 @@ def gate_row(form: str, ref: Any, out: Any, threshold: float, tolerances: dict[s
 
 
 def int8_gate(bundle: Any, images: np.ndarray, masks: Any, tolerances: dict[str, float] | None = None,
-              forms: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[GateRow]:
+              forms: Sequence[str] | None = None, log: Callable[[str], None] = _logger.info) -> list[GateRow]:
     """The INT8 form in each CPU backend of ``forms`` that can run here (default: every registered
     CPU backend that runs int8: ONNX Runtime CPU, OpenVINO) against the fp32 graphs in ONNX Runtime
     CPU, on ``images`` [N, 3, H, W] (real photos, not the calibration images)."""
@@ -271,7 +274,7 @@ __all__ = ["INT8_TOLERANCES", "GateRow", "add_int8_graphs", "convert_graphs_int8
 
 
 def add_int8_graphs(src: str | Path, out: str | Path, calibration: Sequence[Any], gate: Sequence[Any],
-                    tolerances: dict[str, float] | None = None, log: Callable[[str], None] = print) -> Path:
+                    tolerances: dict[str, float] | None = None, log: Callable[[str], None] = _logger.info) -> Path:
     """A copy of the bundle ``src`` at ``out`` with INT8 graphs added (no torch needed: the fp32
     graphs are the reference). ``calibration`` / ``gate``: image files or encoded bytes (real
     photos; disjoint). Gated like ``cinemae-export --precision int8``: on failure the copy is left
