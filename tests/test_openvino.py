@@ -274,3 +274,16 @@ def test_openvino_refuses_unknown_device_and_missing_int8(ov: object, tmp_path: 
         OpenVINOBackend(embedded, "fp32", device="npu", cache_dir=tmp_path)
     with pytest.raises(BackendUnavailable, match="not fp16"):
         OpenVINOBackend(embedded, "fp16", cache_dir=tmp_path)
+
+
+def test_bench_plans_the_cpu_precision_rows() -> None:
+    """--precision fp32,bf16,int8 on the CPU: torch eager + bf16 autocast, ONNX Runtime fp32 + int8,
+    OpenVINO fp32 + bf16 + int8; no combination a runner does not have."""
+    from cinemae.benchmarks.cli import plan_specs
+
+    rows = plan_specs("torch,onnxruntime-cpu,openvino", "cpu", "fp32,bf16,int8", False, has_gpu=False)
+    assert {(s.backend, s.precision) for s in rows} == {
+        ("torch", "fp32"), ("torch", "bf16"), ("onnxruntime-cpu", "fp32"), ("onnxruntime-cpu", "int8"),
+        ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")}
+    assert next(s for s in rows if s.backend == "torch" and s.precision == "bf16").label == \
+        "torch autocast bf16 (cpu)"
