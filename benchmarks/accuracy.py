@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.metrics import auc, threshold_at_fpr
+from ..runtime.evaluation import auc, threshold_at_fpr
 from .datasets import LabeledItem
 from .perturb import Perturbation
 
@@ -21,14 +21,14 @@ _logger = logging.getLogger(__name__)
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
-    """Area under the ROC curve (``runtime.metrics.auc``; ties count one half). NaN with one class."""
+    """Area under the ROC curve (``runtime.evaluation.auc``; ties count one half). NaN with one class."""
     return auc(np.asarray(labels), np.asarray(scores, dtype=np.float64))
 
 
 def tpr_at_fpr(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
                fpr: float = 0.05) -> tuple[float, float]:
     """True-positive rate at the threshold that flags at most ``fpr`` of the real images here
-    (``runtime.metrics.threshold_at_fpr``, the rule training calibrates with). Returns (tpr, t)."""
+    (``runtime.evaluation.threshold_at_fpr``, the rule training calibrates with). Returns (tpr, t)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     if y.sum() == 0 or (~y).sum() == 0:

@@ -16,8 +16,9 @@ rebuilt from its recorded preset and seed (torch's CPU generator is deterministi
 bench reports the torch-vs-ONNX logit difference on the benchmark inputs, so a mismatch shows;
 (3) ``--checkpoint`` (a facebookresearch / Hugging Face MAE checkpoint) with the head from
 ``--head`` or, failing that, from ``head.onnx``, whose initializers keep their parameter names;
-(4) a bundle that carries its source weights, ``mae.pth`` (facebookresearch format) and
-``head.pt`` (as the embedded default bundle does).
+(4) a bundle whose source weights, ``mae.pth`` (facebookresearch format) and ``head.pt``, lie in
+its folder or, for the embedded default bundle, in ``cinemae/export/weights/`` paired with its
+graphs by sha256 (:mod:`cinemae.export.source_weights`).
 Otherwise the torch rows are error rows that say what to pass.
 """
 
@@ -121,14 +122,17 @@ def torch_loader_for(bundle: Bundle, checkpoint: str | None, head_path: str | No
             return model.eval(), head.eval()
         if _provenance_ckpt(bundle).get("format") == "random-init":
             return _rebuild_random(bundle)
-        if (bundle.root / "mae.pth").is_file() and (bundle.root / "head.pt").is_file():
+        from ..export.source_weights import find_source_weights
+
+        found = find_source_weights(bundle)
+        if found is not None:
             try:
                 from ..export.checkpoint import load_checkpoint
                 from ..export.head import load_head
             except ImportError as e:
                 raise TorchUnavailable(f"torch is not installed ({e})") from None
-            model, _ = load_checkpoint(bundle.root / "mae.pth", norm_pix=bundle.backbone.norm_pix)
-            return model.eval(), load_head(str(bundle.root / "head.pt"))[0].eval()
+            model, _ = load_checkpoint(found[0], norm_pix=bundle.backbone.norm_pix)
+            return model.eval(), load_head(str(found[1]))[0].eval()
         raise TorchUnavailable("this bundle holds only ONNX graphs (their weights are renamed and "
                                "folded by the exporter); pass --checkpoint MAE.pth [--head HEAD.pt] "
                                "for the torch reference rows")

@@ -226,13 +226,15 @@ def run_load(url: str, corpus: list[tuple[str, bytes]], clients: int, seconds: f
 
 
 def scrape(url: str) -> dict[str, float]:
+    """/metrics as {'name{label="v",...}': value} (labels sorted), parsed by prometheus_client."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     vals: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            k, v = line.rsplit(" ", 1)
-            vals[k] = float(v)
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for smp in fam.samples:
+            lab = ",".join(f'{k}="{v}"' for k, v in sorted(smp.labels.items()))
+            vals[smp.name + (f"{{{lab}}}" if lab else "")] = smp.value
     return vals
 
 

@@ -26,7 +26,7 @@ from ..runtime.preprocess import InputError, preprocess
 from .head import CinemaeHead
 from .model import MaskedAutoencoderViT
 from .onnx_export import OPSET, export_decoder, export_encoder, export_head
-from .parity import FP16_TOLERANCES, FP32_TOLERANCES, ParityRow, compare, format_rows
+from .parity import ParityRow, compare, format_rows, tolerances_for
 from .reference import TorchReference
 
 _logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.
     ref = TorchReference(model, head, opts.lam)
     rows: list[ParityRow] = []
     for precision in graphs:  # the INT8 forms have their own gate below
-        tol = dict(opts.tolerances or (FP32_TOLERANCES if precision == "fp32" else FP16_TOLERANCES))
+        tol = dict(opts.tolerances or tolerances_for(precision))
         backend = OnnxRuntimeCPU(bundle, precision)
         for name, images in parity_inputs(opts, cfg.img_size):
             rows.append(compare(ref, backend, images, masks, name, tol, bundle.threshold))

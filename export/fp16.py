@@ -412,40 +412,15 @@ def node_precisions(model: Any) -> dict[str, int]:
 # the bundle hook
 
 
-def _calibration_feeds(stage: Path, fp32_graphs: dict[str, str], model: Any,
-                       images: np.ndarray, masks: Any, lam: float
-                       ) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Real inputs of each graph: the global and masked encoder passes on ``images``, the
-    decoder on the masked tokens, the head on the global tokens and the LCAS statistics."""
-    import onnxruntime as ort
-
-    from ..runtime.lcas import lcas_stats
-    from ..runtime.masks import full_ids_keep
+def _calibration_feeds(stage: Path, fp32_graphs: dict[str, str], model: Any, images: np.ndarray, masks: Any,
+                       lam: float) -> dict[str, list[dict[str, np.ndarray]]]:
+    """The old signature of :func:`cinemae.export.calibration.calibration_feeds` (which it calls),
+    kept for callers written against it; new code imports export.calibration."""
+    from .calibration import calibration_feeds
 
     cfg = model.cfg
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    enc = ort.InferenceSession(str(stage / fp32_graphs["encoder"]), so, providers=["CPUExecutionProvider"])
-    dec = ort.InferenceSession(str(stage / fp32_graphs["decoder"]), so, providers=["CPUExecutionProvider"])
-    feeds: dict[str, list[dict[str, np.ndarray]]] = {"encoder": [], "decoder": [], "head": []}
-    k = masks.k
-    for i in range(images.shape[0]):
-        x = np.ascontiguousarray(images[i:i + 1], dtype=np.float32)
-        fg = {"image": x, "ids_keep": full_ids_keep(1, cfg.num_patches)}
-        feeds["encoder"].append(fg)
-        gtok = enc.run(["tokens"], fg)[0]
-        stats = np.zeros((1, 3), np.float32)
-        if k:
-            keep, restore = masks.tile(1)
-            fm = {"image": np.repeat(x, k, axis=0), "ids_keep": keep}
-            feeds["encoder"].append(fm)
-            tok = enc.run(["tokens"], fm)[0]
-            fd = {"tokens": tok, "ids_restore": restore}
-            feeds["decoder"].append(fd)
-            pred = dec.run(["pred"], fd)[0]
-            stats = lcas_stats(x, pred, masks.visible, cfg.patch_size, lam, cfg.norm_pix)
-        feeds["head"].append({"global_tokens": gtok, "stats": stats})
-    return feeds
+    return calibration_feeds({g: Path(stage) / p for g, p in fp32_graphs.items()}, images, masks,
+                             patch_size=cfg.patch_size, lam=lam, norm_pix=cfg.norm_pix)
 
 
 def _output_error(fp32_path: Path, fp16_model: Any, feeds: list[dict[str, np.ndarray]]

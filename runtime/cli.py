@@ -15,10 +15,7 @@ from pathlib import Path
 
 from .bundle import BundleError
 from .commands import TABLE_HEADER, configure_logging, format_row, open_detector
-from .inputs import IMAGE_SUFFIXES, iter_inputs, split_bundle
-
-# serve.py and stream.py import these from here until they import .commands / .inputs directly
-__all__ = ["IMAGE_SUFFIXES", "build_parser", "format_row", "iter_inputs", "main", "open_detector", "split_bundle"]
+from .inputs import iter_inputs, split_bundle
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,10 +105,6 @@ class Result:
         rec.update(extra)
         return rec
 
-    def to_dict(self) -> dict[str, Any]:
-        """Same as :meth:`to_record` with no extra fields (kept for existing callers)."""
-        return self.to_record()
-
 
 def lcas_record(lcas: np.ndarray) -> dict[str, Any]:
     """[K, L] per-patch LCAS -> ``{"grid": [g, g], "runs": K lists of L floats, null where NaN}``

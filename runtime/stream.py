@@ -18,6 +18,11 @@ threshold}) plus the stream's own fields ``frame``, ``timestamp_ms``, ``time`` (
 reconnects) and ``timestamp_ms`` is the source's position (``CAP_PROP_POS_MSEC``), or the time
 since the stream began when the source reports none. A frame that cannot be scored has
 ``error`` and ``error_code`` set and null score fields.
+
+``--heatmap DIR`` draws each scored frame's per-patch LCAS map on the frame
+(``DIR/frame-<frame>.heatmap.png``, the legend below it) and adds ``heatmap`` to its line;
+``--explain-k N`` makes those maps from N masking runs (the verdict keeps the bundle's K).
+Frames carry no file metadata: ``provenance`` says so.
 """
 
 from __future__ import annotations
@@ -175,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help=device_help())
     ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
+    ap.add_argument("--heatmap", metavar="DIR",
+                    help="draw each scored frame's per-patch LCAS heatmap on it into DIR/frame-N.heatmap.png "
+                         "and add the map to the JSON line")
+    ap.add_argument("--explain-k", type=int, default=None, metavar="N",
+                    help="heatmaps from N masking runs (e.g. 8: every patch scored); the verdict keeps the bundle's K")
     return ap
 
 
@@ -183,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.every < 1:
         print("cinemae-stream: --every must be >= 1", file=sys.stderr)
         return 2
+    if args.explain_k is not None and not 1 <= args.explain_k <= 64:
+        print("cinemae-stream: --explain-k must be in 1..64", file=sys.stderr)
+        return 2
+    explain = bool(args.heatmap) or args.explain_k is not None
     from .commands import open_detector
 
     det = open_detector("cinemae-stream", args.bundle, backend=args.backend, device=args.device,
@@ -201,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                                      opener=lambda s: open_capture(s, args.timeout)):
             t = time.perf_counter()
             rgb = bgr[:, :, ::-1]  # OpenCV frames are BGR
-            r = det.detect_batch([rgb], [args.source])[0]
+            r = det.detect_batch([rgb], [args.source], explain=explain, explain_k=args.explain_k)[0]
+            if args.heatmap and r.heatmap is not None:
+                from .explain.files import write_frame_heatmap
+
+                write_frame_heatmap(args.heatmap, index, rgb, r)
             rec = r.to_record(frame=index, timestamp_ms=round(ts, 3), time=time.time(),
                               latency_ms=1000 * (time.perf_counter() - t))
             print(json.dumps(rec), flush=True)

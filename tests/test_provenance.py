@@ -303,3 +303,23 @@ def test_detector_policy_default_on_and_flag_off(tmp_path):
     bad = on.detect(data[:data.index(b"IDAT") + 20])
     assert not bad.ok and bad.verdict is None and bad.provenance["generator"] is not None
     assert Detector(device="cpu", provenance=False).detect(data).provenance is None
+
+
+def test_png_exif_without_decoding_the_pixels(monkeypatch):
+    """A PNG's eXIf chunk is read from the chunk itself: decoding the pixels (Pillow's
+    PngImageFile.getexif does) is never needed for metadata."""
+    from PIL import PngImagePlugin
+
+    ex = Image.Exif()
+    ex[0x0131] = "SomeGenerator 3"
+    ex[0x010F] = "NoCamera"
+    buf = io.BytesIO()
+    picture().save(buf, "PNG", exif=ex.tobytes())
+
+    def no_load(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_load)
+    p = read_provenance(buf.getvalue())
+    assert p["exif"]["Software"] == "SomeGenerator 3" and p["exif"]["Make"] == "NoCamera"
+    assert p["errors"] == []

@@ -303,6 +303,11 @@ def test_options_between_positionals(tiny_bundle: Path, tmp_path: Path, capsys) 
     recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["source"] for r in recs] == [str(paths[0]), str(paths[1])]
     assert recs[0]["model"]["backend"] in ("openvino", "onnxruntime-cpu")  # the CPU auto choice
+    # --lcas reaches the scan records too
+    out = tmp_path / "l.jsonl"
+    assert run_detect(tiny_bundle, paths[0], "--out", out, "--lcas") == 0
+    (rec,) = records(out)
+    assert len(rec["lcas"]["runs"]) == rec["model"]["k"] == 2
 
 
 def test_scan_api_for_other_drivers(tiny_bundle: Path, tmp_path: Path) -> None:

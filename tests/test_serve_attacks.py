@@ -165,6 +165,23 @@ def test_huge_header_is_refused_after_the_limit(guarded: ServerProcess) -> None:
     assert httpx.get(guarded.url + "/healthz").status_code == 200
 
 
+def test_header_limit_counts_only_header_bytes(guarded: ServerProcess) -> None:
+    """On a kept-alive connection, a 300 kB body followed in the same burst by the start of the
+    next request's head: the body's bytes are not counted against --max-header-bytes (16 kB),
+    so both requests are answered 200."""
+    s = raw_connect(guarded.url)
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + b"\0" * 300000
+                  + b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.5)
+        s.sendall(b"\r\n")
+        for _ in range(2):
+            status, _, body = read_response(s, 10)
+            assert status == 200, body
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("value", [b"-1", b"abc", b"1e3", b"12, 12"])
 def test_bad_content_length_is_json_400(guarded: ServerProcess, value: bytes) -> None:
     s = raw_connect(guarded.url)
@@ -370,7 +387,8 @@ def test_openapi_document(guarded: ServerProcess) -> None:
     doc = r.json()
     validator.validate(doc)
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/v1/detect", "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert set(doc["paths"]) == {"/v1/detect", "/healthz", "/readyz", "/metrics", "/openapi.json", "/",
+                                 "/review/{name}"}
     post = doc["paths"]["/v1/detect"]["post"]
     assert {"200", "400", "401", "408", "413", "415", "422", "431", "503"} <= set(post["responses"])
     assert "Retry-After" in post["responses"]["503"]["headers"]

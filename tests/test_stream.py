@@ -134,3 +134,27 @@ def test_sigterm_ends_a_live_stream_cleanly(tiny_bundle: Path, tmp_path: Path) -
     lines = [json.loads(x) for x in out.splitlines()]  # every line written is complete JSON
     assert [x["frame"] for x in lines] == list(range(1, len(lines) + 1))
     assert "frames scored" in err
+
+
+def test_heatmap_drawn_on_frames(tmp_path: Path, capsys) -> None:
+    """--heatmap DIR --explain-k 8: each scored frame's map drawn on it (PNG) and in its JSON line,
+    with the frame's own size as the image (96x64 -> 48x32, centre 32x32: x 16..80 of the frame)."""
+    from PIL import Image
+
+    from cinemae.runtime.explain.overlay import LEGEND_H
+
+    video = tmp_path / "clip.avi"
+    write_video(video, n=7, size=(96, 64))
+    out = tmp_path / "maps"
+    assert main(["--source", str(video), "--every", "3", "--heatmap", str(out), "--explain-k", "8"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["frame"] for x in lines] == [0, 3, 6]
+    for x in lines:
+        hm = x["heatmap"]
+        assert hm["image"] == [96, 64] and hm["runs"] == 8 and hm["crop"] == [16.0, 0.0, 80.0, 64.0]
+        assert x["provenance"]["unavailable"]
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == ["frame-00000000.heatmap.png", "frame-00000003.heatmap.png", "frame-00000006.heatmap.png"]
+    with Image.open(out / pngs[0]) as im:
+        assert im.size == (384, 256 + LEGEND_H)
+    assert main(["--source", str(video), "--explain-k", "0"]) == 2

@@ -443,8 +443,18 @@ def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:
 def test_pretraining_stages_follow_init_chain() -> None:
     from cinemae.train.build_default import pretraining_stages
 
-    first = {"steps": 10, "train_seconds": 5.0, "final_val_recon_loss": 0.5, "lr": 1e-3}
-    second = {"steps": 20, "train_seconds": 7.0, "final_val_recon_loss": 0.4, "init_from": {"summary": first}}
-    stages = pretraining_stages(second)
-    assert [s["steps"] for s in stages] == [10, 20] and stages[-1]["final_val_recon_loss"] == 0.4
-    assert pretraining_stages(first) == [pretraining_stages(first)[0]] and len(pretraining_stages({})) == 0
+    first = {"steps": 10, "train_seconds": 5.0, "final_val_recon_loss": 0.5, "lr": 1e-3, "batch": 64, "seed": 0,
+             "history": [1, 2, 3]}
+    second = {"steps": 20, "train_seconds": 7.0, "final_val_recon_loss": 0.4, "lr": 5e-4,
+              "init_from": {"path": "a/mae.pth", "summary": first}}
+    third = {"steps": 30, "train_seconds": 9.0, "final_val_recon_loss": 0.3, "init_from": {"summary": second}}
+    fields = ("steps", "train_seconds", "lr", "batch", "seed", "time_budget_min", "final_val_recon_loss")
+    # one run alone: exactly its own numbers (unknown fields None; history and the rest left out)
+    assert pretraining_stages(first) == [{"steps": 10, "train_seconds": 5.0, "lr": 1e-3, "batch": 64, "seed": 0,
+                                          "time_budget_min": None, "final_val_recon_loss": 0.5}]
+    # a chain of --init runs: every stage, first first, each with its own numbers
+    stages = pretraining_stages(third)
+    assert [s["steps"] for s in stages] == [10, 20, 30]
+    assert [s["final_val_recon_loss"] for s in stages] == [0.5, 0.4, 0.3]
+    assert [s["lr"] for s in stages] == [1e-3, 5e-4, None] and all(tuple(s) == fields for s in stages)
+    assert pretraining_stages({}) == [] and pretraining_stages({"init_from": None, "steps": 1})[0]["steps"] == 1

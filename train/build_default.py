@@ -329,13 +329,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(stage, tmp)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
-        # the torch weights the graphs came from travel with the bundle (torch rows of cinemae-bench,
-        # re-export); the manifest is rewritten so its hashes cover them
-        shutil.copy2(args.mae, dst / "mae.pth")
-        m = dict(Bundle(dst).manifest)
+        # the torch weights the graphs came from (torch rows of cinemae-bench, re-export) go to
+        # export/weights/, outside the torch-free runtime package, paired with the graphs by sha256
+        from ..export.source_weights import install_source_weights
+
+        install_source_weights(dst, args.mae, dst / "head.pt", "cifake32",
+                               note="written by train/build_default.py --install")
+        (dst / "head.pt").unlink()
+        m = dict(Bundle(dst, verify=False).manifest)
         m.setdefault("provenance", {})["source_weights"] = (
-            "mae.pth (facebookresearch format) and head.pt: the torch weights the graphs were exported from, "
-            "for the torch reference rows of cinemae-bench and for re-export")
+            "mae.pth (facebookresearch format) and head.pt, the torch weights the graphs were exported from, live "
+            "outside this torch-free bundle: cinemae/export/weights/cifake32/ (weights.json pairs them with these "
+            "graphs by sha256), for the torch reference rows of cinemae-bench and for re-export")
+        m.pop("files", None)
         write_manifest(dst, m)
         Bundle(dst)
         log(f"installed {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.1f} MB)")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.metrics import auc, average_precision, threshold_at_fpr, tpr_at_fpr
+from ..runtime.evaluation import auc, average_precision, threshold_at_fpr, tpr_at_fpr
 
 __all__ = ["abstain_band", "auc", "average_precision", "log_loss", "mcnemar_p", "metrics", "paired_comparison",
            "threshold_at_fpr", "tpr_at_fpr"]

@@ -41,8 +41,10 @@ class BatchOutput:
 class Backend(Protocol):
     """A runnable form of a bundle's three graphs."""
 
-    name: str  # "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu"
-    precision: str  # "fp32" or "fp16"
+    name: str  # its registry name (cinemae.runtime.backends.registry): "onnxruntime-cpu", ...
+    precision: str  # one of cinemae.runtime.precision.PRECISIONS it declares in the registry
+    # optional: ``batch_invariant = True`` promises that a score depends only on its image, bit for
+    # bit, whatever else shares the batch (tests/test_backend_contract.py checks the promise)
 
     def run(
         self,
@@ -52,7 +54,9 @@ class Backend(Protocol):
         want_feature: bool = False,
         want_lcas: bool = False,
     ) -> BatchOutput:
-        """images: [B, 3, H, W] float32, normalised; masks: K runs (K may be 0)."""
+        """images: [B, 3, H, W] float32, normalised (B may be 0); masks: K runs (K may be 0).
+        A batch of another shape, or masks over another patch grid, raises ValueError
+        (``cinemae.runtime.pipeline.check_batch``)."""
         ...
 
     def close(self) -> None:

@@ -280,6 +280,6 @@ def lcas_on_device(image_ptr: int, pred_ptr: int, visible_ptr: int, b: int, k: i
                       bool(norm_pix), stats_ptr, map_ptr=map_ptr, stream=stream.ptr)
 
 
-__all__ = ["CudaError", "CudaGraph", "DeviceBuffer", "GpuInfo", "KernelError", "KernelStatus",
-           "PinnedBuffer", "Stream", "check", "d2h", "d2h_rows", "gpu_count", "h2d", "lcas_on_device",
+__all__ = ["CudaError", "CudaGraph", "DeviceBuffer", "GpuInfo", "KernelError", "KernelInputUnsupported",
+           "KernelStatus", "PinnedBuffer", "Stream", "check", "d2h", "d2h_rows", "gpu_count", "h2d", "lcas_on_device",
            "prepare_kernel", "replicate_rows", "require_gpu"]

@@ -1,22 +1,26 @@
 """ONNX Runtime on the CPU: the portable backend and the runtime's reference path.
 
-Per batch of B images: the global encoder pass once (n = L), the masked encoder pass once on
-B*K rows (n = n_keep), the decoder once on B*K rows, the numpy LCAS statistics, the head.
+The pipeline (global pass, masked pass on B*K rows, decoder, numpy LCAS, head) is
+:func:`cinemae.runtime.pipeline.run_pipeline`; this file only opens the three sessions and runs
+one graph on host arrays.
+
+Every graph call holds one image's rows (``per_image``, the default), so a score does not depend
+on which other images share its batch, bit for bit (issue 16 item 16).
 """
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from ..lcas import lcas_map, stats_from_map
-from ..masks import MaskSet, full_ids_keep
+from ..masks import MaskSet
+from ..pipeline import GRAPH_OF, OUTPUT_OF, PipelineConfig, run_pipeline
 from .base import BackendUnavailable, BatchOutput
 
 
-def _session(path: str, threads: int | None):  # noqa: ANN202 - an ort.InferenceSession
+def _session(path: str, threads: int | None) -> Any:  # an ort.InferenceSession
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -31,9 +35,10 @@ class OnnxRuntimeCPU:
     """The three graphs in ONNX Runtime sessions on the CPU."""
 
     name = "onnxruntime-cpu"
+    batch_invariant = True  # one image per graph call: a score depends only on its image
 
-    def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int | None = None
-                 ) -> None:
+    def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int | None = None,
+                 per_image: bool = True) -> None:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -41,48 +46,20 @@ class OnnxRuntimeCPU:
                                      "(pip install onnxruntime)") from None
         self.bundle = bundle
         self.precision = precision
-        self.encoder = _session(str(bundle.graph("encoder", precision)), threads)
-        self.decoder = _session(str(bundle.graph("decoder", precision)), threads)
-        self.head = _session(str(bundle.graph("head", precision)), threads)
-        self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
+        self.sessions = {g: _session(str(bundle.graph(g, precision)), threads) for g in OUTPUT_OF}
+        self.config = PipelineConfig.from_bundle(bundle, per_image)
+        self.batch_invariant = per_image
+
+    def run_graph(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One graph call on host arrays (the pipeline's ``run_graph``)."""
+        graph = GRAPH_OF[role]
+        return self.sessions[graph].run([OUTPUT_OF[graph]], feeds)[0]
 
     def run(self, images: np.ndarray, masks: MaskSet, *, want_feature: bool = False,
             want_lcas: bool = False) -> BatchOutput:
         """images [B, 3, H, W] float32 -> BatchOutput (logit [B], stats [B, 3], ...)."""
-        bb = self.bundle.backbone
-        b = images.shape[0]
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        g_tokens = self.encoder.run(
-            ["tokens"], {"image": images, "ids_keep": full_ids_keep(b, bb.num_patches)})[0]
-        t1 = time.perf_counter()
-        timings["global_encoder"] = t1 - t0
-        k = masks.k
-        lmap = None
-        if k:
-            keep, restore = masks.tile(b)
-            xk = np.repeat(images, k, axis=0)  # row b*K + k
-            tokens = self.encoder.run(["tokens"], {"image": xk, "ids_keep": keep})[0]
-            t2 = time.perf_counter()
-            pred = self.decoder.run(["pred"], {"tokens": tokens, "ids_restore": restore})[0]
-            t3 = time.perf_counter()
-            lmap = lcas_map(images, pred, masks.visible, bb.patch_size, self.bundle.lam,
-                            bb.norm_pix)
-            stats = stats_from_map(lmap)
-            t4 = time.perf_counter()
-            timings.update(masked_encoder=t2 - t1, decoder=t3 - t2, lcas=t4 - t3)
-        else:
-            stats = np.zeros((b, 3), dtype=np.float32)
-            t4 = time.perf_counter()
-        logit = self.head.run(["logit"], {"global_tokens": g_tokens, "stats": stats})[0]
-        timings["head"] = time.perf_counter() - t4
-        feature = None
-        if want_feature:
-            feature = g_tokens[:, 1:].mean(axis=1) if self.pooling == "mean" else g_tokens[:, 0]
-            feature = np.ascontiguousarray(feature, dtype=np.float32)
-        return BatchOutput(logit=logit[:, 0].astype(np.float32), stats=stats, feature=feature,
-                           lcas=lmap if want_lcas else None, timings=timings)
+        return run_pipeline(self.run_graph, images, masks, self.config, want_feature=want_feature,
+                            want_lcas=want_lcas)
 
     def close(self) -> None:
-        self.encoder = self.decoder = self.head = None
+        self.sessions = {}

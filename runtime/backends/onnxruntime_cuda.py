@@ -7,8 +7,9 @@ reads the decoder's output buffer directly (``OrtValue.data_ptr()``) and writes 
 into a device OrtValue that the head reads. Only the image goes in and the logit and statistics
 (and, when asked, the pooled feature and the LCAS map) come out.
 
-Without the fused kernel (no NVRTC), ``pred`` is copied to the host and the numpy reference
-computes the statistics; :attr:`lcas_impl` says which ran.
+Without the fused kernel (no NVRTC), the batch runs through the shared host pipeline
+(:func:`cinemae.runtime.pipeline.run_pipeline`: the sessions on host arrays, the numpy LCAS
+reference); :attr:`lcas_impl` says which ran.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..lcas import lcas_map, stats_from_map
 from ..masks import MaskSet, full_ids_keep
+from ..pipeline import GRAPH_OF, OUTPUT_OF, PipelineConfig, check_batch, empty_output, run_pipeline
 from ..precision import float_dtype
 from .base import BackendUnavailable, BatchOutput
 from .cuda_memory import (
     KernelError,
+    KernelInputUnsupported,
     Stream,
     d2h,
     d2h_rows,
@@ -82,6 +84,8 @@ class OnnxRuntimeCUDA:
             ort.set_default_logger_severity(2)
         self.decoder = session("decoder")  # also for a K=0 bundle: Detector(k=...) may ask for runs
         self.head = session("head")
+        self.sessions = {"encoder": self.encoder, "decoder": self.decoder, "head": self.head}
+        self.config = PipelineConfig.from_bundle(bundle)
         self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
         self.lcas_impl = "kernel"
         self.notes: list[str] = []
@@ -92,6 +96,12 @@ class OnnxRuntimeCUDA:
             self.notes.append(f"fused LCAS kernel not used ({kernel.reason}); LCAS runs on the host")
         self._dev: dict[Any, Any] = {}  # cached device OrtValues (ids, masks)
         self._mask_id: bytes | None = None
+
+    def run_graph(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One graph call on host arrays (the shared host pipeline's ``run_graph``, used when the
+        fused kernel is not)."""
+        graph = GRAPH_OF[role]
+        return self.sessions[graph].run([OUTPUT_OF[graph]], feeds)[0]
 
     # device values -----------------------------------------------------------------------------
     def _on_device(self, arr: np.ndarray) -> Any:
@@ -131,9 +141,14 @@ class OnnxRuntimeCUDA:
             want_lcas: bool = False) -> BatchOutput:
         """images [B, 3, H, W] float32 -> BatchOutput (logit [B], stats [B, 3], ...)."""
         bb = self.bundle.backbone
-        b, k = images.shape[0], masks.k
         s, big_l, d = bb.img_size, bb.num_patches, bb.embed_dim
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = check_batch(images, s, masks, big_l)
+        b, k = images.shape[0], masks.k
+        if b == 0:
+            return empty_output(k, big_l, d, want_feature, want_lcas)
+        if k and self.lcas_impl == "host":  # no fused kernel: the shared host pipeline
+            return run_pipeline(self.run_graph, images, masks, self.config, want_feature=want_feature,
+                                want_lcas=want_lcas)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         x = self._empty((b, 3, s, s))
@@ -156,24 +171,19 @@ class OnnxRuntimeCUDA:
             self.stream.synchronize()
             t3 = time.perf_counter()
             map_dev = self._empty((b, k, big_l)) if want_lcas else None
-            if self.lcas_impl == "kernel":
-                try:
-                    lcas_on_device(x.data_ptr(), pred.data_ptr(), visible.data_ptr(), b, k, s, s,
-                                   bb.patch_size, self.bundle.lam, bb.norm_pix, stats_dev.data_ptr(),
-                                   map_dev.data_ptr() if map_dev is not None else 0, self.stream,
-                                   pred_dtype=float_dtype(pred.data_type()))
-                    self.stream.synchronize()
-                    if map_dev is not None:
-                        lmap = np.empty((b, k, big_l), np.float32)
-                        d2h(lmap, map_dev.data_ptr(), self.stream)
-                except (KernelError, ImportError) as e:
-                    self.lcas_impl = "host"
-                    self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
-            if self.lcas_impl == "host":
-                full = lcas_map(images, pred.numpy().astype(np.float32), masks.visible, bb.patch_size,
-                                self.bundle.lam, bb.norm_pix)
-                h2d(stats_dev.data_ptr(), stats_from_map(full), self.stream)
-                lmap = full if want_lcas else None
+            try:
+                lcas_on_device(x.data_ptr(), pred.data_ptr(), visible.data_ptr(), b, k, s, s,
+                               bb.patch_size, self.bundle.lam, bb.norm_pix, stats_dev.data_ptr(),
+                               map_dev.data_ptr() if map_dev is not None else 0, self.stream,
+                               pred_dtype=_pred_dtype(pred.data_type()))
+                self.stream.synchronize()
+            except (KernelError, ImportError) as e:  # from now on, the host pipeline
+                self.lcas_impl = "host"
+                self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
+                return self.run(images, masks, want_feature=want_feature, want_lcas=want_lcas)
+            if map_dev is not None:
+                lmap = np.empty((b, k, big_l), np.float32)
+                d2h(lmap, map_dev.data_ptr(), self.stream)
             t4 = time.perf_counter()
             timings.update(masked_encoder=t2 - t1, decoder=t3 - t2, lcas=t4 - t3)
         else:
@@ -202,9 +212,19 @@ class OnnxRuntimeCUDA:
     def close(self) -> None:
         self._dev.clear()
         self.encoder = self.decoder = self.head = None
+        self.sessions = {}
         if self.stream is not None:
             self.stream.close()
             self.stream = None  # type: ignore[assignment]
+
+
+def _pred_dtype(ort_type: str) -> np.dtype:
+    """The decoder output's numpy dtype; KernelInputUnsupported (so: the host path) for a type the
+    kernel does not read."""
+    try:
+        return float_dtype(ort_type)
+    except ValueError as e:
+        raise KernelInputUnsupported(str(e)) from None
 
 
 __all__ = ["OnnxRuntimeCUDA"]

@@ -1,9 +1,9 @@
 """OpenVINO on the CPU (and Intel GPU/NPU where OpenVINO lists them): the CPU fast path.
 
 It reads the bundle's ONNX graphs directly (no second export format to keep in sync) and runs
-the same pipeline as ONNX Runtime CPU: the global encoder pass once (n = L), the masked encoder
-pass once on B*K rows (n = n_keep), the decoder once on B*K rows, the numpy LCAS statistics and
-the head. Batch is dynamic (the graphs' batch axis stays symbolic).
+the shared host pipeline (:mod:`cinemae.runtime.pipeline`: the global encoder pass, the masked
+encoder pass on B*K rows, the decoder on B*K rows, the numpy LCAS statistics, the head), each
+graph once per batch. Batch is dynamic (the graphs' batch axis stays symbolic).
 
 Precisions
     fp32  the fp32 graphs, ``INFERENCE_PRECISION_HINT=f32`` (OpenVINO's CPU default on a CPU with
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle, sha256_file
-from ..lcas import lcas_map, stats_from_map
-from ..masks import MaskSet, full_ids_keep
+from ..masks import MaskSet
+from ..pipeline import GRAPH_OF, PipelineConfig, run_pipeline
 from .base import BackendUnavailable, BatchOutput
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -119,6 +119,7 @@ class OpenVINOBackend:
     """
 
     name = "openvino"
+    batch_invariant = False  # whole batches per call (see __init__)
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: Any = None,
                  threads: int | None = None, cache_dir: str | os.PathLike[str] | bool | None = None
@@ -167,7 +168,9 @@ class OpenVINOBackend:
             compiled = core.compile_model(str(path), self.device, cfg)
             self.compile_s[role] = time.perf_counter() - t
             self.requests[role] = compiled.create_infer_request()
-        self.pooling = bundle.manifest.get("head", {}).get("pooling", "cls")
+        # the whole batch in each graph call (the speed of the CPU fast path); scores can then
+        # differ in their last bits with the batch's other images, so batch_invariant stays False
+        self.pipeline = PipelineConfig.from_bundle(bundle, per_image=False)
 
     @staticmethod
     def _config(precision: str, threads: int | None) -> dict[str, Any]:
@@ -180,47 +183,18 @@ class OpenVINOBackend:
         return cfg
 
     def run_graph(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Run one graph (``encoder`` / ``decoder`` / ``head``) on host arrays; returns its
-        single output as a new float32 array."""
-        req = self.requests[role]
+        """One graph call on host arrays (the pipeline's ``run_graph``: ``role`` is one of
+        cinemae.runtime.pipeline.ROLES); returns its single output as a new float32 array."""
+        req = self.requests[GRAPH_OF[role]]
         req.infer(feeds)
         return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
     def run(self, images: np.ndarray, masks: MaskSet, *, want_feature: bool = False,
             want_lcas: bool = False) -> BatchOutput:
-        """images [B, 3, H, W] float32 -> BatchOutput (logit [B], stats [B, 3], ...)."""
-        bb = self.bundle.backbone
-        b = images.shape[0]
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        g_tokens = self.run_graph("encoder", {"image": images, "ids_keep": full_ids_keep(b, bb.num_patches)})
-        t1 = time.perf_counter()
-        timings["global_encoder"] = t1 - t0
-        k = masks.k
-        lmap = None
-        if k:
-            keep, restore = masks.tile(b)
-            xk = np.repeat(images, k, axis=0)  # row b*K + k
-            tokens = self.run_graph("encoder", {"image": xk, "ids_keep": keep})
-            t2 = time.perf_counter()
-            pred = self.run_graph("decoder", {"tokens": tokens, "ids_restore": restore})
-            t3 = time.perf_counter()
-            lmap = lcas_map(images, pred, masks.visible, bb.patch_size, self.bundle.lam, bb.norm_pix)
-            stats = stats_from_map(lmap)
-            t4 = time.perf_counter()
-            timings.update(masked_encoder=t2 - t1, decoder=t3 - t2, lcas=t4 - t3)
-        else:
-            stats = np.zeros((b, 3), dtype=np.float32)
-            t4 = time.perf_counter()
-        logit = self.run_graph("head", {"global_tokens": g_tokens, "stats": stats})
-        timings["head"] = time.perf_counter() - t4
-        feature = None
-        if want_feature:
-            feature = g_tokens[:, 1:].mean(axis=1) if self.pooling == "mean" else g_tokens[:, 0]
-            feature = np.ascontiguousarray(feature, dtype=np.float32)
-        return BatchOutput(logit=logit[:, 0].astype(np.float32), stats=stats, feature=feature,
-                           lcas=lmap if want_lcas else None, timings=timings)
+        """images [B, 3, H, W] float32 -> BatchOutput (logit [B], stats [B, 3], ...), through
+        the shared host pipeline (cinemae.runtime.pipeline.run_pipeline), whole batch per call."""
+        return run_pipeline(self.run_graph, images, masks, self.pipeline, want_feature=want_feature,
+                            want_lcas=want_lcas)
 
     def close(self) -> None:
         self.requests = {}

@@ -7,15 +7,20 @@ it, the ``--backend`` family it answers to, the device kinds it accepts, its pri
 choices of every CLI (:func:`backend_choices`, :func:`device_help`, :func:`precision_choices`)
 and the bench's runtime rows (``cinemae.benchmarks.runners``).
 
-Adding a backend is one line, here or at run time::
+Adding a backend is one line: for one shipped in ``cinemae.runtime.backends``, an entry of
+``_BUILTIN`` below, e.g. OpenVINO on the CPU::
 
-    register(BackendSpec("openvino", ".openvino", "OpenVINOBackend", devices=("cpu", "gpu", "npu"),
-                         priority=30, precisions=("fp32", "bf16", "int8")))
+    BackendSpec("openvino", ".openvino", "OpenVINOBackend", ("cpu",), 50, ("fp32", "bf16", "int8")),
 
-(as an entry of ``_BUILTIN`` below for a backend shipped in ``cinemae.runtime.backends``; a module
-name starting with "." is relative to that package, any other is absolute). Nothing else changes:
-the CLIs, ``auto`` and the bench pick it up, and so does the contract test
-(tests/test_backend_contract.py) when it can run on the machine.
+(add "gpu", "npu" to its devices to let ``--device gpu``/``gpu.1``/``npu`` reach it); for one
+outside the package, ``register(BackendSpec(...))`` at run time with an absolute module name. A
+module name starting with "." is relative to this package. Nothing else changes: the CLIs, ``auto``
+and the bench pick it up, and so does the contract test (tests/test_backend_contract.py) on every
+machine where it can run. Mind the priority: ``auto`` on the CPU takes the lowest one that opens,
+so a priority under ONNX Runtime CPU's 40 makes the new backend the default for every CPU user.
+A backend that runs graphs on host arrays is a small file: open its sessions, write
+``run_graph(role, feeds)`` and call :func:`cinemae.runtime.pipeline.run_pipeline` (see
+onnxruntime_cpu.py).
 
 The class contract (``Backend`` in base.py): ``cls(bundle, precision, **kw)`` where ``kw`` holds
 those of ``device`` (the parsed :class:`Device`), ``device_index`` (its index, 0 when none) and

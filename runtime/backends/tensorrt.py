@@ -18,8 +18,9 @@ size the device work of steps 2-6 is captured into a CUDA graph after the first 
 size and replayed (``cuda_graphs=True``, the default); a capture failure falls back to eager
 launches and is recorded in :attr:`notes`.
 
-When the fused kernel cannot be loaded (no NVRTC), the LCAS statistics are computed on the host
-from a copy of ``pred`` (numpy reference) and :attr:`lcas_impl` says so.
+When the fused kernel cannot be loaded (no NVRTC), batches with K > 0 run through the shared host
+pipeline (:func:`cinemae.runtime.pipeline.run_pipeline`: each engine called on host arrays, the
+numpy LCAS reference) and :attr:`lcas_impl` says so.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..lcas import lcas_map, stats_from_map
 from ..masks import MaskSet, full_ids_keep
+from ..pipeline import GRAPH_OF, OUTPUT_OF, PipelineConfig, check_batch, empty_output, run_pipeline
 from .base import BackendUnavailable, BatchOutput
 from .cuda_memory import (
     CudaGraph,
@@ -137,7 +138,8 @@ class TensorRTBackend:
         if not kernel.ready:
             self.lcas_impl = "host"
             self.notes.append(f"fused LCAS kernel not used ({kernel.reason}); LCAS runs on the host")
-        self._last_map: np.ndarray | None = None
+        self._scratch: dict[str, DeviceBuffer] = {}  # the host pipeline's graph inputs and outputs
+        self.config = PipelineConfig.from_bundle(bundle)
         # every device buffer at its largest size now: pointers never change, so captured CUDA
         # graphs stay valid
         self._ensure_buffers(self.max_batch, max(self.k_built, 1))
@@ -239,44 +241,36 @@ class TensorRTBackend:
                           {"logit": buf["logit"].ptr}, st, set_shapes)
         mark()
 
-    def _host_lcas(self, images: np.ndarray, b: int, k: int, masks: MaskSet) -> np.ndarray:
-        """Fallback without the kernel: pred to the host, numpy LCAS map [B, K, L]."""
-        s, big_l, d, pd = self.dims
-        pred = self.host["pred"].array((b * k, big_l, pd), self.pred_dtype)
-        d2h(pred, self.buf["pred"].ptr, self.stream)
-        self.stream.synchronize()
-        bb = self.bundle.backbone
-        return lcas_map(images, pred.astype(np.float32), masks.visible, bb.patch_size, self.bundle.lam,
-                        bb.norm_pix)
-
     def run(self, images: np.ndarray, masks: MaskSet, *, want_feature: bool = False,
             want_lcas: bool = False) -> BatchOutput:
         """images [B, 3, H, W] float32 -> BatchOutput (logit [B], stats [B, 3], ...)."""
-        b = images.shape[0]
+        s, big_l, d, pd = self.dims
+        images = check_batch(images, s, masks, big_l)
+        b, k = images.shape[0], masks.k
+        if b == 0:
+            return empty_output(k, big_l, d, want_feature, want_lcas)
         if b > self.max_batch:  # engines' profiles end at max_batch: split
             parts = [self.run(images[i:i + self.max_batch], masks, want_feature=want_feature,
                               want_lcas=want_lcas) for i in range(0, b, self.max_batch)]
             return _concat(parts)
-        k = masks.k
         self._upload_masks(masks)
+        if k and self.lcas_impl == "host":  # no fused kernel: the shared host pipeline
+            return run_pipeline(self.run_graph, images, masks, self.config, want_feature=want_feature,
+                                want_lcas=want_lcas)
         self._ensure_buffers(b, k)
-        s, big_l, d, pd = self.dims
         x = self.host["image"].array((b, 3, s, s))
         x[...] = images
         t0 = time.perf_counter()
         h2d(self.buf["image"].ptr, x, self.stream)
         timings: dict[str, float] = {}
         lmap = None
-        if self.lcas_impl == "kernel":
-            try:
-                self._run_device(b, k, want_lcas, timings)
-            except (KernelError, ImportError) as e:
-                self.lcas_impl = "host"
-                self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
-                self.stream.synchronize()
-        if self.lcas_impl == "host":
-            self._run_host_lcas(images, b, k, masks, timings)
-            lmap = self._last_map
+        try:
+            self._run_device(b, k, want_lcas, timings)
+        except (KernelError, ImportError) as e:  # from now on, the host pipeline
+            self.lcas_impl = "host"
+            self.notes.append(f"fused LCAS kernel unavailable ({e}); LCAS runs on the host")
+            self.stream.synchronize()
+            return self.run(images, masks, want_feature=want_feature, want_lcas=want_lcas)
         logit = self.host["logit"].array((b,))
         stats = self.host["stats"].array((b, 3))
         d2h(logit, self.buf["logit"].ptr, self.stream)
@@ -290,7 +284,7 @@ class TensorRTBackend:
             else:
                 feature = np.empty((b, d), np.float32)
                 d2h_rows(feature, self.buf["g_tokens"].ptr, row, self.stream)
-        if want_lcas and lmap is None and k:
+        if want_lcas and k:
             lmap = np.empty((b, k, big_l), np.float32)
             d2h(lmap, self.buf["map"].ptr, self.stream)
         self.stream.synchronize()
@@ -336,53 +330,40 @@ class TensorRTBackend:
             self.cuda_graphs = False
             self.notes.append(f"CUDA graph capture failed ({e}); running eagerly")
 
-    def _run_host_lcas(self, images: np.ndarray, b: int, k: int, masks: MaskSet,
-                       timings: dict[str, float]) -> None:
-        """Eager path with the LCAS statistics on the host (no kernel)."""
-        rt = _rt()
-        s, big_l, d, pd = self.dims
-        nk = self._n_keep
-        st, buf = self.stream, self.buf
-        t0 = time.perf_counter()
-        self.encoder.enqueue(0, {"image": (buf["image"].ptr, (b, 3, s, s)),
-                                 "ids_keep": (buf["ids_full"].ptr, (b, big_l))},
-                             {"tokens": buf["g_tokens"].ptr}, st)
-        st.synchronize()
-        t1 = time.perf_counter()
-        self._last_map = None
-        if k:
-            r = b * k
-            self._replicate_images(b, k)
-            self.encoder.enqueue(1, {"image": (buf["image_rep"].ptr, (r, 3, s, s)),
-                                     "ids_keep": (buf["keep"].ptr, (r, nk))},
-                                 {"tokens": buf["m_tokens"].ptr}, st)
-            st.synchronize()
-            t2 = time.perf_counter()
-            self.decoder.enqueue(0, {"tokens": (buf["m_tokens"].ptr, (r, 1 + nk, d)),
-                                     "ids_restore": (buf["restore"].ptr, (r, big_l))},
-                                 {"pred": buf["pred"].ptr}, st)
-            st.synchronize()
-            t3 = time.perf_counter()
-            lmap = self._host_lcas(np.ascontiguousarray(images, np.float32), b, k, masks)
-            stats = stats_from_map(lmap)
-            h2d(buf["stats"].ptr, stats, st)
-            self._last_map = lmap
-            t4 = time.perf_counter()
-            timings.update(masked_encoder=t2 - t1, decoder=t3 - t2, lcas=t4 - t3)
+    def run_graph(self, role: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One engine call on host arrays, the shared host pipeline's ``run_graph`` (used when the
+        fused kernel is not): the feeds go to scratch device buffers, the output comes back."""
+        engine, profile = {"global_encoder": (self.encoder, 0), "masked_encoder": (self.encoder, 1),
+                           "decoder": (self.decoder, 0), "head": (self.head, 0)}[role]
+        out = OUTPUT_OF[GRAPH_OF[role]]
+        rows = next(iter(feeds.values())).shape[0]
+        _, big_l, d, pd = self.dims
+        if out == "tokens":
+            shape: tuple[int, ...] = (rows, 1 + feeds["ids_keep"].shape[1], d)
+        elif out == "pred":
+            shape = (rows, big_l, pd)
         else:
-            check(rt.cudaMemsetAsync(buf["stats"].ptr, 0, b * 3 * 4, st.handle), "cudaMemsetAsync")
-            t4 = time.perf_counter()
-        self.head.enqueue(0, {"global_tokens": (buf["g_tokens"].ptr, (b, 1 + big_l, d)),
-                              "stats": (buf["stats"].ptr, (b, 3))}, {"logit": buf["logit"].ptr}, st)
-        st.synchronize()
-        timings.update(global_encoder=t1 - t0, head=time.perf_counter() - t4)
+            shape = (rows, 1)
+        result = np.empty(shape, np.float16 if engine.dtype(out) == self.trt.DataType.HALF else np.float32)
+        inputs, keep_alive = {}, []
+        for name, arr in feeds.items():
+            arr = np.ascontiguousarray(arr)
+            keep_alive.append(arr)
+            buf = self._scratch.setdefault(name, DeviceBuffer())
+            h2d(buf.ensure(arr.nbytes), arr, self.stream)
+            inputs[name] = (buf.ptr, tuple(arr.shape))
+        obuf = self._scratch.setdefault("output:" + out, DeviceBuffer())
+        engine.enqueue(profile, inputs, {out: obuf.ensure(result.nbytes)}, self.stream)
+        d2h(result, obuf.ptr, self.stream)
+        self.stream.synchronize()
+        return result
 
     def close(self) -> None:
         """Free device memory, graphs, contexts and the stream."""
         for g in self._graphs.values():
             g.close()
         self._graphs.clear()
-        for bufs in (self.buf, self.host):
+        for bufs in (self.buf, self.host, self._scratch):
             for v in bufs.values():
                 v.free()
         self.encoder = self.decoder = self.head = None  # type: ignore[assignment]

@@ -67,3 +67,15 @@ def write_heatmap(out_dir: str | os.PathLike[str], result: Result, image: object
     js.write_text(json.dumps({"source": result.source, "score": result.score, "verdict": result.verdict,
                               "reason": result.reason, "heatmap": result.heatmap}, allow_nan=False))
     return png, js
+
+
+def write_frame_heatmap(out_dir: str | os.PathLike[str], index: int, rgb: object, result: Result) -> Path | None:
+    """``cinemae-stream --heatmap DIR``: the heatmap drawn on video frame ``index`` (RGB [h, w, 3]) as
+    ``frame-<index>.heatmap.png``; None when the result has no heatmap."""
+    if result.heatmap is None:
+        return None
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"frame-{index:08d}.heatmap.png"
+    path.write_bytes(overlay_png(display_image(rgb), result.heatmap))
+    return path

@@ -69,8 +69,10 @@ def _inflate(data: bytes) -> bytes:
     return out
 
 
-def png_text_chunks(data: bytes, errors: list[str]) -> dict[str, str]:
-    """tEXt / zTXt / iTXt chunks of a PNG, before and after the image data: {keyword: text}."""
+def png_text_chunks(data: bytes, errors: list[str], exif: list[bytes] | None = None) -> dict[str, str]:
+    """tEXt / zTXt / iTXt chunks of a PNG, before and after the image data: {keyword: text}. The
+    first eXIf chunk's bytes are appended to ``exif`` when given (Pillow's PngImageFile.getexif
+    would decode every pixel to find one after the image data)."""
     out: dict[str, str] = {}
     pos, total, n = len(PNG_SIGNATURE), 0, 0
     while pos + 8 <= len(data) and n < MAX_CHUNKS:
@@ -82,6 +84,8 @@ def png_text_chunks(data: bytes, errors: list[str]) -> dict[str, str]:
             errors.append(f"png: chunk {ctype!r} cut short")
             break
         if ctype not in (b"tEXt", b"zTXt", b"iTXt"):
+            if ctype == b"eXIf" and exif is not None and not exif:
+                exif.append(body)
             if ctype == b"IEND":
                 break
             continue
@@ -119,10 +123,18 @@ def _user_comment(v: bytes) -> str:
     return body.decode("utf-16-be" if body[:1] == b"\x00" else "utf-16-le", "replace")
 
 
-def _exif(im: Any, state: dict[str, Any], errors: list[str]) -> dict[str, str]:
+def _exif(im: Any, state: dict[str, Any], errors: list[str], raw: bytes | None = None) -> dict[str, str]:
+    """The EXIF tags we report, from ``raw`` (a PNG's eXIf chunk) or the header Pillow parsed;
+    never through PngImageFile.getexif, which decodes the whole image first."""
+    from PIL import Image
+
     out: dict[str, str] = {}
     try:
-        exif = im.getexif()
+        if raw is not None:
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = Image.Image.getexif(im)
     except Exception as e:  # noqa: BLE001 - a malformed EXIF block is a finding, not a failure
         errors.append(f"exif: unreadable ({type(e).__name__}: {e})")
         return out
@@ -249,7 +261,8 @@ def read_embedded(data: bytes) -> dict[str, Any]:
     out: dict[str, Any] = {"format": None, "exif": {}, "xmp": {}, "text": {}, "comments": [],
                            "generator": None}
     is_png = data.startswith(PNG_SIGNATURE)
-    text: dict[str, str] = png_text_chunks(data, errors) if is_png else {}
+    png_exif: list[bytes] = []
+    text: dict[str, str] = png_text_chunks(data, errors, png_exif) if is_png else {}
     xmp: bytes | None = None
     if is_png:
         out["format"] = "PNG"
@@ -263,7 +276,7 @@ def read_embedded(data: bytes) -> dict[str, Any]:
     if im is not None:
         with im:
             out["format"] = im.format
-            out["exif"] = _exif(im, state, errors)
+            out["exif"] = _exif(im, state, errors, png_exif[0] if png_exif else None)
             if im.format in ("JPEG", "MPO"):
                 comments, xmp = _jpeg_segments(im)
                 texts = (c[:MAX_TEXT_BYTES].decode("utf-8", "replace").strip("\x00 \t\r\n") for c in comments[:16])

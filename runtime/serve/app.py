@@ -23,6 +23,7 @@ def routes(svc: Service) -> list[Any]:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    from ..explain.web import page_routes
     from .openapi import openapi_document
 
     async def detect(request: Request) -> Response:
@@ -69,7 +70,8 @@ def routes(svc: Service) -> list[Any]:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"])]
+            Route("/openapi.json", openapi, methods=["GET"]),
+            *page_routes()]  # the review page at / (runtime/explain/page)
 
 
 def create_app(detector: Any, config: ServeConfig | None = None) -> Any:

@@ -242,13 +242,14 @@ class Service:
                 raise RequestError(503, "unavailable", "the service is starting or shutting down",
                                    {"Retry-After": str(self.cfg.retry_after_s)})
             self.check_auth(request.headers)
+            explain = self.parse_explain(request.query_params)
             self.admission.take_request(h)
             declared = self.content_length(request.headers)
             self.admission.check_headers(declared)  # refuse before reading the body
             body = await self.read_body(request.receive, declared, h)
             images = await self.split_images(request.headers, body)
             del body
-            status, out = await self._detect_images(images, rid, t0, h)
+            status, out = await self._detect_images(images, rid, t0, h, explain)
         except RequestError as e:
             outcome = {401: "unauthorized", 408: "timeout", 503: "rejected"}.get(e.status, "bad_request")
             return Answer(e.status, {"request_id": rid, "error": {"code": e.code, "message": e.message}},
@@ -259,7 +260,18 @@ class Service:
             "partial" if status == 200 else "item_error"
         return Answer(status, out, {"X-Request-Id": rid}, outcome)
 
-    async def _detect_images(self, images: list[tuple[str | None, bytes]], rid: str, t0: float, h: Holding
+    @staticmethod
+    def parse_explain(query: Any) -> tuple[bool, bool, int | None]:
+        """``?explain=1[&explain_k=N][&png=1]`` -> (explain, png, explain_k); a bad value is a 400."""
+        from ..explain.web import parse_explain
+
+        try:
+            return parse_explain(query)
+        except ValueError as e:
+            raise RequestError(400, "bad_query", str(e)) from None
+
+    async def _detect_images(self, images: list[tuple[str | None, bytes]], rid: str, t0: float, h: Holding,
+                             explain: tuple[bool, bool, int | None] = (False, False, None)
                              ) -> tuple[int, dict[str, Any]]:
         from ..detector import Result
         from ..preprocess import InputError
@@ -271,8 +283,11 @@ class Service:
         self.admission.take_images(h, n)
         key = self.decoder.new_key()
         budget = PixelBudget(self.cfg.max_request_pixels)
-        results = [Result(source=fname if fname is not None else "<request body>", model=self.det.model)
+        results = [Result(source=fname if fname is not None else "<request body>", model=self.det.model,
+                          want_heatmap=(explain[2] or True) if explain[0] else False)
                    for fname, _ in images]
+        want_png = explain[1]
+        kept = [data for _, data in images] if want_png else []  # the overlays are drawn on the uploads
         try:
             t_submit = time.perf_counter()
             decoded = await asyncio.gather(*(self.decoder.run(key, self._decode, data, r, budget, t_submit)
@@ -313,6 +328,17 @@ class Service:
                              batch_size=o["batch_size"])
             r.timings = t if r.ok else {}
             self.metrics.count_image("scored" if r.ok else r.error_code)
+        if want_png:  # &png=1: the overlay of each heatmap on its upload, drawn on the decode threads
+            from ..explain.web import png_data_url
+
+            todo = [(i, r) for i, r in enumerate(results) if r.heatmap is not None]
+            pngs = await asyncio.gather(*(self.decoder.run(key, png_data_url, kept[i], r.heatmap, self.cfg.max_pixels)
+                                          for i, r in todo), return_exceptions=True)
+            for (i, _), png in zip(todo, pngs, strict=True):
+                if isinstance(png, asyncio.CancelledError):
+                    raise png
+                extras[i]["heatmap_png"] = None if isinstance(png, BaseException) else png
+            del kept
         records = [r.to_record(**x, **({} if r.ok else {"status": ERROR_STATUS.get(r.error_code, 422)}))
                    for r, x in zip(results, extras, strict=True)]
         out: dict[str, Any] = {"request_id": rid, "model": self.model, "results": records}

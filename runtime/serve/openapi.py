@@ -44,7 +44,15 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "model": {"$ref": "#/components/schemas/Model"},
             "index": {"type": "integer", "description": "Position of the image in the request."},
             "sha256": {"type": ["string", "null"], "description": "sha256 of the image bytes."},
-            "status": {"type": "integer", "description": "HTTP status of this image's error."}}}
+            "status": {"type": "integer", "description": "HTTP status of this image's error."},
+            "pixel_verdict": {"type": ["string", "null"], "description": "The verdict of the pixels alone."},
+            "reason": {"type": ["string", "null"], "enum": ["pixels", "provenance", None],
+                       "description": "provenance: AI provenance in the file made the verdict ai."},
+            "provenance": {"type": "object", "description": "What the file says about itself (C2PA, XMP, "
+                           "EXIF, generator text chunks, JPEG comments), read before the pixels."},
+            "heatmap": {"type": "object", "description": "With explain: the per-patch map (values, count, "
+                        "covered, range, crop, boxes, hottest)."},
+            "heatmap_png": {"type": ["string", "null"], "description": "With png=1: the overlay as a data URL."}}}
     detect_response = {"type": "object", "required": ["request_id", "model", "results"],
                        "properties": {"request_id": {"type": "string"},
                                       "model": {"$ref": "#/components/schemas/Model"},
@@ -61,7 +69,17 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         "security": [{"bearer": []}, {}],
         "parameters": [{"name": "X-Request-Id", "in": "header", "required": False,
                         "schema": {"type": "string", "maxLength": 128},
-                        "description": "Echoed back (a new id is made when absent or not a sane token)."}],
+                        "description": "Echoed back (a new id is made when absent or not a sane token)."},
+                       {"name": "explain", "in": "query", "required": False, "schema": {"enum": ["0", "1"]},
+                        "description": "1: add each image's per-patch LCAS heatmap (grid, patch boxes in the "
+                                       "original image) as ``heatmap``."},
+                       {"name": "explain_k", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 16},
+                        "description": "Masking runs for the heatmap (e.g. 8 covers every patch); the verdict "
+                                       "keeps the model's K. Implies explain=1."},
+                       {"name": "png", "in": "query", "required": False, "schema": {"enum": ["0", "1"]},
+                        "description": "1: also the overlay as a data:image/png;base64 URL in ``heatmap_png``. "
+                                       "Implies explain=1."}],
         "requestBody": {"required": True, "content": {
             "image/*": {"schema": binary},
             "application/octet-stream": {"schema": binary},
@@ -70,7 +88,8 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "200": {"description": "Scored (possibly with per-image errors).",
                     "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DetectResponse"}}}},
-            "400": _error("Malformed request (Content-Length, multipart, closing boundary)."),
+            "400": _error("Malformed request (Content-Length, multipart, closing boundary, a bad explain, "
+                          "explain_k or png value)."),
             "401": _error("Missing or wrong bearer token."),
             "408": _error("The request body stopped arriving (the connection is closed)."),
             "413": _error("Body, image pixels, images per request or request pixels over the limit."),
@@ -97,6 +116,15 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus text exposition.",
                                  "responses": {"200": {"description": "Metrics.",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/": {"get": {"operationId": "review_page", "summary": "The review page (HTML; no token needed "
+                                 "to load it, the page sends the token to /v1/detect).",
+                          "responses": {"200": {"description": "The page.",
+                                                "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "/review/{name}": {"get": {"operationId": "review_asset", "summary": "The page's script and style.",
+                                       "parameters": [{"name": "name", "in": "path", "required": True,
+                                                       "schema": {"enum": ["app.js", "app.css"]}}],
+                                       "responses": {"200": {"description": "The file."},
+                                                     "404": _error("No such file.")}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
                                       "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                             "content": {"application/json": {

@@ -40,6 +40,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, on_refused:
             super().__init__(*args, **kwargs)
             self._head_bytes = 0
             self._head_pending = True  # a request line + headers are awaited
+            self._began = False
             self._head_timer: asyncio.TimerHandle | None = None
 
         # the header deadline ----------------------------------------------------------------
@@ -81,6 +82,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, on_refused:
             if self.transport.is_closing():
                 return
             self._unset_keepalive_if_required()
+            self._began = False  # set when a request head begins inside this chunk
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserUpgrade:  # as uvicorn does (this service has no websockets)
@@ -94,14 +96,18 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, on_refused:
                 log.info("refused a malformed request: %s", reason)
                 self._refuse(400, "bad_request", f"malformed HTTP request ({reason})")
                 return
-            if self._head_pending and not self.transport.is_closing():
-                self._head_bytes += len(data)  # counts a partial head only (an over-estimate at most)
+            if self._head_pending and not self._began and not self.transport.is_closing():
+                # the whole chunk is head: count it (the chunk a head begins in may also carry the
+                # previous request's body, so it is not counted: the limit is exceeded by at most
+                # one read, <= 256 kB)
+                self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
                     self._refuse(431, "headers_too_large", f"the request line and headers exceed "
                                  f"{max_header_bytes} bytes")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._began = True
             self._head_pending = True
             self._head_bytes = 0
             self._arm()

@@ -43,7 +43,9 @@ function drawMap(canvas, img, heat, show) {
   canvas.height = Math.round(img.naturalHeight * s);
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = s < 1;
+  ctx.filter = heat && show ? "grayscale(1)" : "none";  // under the map, the map's colours carry meaning
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  ctx.filter = "none";
   if (!heat || !show) return;
   const fx = canvas.width / heat.image[0], fy = canvas.height / heat.image[1];
   const [lo, hi] = heat.range || [0, 1];
@@ -58,7 +60,7 @@ function drawMap(canvas, img, heat, show) {
       return;
     }
     const c = colour(hi > lo ? (v - lo) / (hi - lo) : 0);
-    ctx.fillStyle = `rgba(${c[0]},${c[1]},${c[2]},0.55)`;
+    ctx.fillStyle = `rgba(${c[0]},${c[1]},${c[2]},0.6)`;
     ctx.fillRect(x, y, w, h);
   });
   ctx.strokeStyle = "cyan";

@@ -1,4 +1,6 @@
-"""Detection metrics shared by training (calibration, reports) and ``cinemae-bench``.
+"""Evaluation of detection scores against labels (AUC, AP, TPR at a target FPR, thresholds),
+shared by training (calibration, reports) and ``cinemae-bench``. (Not the service's Prometheus
+metrics, which live with the service.)
 
 Scores are p = sigmoid(logit), the probability of "AI-generated"; label 1 = AI-generated; the
 decision rule is ``ai if p >= threshold``, as ``Detector.verdict`` applies it. numpy only.
