@@ -145,7 +145,7 @@ def _add_int8(stage: Path, bundle: Bundle, model: MaskedAutoencoderViT, opts: Ex
                          "(--calibration-images / --parity-images)")
     graphs["int8"], conversion = convert_graphs_int8(stage, graphs["fp32"], model, calib, masks, opts.lam, log)
     write_manifest(stage, manifest)
-    rows = int8_gate(Bundle(stage), gate, masks, opts.int8_tolerances, log=log)
+    rows = int8_gate(Bundle(stage, require_signature=False), gate, masks, opts.int8_tolerances, log=log)
     manifest["int8"] = write_report(stage, conversion, rows, len(gate))
     write_manifest(stage, manifest)
     log("int8 gate (INT8 forms vs the fp32 graphs, real images):")
@@ -166,49 +166,53 @@ def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.
     stage = out.with_name(out.name + ".staging")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    cfg = model.cfg
-    model.eval()
-    head.eval()
-    n_keep = n_keep_for(cfg.num_patches, opts.mask_ratio)
-    log(f"exporting {cfg.embed_dim}x{cfg.depth} encoder, {cfg.decoder_embed_dim}x"
-        f"{cfg.decoder_depth} decoder, head ({head.cfg.fusion}) to {out}")
-    export_encoder(model, stage / "encoder.onnx")
-    export_decoder(model, stage / "decoder.onnx", n_keep)
-    export_head(head, cfg.num_patches, stage / "head.onnx")
-    graphs = {"fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "head": "head.onnx"}}
-    if "fp16" in opts.precisions:
-        from .fp16 import convert_graphs_fp16, fp16_summary  # noqa: PLC0415
+    try:
+        cfg = model.cfg
+        model.eval()
+        head.eval()
+        n_keep = n_keep_for(cfg.num_patches, opts.mask_ratio)
+        log(f"exporting {cfg.embed_dim}x{cfg.depth} encoder, {cfg.decoder_embed_dim}x"
+            f"{cfg.decoder_depth} decoder, head ({head.cfg.fusion}) to {out}")
+        export_encoder(model, stage / "encoder.onnx")
+        export_decoder(model, stage / "decoder.onnx", n_keep)
+        export_head(head, cfg.num_patches, stage / "head.onnx")
+        graphs = {"fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "head": "head.onnx"}}
+        if "fp16" in opts.precisions:
+            from .fp16 import convert_graphs_fp16, fp16_summary  # noqa: PLC0415
 
-        calib = np.concatenate([imgs for _, imgs in parity_inputs(opts, cfg.img_size)])
-        graphs["fp16"] = convert_graphs_fp16(
-            stage, graphs["fp32"], model, log=log, calibration=calib, lam=opts.lam,
-            masks=make_masks(cfg.num_patches, opts.k, opts.mask_ratio, opts.mask_seed))
-    manifest = _manifest(model, head, opts, graphs, trained)
-    if "fp16" in graphs:
-        manifest["fp16"] = fp16_summary(stage)
-    write_manifest(stage, manifest)
+            calib = np.concatenate([imgs for _, imgs in parity_inputs(opts, cfg.img_size)])
+            graphs["fp16"] = convert_graphs_fp16(
+                stage, graphs["fp32"], model, log=log, calibration=calib, lam=opts.lam,
+                masks=make_masks(cfg.num_patches, opts.k, opts.mask_ratio, opts.mask_seed))
+        manifest = _manifest(model, head, opts, graphs, trained)
+        if "fp16" in graphs:
+            manifest["fp16"] = fp16_summary(stage)
+        write_manifest(stage, manifest)
 
-    bundle = Bundle(stage)
-    masks = make_masks(cfg.num_patches, opts.k, opts.mask_ratio, opts.mask_seed)
-    ref = TorchReference(model, head, opts.lam)
-    rows: list[ParityRow] = []
-    for precision in graphs:  # the INT8 forms have their own gate below
-        tol = dict(opts.tolerances or tolerances_for(precision))
-        backend = OnnxRuntimeCPU(bundle, precision)
-        for name, images in parity_inputs(opts, cfg.img_size):
-            rows.append(compare(ref, backend, images, masks, name, tol, bundle.threshold))
-        backend.close()
-    report = {"passed": all(r.passed for r in rows), "rows": [r.to_dict() for r in rows],
-              "reference": "torch eager fp32 (cinemae.export.reference)"}
-    (stage / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
-    manifest["parity"] = {"passed": report["passed"],
-                          "max_logit_abs": {p: max(r.metrics["logit_abs"] for r in rows
-                                                   if r.form.endswith(p)) for p in graphs}}
-    write_manifest(stage, manifest)
-    log("parity (torch reference vs ONNX Runtime CPU):")
-    log(format_rows(rows))
-    if report["passed"] and "int8" in opts.precisions:
-        report["passed"] = _add_int8(stage, bundle, model, opts, manifest, graphs, masks, log)
+        bundle = Bundle(stage, require_signature=False)  # signed after, if asked
+        masks = make_masks(cfg.num_patches, opts.k, opts.mask_ratio, opts.mask_seed)
+        ref = TorchReference(model, head, opts.lam)
+        rows: list[ParityRow] = []
+        for precision in graphs:
+            tol = dict(opts.tolerances or tolerances_for(precision))
+            backend = OnnxRuntimeCPU(bundle, precision)
+            for name, images in parity_inputs(opts, cfg.img_size):
+                rows.append(compare(ref, backend, images, masks, name, tol, bundle.threshold))
+            backend.close()
+        report = {"passed": all(r.passed for r in rows), "rows": [r.to_dict() for r in rows],
+                  "reference": "torch eager fp32 (cinemae.export.reference)"}
+        (stage / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+        manifest["parity"] = {"passed": report["passed"],
+                              "max_logit_abs": {p: max(r.metrics["logit_abs"] for r in rows
+                                                       if r.form.endswith(p)) for p in graphs}}
+        write_manifest(stage, manifest)
+        log("parity (torch reference vs ONNX Runtime CPU):")
+        log(format_rows(rows))
+        if report["passed"] and "int8" in opts.precisions:  # the INT8 forms have their own gate
+            report["passed"] = _add_int8(stage, bundle, model, opts, manifest, graphs, masks, log)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
     if not report["passed"]:
         rejected = out.with_name(out.name + ".rejected")
         shutil.rmtree(rejected, ignore_errors=True)

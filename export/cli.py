@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the --parity-images folder, files not used by the gate)")
     ap.add_argument("--model-id", default=None)
     ap.add_argument("--init-seed", type=int, default=0, help="seed for --arch / untrained heads")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="encoder attention heads of a facebookresearch checkpoint whose shape "
+                         "matches no preset (not stored in .pth files)")
+    ap.add_argument("--decoder-heads", type=int, default=None,
+                    help="decoder attention heads, likewise (MAE's own decoders use 16)")
+    ap.add_argument("--sign", metavar="KEY", default=None,
+                    help="sign the manifest with this Ed25519 private key (PEM, unencrypted): writes "
+                         "cinemae.json.sig, checked at load with --require-signature PUBKEY")
     ap.add_argument("--tensorrt", choices=["auto", "skip", "require"], default="auto",
                     help="build TensorRT engines into BUNDLE/engines and list them in the manifest: "
                          "auto = when TensorRT can (a GPU, or --trt-targets with TensorRT-RTX), "
@@ -126,10 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     from .head import CinemaeHead, HeadConfig, load_head
     from .model import MaskedAutoencoderViT, preset
 
+    if args.sign:  # a bad key fails now, not after the export
+        from ..runtime.bundle import BundleError, load_private_key
+
+        try:
+            load_private_key(args.sign)
+        except BundleError as e:
+            print(f"cinemae-export: {e}", file=sys.stderr)
+            return 2
     torch.manual_seed(args.init_seed)
     try:
         if args.checkpoint:
-            model, prov = load_checkpoint(args.checkpoint, norm_pix=args.norm_pix)
+            model, prov = load_checkpoint(args.checkpoint, norm_pix=args.norm_pix,
+                                          heads=args.heads, decoder_heads=args.decoder_heads)
         else:
             cfg = preset(args.arch)
             if args.norm_pix is not None:
@@ -190,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     trt_precisions = tuple(p for p in opts.precisions if p in ("fp32", "fp16"))  # no int8 engines
     if args.tensorrt != "skip" and _engines(out, args, trt_precisions):
         return 1
+    if args.sign:
+        from ..runtime.bundle import BundleError, sign_manifest
+
+        try:
+            print(f"signed: {sign_manifest(out, args.sign)}")
+        except BundleError as e:
+            print(f"cinemae-export: {e}", file=sys.stderr)
+            return 2
     if not trained:
         print("note: the head is untrained (random initialisation); train it with "
               f"`cinemae-train --bundle {out} --real DIR --fake DIR`")

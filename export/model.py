@@ -32,6 +32,20 @@ class MAEConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     norm_pix: bool = False
+    act: str = "gelu"  # MLP activation (Hugging Face ``hidden_act`` names; see ACTIVATIONS)
+    decoder_mlp_ratio: float | None = None  # None: the encoder's mlp_ratio
+
+    def __post_init__(self) -> None:
+        if self.in_chans != 3:
+            raise ValueError(f"num_channels={self.in_chans}: CINEMAE scores RGB images and needs a "
+                             "3-channel MAE")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"activation {self.act!r} is not supported (supported: "
+                             f"{', '.join(sorted(ACTIVATIONS))})")
+        for name, dim, heads in (("encoder", self.embed_dim, self.num_heads),
+                                 ("decoder", self.decoder_embed_dim, self.decoder_num_heads)):
+            if heads < 1 or dim % heads:
+                raise ValueError(f"{name} width {dim} is not divisible by {heads} attention heads")
 
     @property
     def grid(self) -> int:
@@ -55,6 +69,27 @@ class MAEConfig:
 
     def with_(self, **kw: Any) -> MAEConfig:
         return replace(self, **kw)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x) (CLIP's ``quick_gelu``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: Hugging Face ``hidden_act`` names -> the module computing it (gelu_new, gelu_fast and
+#: gelu_pytorch_tanh are all the tanh approximation of GELU)
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_fast": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+    "quick_gelu": lambda: QuickGELU(),
+    "silu": lambda: nn.SiLU(),
+    "swish": lambda: nn.SiLU(),
+}
 
 
 PRESETS: dict[str, MAEConfig] = {
@@ -136,10 +171,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,12 +184,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block`` names: norm1, attn, norm2, mlp)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float,
+                 act: str = "gelu") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -173,7 +209,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, d), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps) for _ in range(cfg.depth)]
+            [Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.act) for _ in range(cfg.depth)]
         )
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
 
@@ -181,8 +217,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, dd), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps)
-             for _ in range(cfg.decoder_depth)]
+            [Block(dd, cfg.decoder_num_heads, cfg.decoder_mlp_ratio or cfg.mlp_ratio, cfg.norm_eps,
+                   cfg.act) for _ in range(cfg.decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(dd, eps=cfg.norm_eps)
         self.decoder_pred = nn.Linear(dd, cfg.patch_dim)

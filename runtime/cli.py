@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="per-image decoded pixel limit (decompression-bomb guard)")
+    ap.add_argument("--require-signature", metavar="PUBKEY", default=None,
+                    help="refuse a bundle whose manifest is not signed by this Ed25519 public key "
+                         "(PEM; default: $CINEMAE_REQUIRE_SIGNATURE)")
+    ap.add_argument("--formats", default=None, metavar="LIST",
+                    help="comma-separated image formats to accept, checked from the header before "
+                         "decoding (default: JPEG,PNG,WEBP,GIF,BMP,TIFF and AVIF/HEIF where a Pillow "
+                         "plugin is installed)")
     ap.add_argument("--out", help="write results as JSON lines to this file, fsynced per batch "
                                   "(an existing non-empty file needs --resume)")
     ap.add_argument("--resume", action="store_true",
@@ -62,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _plain_warnings(prog: str) -> None:
+    """Warnings (e.g. the embedded model on large photos) as one plain stderr line each."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    _plain_warnings("cinemae-detect")
     # intermixed: options may sit between positionals (`cinemae-detect BUNDLE --device cpu DIR`)
     args = build_parser().parse_intermixed_args(argv)
     configure_logging("stderr")
@@ -97,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                         precision=args.precision, k=args.k, batch_size=args.batch_size,
                         threads=args.threads, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                         provenance=not args.no_provenance,
-                        provenance_policy=not args.no_provenance_policy, trust_anchors=trust)
+                        provenance_policy=not args.no_provenance_policy, trust_anchors=trust,
+                        formats=args.formats.split(",") if args.formats else None,
+                        require_signature=args.require_signature)
     if det is None:
         return 2
     inputs = list(iter_inputs(paths))

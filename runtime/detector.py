@@ -23,7 +23,22 @@ import numpy as np
 from .backends import BatchOutput, create_backend
 from .bundle import Bundle, resolve_bundle
 from .masks import MaskSet, make_masks
-from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageSource, InputError, preprocess, read_bytes
+from .preprocess import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    InputError,
+    allowed_formats,
+    preprocess,
+    read_bytes,
+)
+
+EMBEDDED_DOMAIN_WARNING = (
+    "the embedded model is a 32-pixel CIFAKE demonstration: on photos larger than that its verdicts "
+    "are unreliable (AUC 0.63 on held-out cross-generator photos, 25% of real photos called AI). "
+    "For a real model, export one from an MAE checkpoint and train its head: cinemae-export "
+    "--checkpoint mae_visualize_vit_large.pth --out BUNDLE && cinemae-train --bundle BUNDLE "
+    "--real DIR --fake DIR")
 
 
 @dataclass
@@ -140,6 +155,9 @@ class Detector:
     provenance_policy: signed AI provenance or generator parameters make the verdict ``ai``
                 (reason ``provenance``); metadata never makes an image ``real``
     trust_anchors: PEM certificates whose C2PA signers count as trusted
+    formats:    image formats accepted (Pillow names; default preprocess.DEFAULT_FORMATS)
+    require_signature: an Ed25519 public key (PEM) that must have signed the bundle's manifest
+                (default: $CINEMAE_REQUIRE_SIGNATURE when set)
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, *,
@@ -147,8 +165,11 @@ class Detector:
                  k: int | None = None, batch_size: int = 16, threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
                  provenance: bool = True, provenance_policy: bool = True,
-                 trust_anchors: str | None = None) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle)
+                 trust_anchors: str | None = None, formats: Sequence[str] | None = None,
+                 require_signature: str | os.PathLike[str] | None = None) -> None:
+        #: image formats accepted, checked from the header before decoding (None: DEFAULT_FORMATS)
+        self.formats = allowed_formats(formats)
+        self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle, require_signature)
         self.k = self.bundle.k if k is None else int(k)
         if self.k != self.bundle.k and self.bundle.trained:
             warnings.warn(f"the head was trained for K={self.bundle.k}; scores at K={self.k} are "
@@ -188,7 +209,21 @@ class Detector:
         """One source -> [3, S, S] float32 (raises InputError)."""
         bb = self.bundle.backbone
         return preprocess(src, bb.img_size, self.bundle.crop_ratio, self.max_pixels,
-                          self.max_bytes)
+                          self.max_bytes, self.formats)
+
+    def _check_domain(self, size: tuple[int, int] | None) -> None:
+        """Warn once per Detector when the embedded 32-px demonstration model meets an image far
+        larger than its domain (issue 16 item 22)."""
+        from .bundle import default_bundle_path
+
+        if getattr(self, "_domain_warned", False) or not size:
+            return
+        default = default_bundle_path()
+        if default is None or self.bundle.root.resolve() != default:
+            return
+        if min(size) > 4 * self.bundle.backbone.img_size:
+            self._domain_warned = True
+            warnings.warn(EMBEDDED_DOMAIN_WARNING, stacklevel=4)
 
     def prepare(self, src: ImageSource, r: Result) -> np.ndarray:
         """One source -> [3, S, S] float32, reading the file once: its provenance first (into
@@ -206,6 +241,7 @@ class Detector:
             if self.read_provenance:
                 r.provenance = read_provenance(data[:self.max_bytes], trust_anchors=self.trust_anchors)
             r.image_size = oriented_size(data)
+            self._check_domain(r.image_size)
         else:
             if self.read_provenance:
                 r.provenance = no_provenance("a decoded array carries no file metadata")

@@ -61,7 +61,7 @@ def malformed_corpus(good_jpeg: bytes, huge_bytes: int) -> dict[str, tuple[dict,
     return {
         "empty": ({"Content-Type": "image/jpeg"}, b"", 422),
         "truncated_jpeg": ({"Content-Type": "image/jpeg"}, good_jpeg[: len(good_jpeg) // 2], 422),
-        "header_only_jpeg": ({"Content-Type": "image/jpeg"}, good_jpeg[:20], 415),
+        "header_only_jpeg": ({"Content-Type": "image/jpeg"}, good_jpeg[:20], 422),  # truncated
         "corrupt_png_body": ({"Content-Type": "image/png"}, _corrupt_png(), 422),
         "text": ({"Content-Type": "text/plain"}, b"hello, this is not an image\n" * 10, 415),
         "json": ({"Content-Type": "application/json"}, b'{"image": "cat.jpg"}', 415),

@@ -28,7 +28,13 @@ def _session(path: str, threads: int | None) -> Any:  # an ort.InferenceSession
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for bad graphs
+        from ..bundle import BundleError
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({first})") from None
 
 
 class OnnxRuntimeCPU:

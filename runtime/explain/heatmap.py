@@ -131,8 +131,9 @@ def oriented_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-            try:
-                orient = im.getexif().get(0x0112, 1)
+            try:  # Image.getexif, not PngImageFile's, which decodes the whole image to find
+                # an eXIf chunk after the pixels (double decode cost, before the pixel limit)
+                orient = Image.Image.getexif(im).get(0x0112, 1)
             except Exception:  # noqa: BLE001 - a broken EXIF block: no rotation, as decoding does
                 orient = 1
     except Exception:  # noqa: BLE001
