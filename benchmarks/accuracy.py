@@ -64,9 +64,10 @@ class AccuracyRow:
     per_generator: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     note: str = ""
+    backend: str = ""  # the runner that scored it ("onnxruntime-cpu int8", ...)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"perturbation": self.perturbation, "k": self.k, **self.metrics,
+        return {"backend": self.backend, "perturbation": self.perturbation, "k": self.k, **self.metrics,
                 "per_generator": self.per_generator, "seconds": round(self.seconds, 3),
                 "note": self.note}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import os
 import shlex
 import sys
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .runners import all_backends, runs_on
+from .runners import all_backends, cpu_reduced, runs_on
 
 DEFAULT_KS = "0,1,2,4"
 
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=_int_list, default=None, metavar="B[,B...]",
                     help="batch sizes (default 1,8; 1 for ViT-base and larger)")
     ap.add_argument("--precision", default=None, metavar="P[,P...]",
-                    help="fp32, fp16 or both (default fp32 on the CPU, fp32,fp16 with a GPU)")
+                    help="fp32, fp16 (GPU), bf16 and int8 (CPU: torch bf16 autocast, ONNX Runtime int8, "
+                         "OpenVINO bf16/int8); default fp32 on the CPU, fp32,fp16 with a GPU")
     ap.add_argument("--backends", default=None, metavar="NAME[,NAME...]|all",
                     help=f"of {', '.join(all_backends())}; 'all' asks for every one (unavailable ones "
                          "become error rows). Default: every backend available here")
@@ -115,6 +117,8 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
         devices = [device]
     if backends is None or backends == "all":
         names = list(all_backends())
+        if backends is None and importlib.util.find_spec("openvino") is None and "openvino" in names:
+            names.remove("openvino")  # "available here": an optional extra that is not installed
         if backends == "all" and device is None:
             devices = ["cpu", "cuda"]
     else:
@@ -143,6 +147,10 @@ def plan_specs(backends: str | None, device: str | None, precision: str | None, 
             for p in precs or (["fp32", "fp16"] if on_gpu else ["fp32"]):
                 if name == "torch" and p == "fp16" and not on_gpu:
                     continue  # autocast fp16 is the GPU configuration (see the README)
+                if p in ("bf16", "int8") and (on_gpu or p not in cpu_reduced(name)):
+                    continue  # bf16 / int8 are CPU precisions of the runners that have them
+                if name == "openvino" and p == "fp16":
+                    continue  # OpenVINO is a CPU row here: fp32, bf16, int8
                 specs.append(RunnerSpec(name, dev, p))
     return specs
 
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from .accuracy import evaluate
     from .bundles import resolve_target
     from .datasets import DataError, load_labeled
-    from .environment import cpu_peak, environment, gpu_peak
+    from .environment import cpu_matmul_peak, cpu_peak, environment, gpu_peak
     from .perturb import parse_perturbations
     from .sweep import SweepOptions, prepare_pool, run_sweep, synthetic_inputs
 
@@ -196,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(s.device == "cpu" for s in specs):
         peaks["cpu"] = ({"tflops": args.peak_tflops, "source": "given (--peak-tflops)"}
                         if args.peak_tflops else cpu_peak(args.threads))
+        for p in ("bf16", "int8"):  # measured in this run too, so each row has its own ceiling
+            if any(s.device == "cpu" and s.precision == p for s in specs) and not args.peak_tflops:
+                peaks[f"cpu:{p}"] = cpu_matmul_peak(p, args.threads)
     for p in ("fp32", "fp16"):
         if any(s.device.startswith("cuda") and s.precision == p for s in specs):
             if args.peak_tflops:
@@ -380,39 +391,48 @@ def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[
     from ..runtime.masks import make_masks
     from .sweep import RunnerSpec, make_runner
 
-    ok = [r for r in rows if r.status == "ok" and r.backend != "torch" and r.precision == "fp32"] or \
-        [r for r in rows if r.status == "ok"]
-    spec = RunnerSpec(ok[0].backend, ok[0].device, ok[0].precision) if ok else \
-        RunnerSpec("onnxruntime-cpu", "cpu", "fp32")
+    # every precision that ran: each runtime (backend, precision) row once, fp32 first
+    seen: list[tuple[str, str, str]] = []
+    for r in sorted((r for r in rows if r.status == "ok" and r.backend != "torch"),
+                    key=lambda r: (r.precision != "fp32",)):
+        if (r.backend, r.device, r.precision) not in seen:
+            seen.append((r.backend, r.device, r.precision))
+    specs = [RunnerSpec(*x) for x in seen] or [RunnerSpec("onnxruntime-cpu", "cpu", "fp32")]
     items = load_labeled(args.data, args.limit)
     bundle = target.bundle
     bb = bundle.backbone
-    runner = make_runner(spec, target, args.threads)
     p = min(max(bundle.threshold, 1e-7), 1 - 1e-7)
     thr = math.log(p / (1 - p))
-    log(f"accuracy on {len(items)} images from {args.data} with {spec.label}")
+    acc_rows: list[Any] = []
+    errors: list[Any] = []
+    for spec in specs:
+        runner = make_runner(spec, target, args.threads)
+        log(f"accuracy on {len(items)} images from {args.data} with {spec.label}")
 
-    def run_logits(images: Any, k: int) -> Any:
-        import numpy as np
+        def run_logits(images: Any, k: int, runner: Any = runner) -> Any:
+            import numpy as np
 
-        masks = make_masks(bb.num_patches, k, bundle.mask_ratio, bundle.mask_seed)
-        out = []
-        for i in range(0, len(images), 32):
-            out.append(runner.run(images[i:i + 32], masks)[0])
-        return np.concatenate(out)
+            masks = make_masks(bb.num_patches, k, bundle.mask_ratio, bundle.mask_seed)
+            out = []
+            for i in range(0, len(images), 32):
+                out.append(runner.run(images[i:i + 32], masks)[0])
+            return np.concatenate(out)
 
-    try:
-        acc_rows, errors = evaluate(items, run_logits, ks, perts, bb.img_size, bundle.crop_ratio, thr,
-                                    args.fpr, log)
-    finally:
-        runner.close()
+        try:
+            got, errors = evaluate(items, run_logits, ks, perts, bb.img_size, bundle.crop_ratio, thr,
+                                   args.fpr, log)
+        finally:
+            runner.close()
+        for a in got:
+            a.backend = spec.label
+        acc_rows += got
     notes = []
     if target.note:
         notes.append(target.note)
     for a in acc_rows:
         if a.k != bundle.k and bundle.trained:
             a.note = f"head trained for K={bundle.k}: scores at K={a.k} are not calibrated"
-    info = {"data": args.data, "backend": spec.label, "n_items": len(items), "errors": errors,
+    info = {"data": args.data, "backend": ", ".join(s.label for s in specs), "n_items": len(items), "errors": errors,
             "threshold_logit": thr, "limit_per_class": args.limit, "note": "; ".join(notes),
             "perturbations": [p.name for p in perts]}
     return acc_rows, info

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("cinemae", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "opencv-python-headless",
-             "pillow", "tensorrt", "cuda-python", "matplotlib")
+LIBRARIES = ("cinemae", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "openvino",
+             "opencv-python-headless", "pillow", "tensorrt", "cuda-python", "matplotlib")
 
 # dense (no sparsity) peak TFLOP/s from NVIDIA data sheets: (fp32 non-tensor, fp16 tensor core)
 GPU_PEAKS: dict[str, tuple[float, float]] = {
@@ -64,7 +64,7 @@ def cpu_flags_summary() -> list[str]:
             flags = set(line.split(":", 1)[1].split())
             return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16",
                                                     "avx512_vnni", "avx512_fp16", "amx_bf16",
-                                                    "amx_tile", "f16c"))
+                                                    "amx_int8", "amx_tile", "f16c"))
     return []
 
 
@@ -204,6 +204,83 @@ def cpu_peak(threads: int | None = None) -> dict[str, Any]:
     return {"tflops": round(value, 4),
             "source": "measured in this run: float32 2048x2048 matmul via numpy BLAS, best of 5"
                       + (f", {threads} threads" if threads else "")}
+
+
+def cpu_matmul_peak(precision: str, threads: int | None = None, size: int = 2048, repeats: int = 5
+                    ) -> dict[str, Any]:
+    """The CPU's measured matmul peak at ``precision`` ("bf16" or "int8"), in T(FL)OP/s: a
+    ``size``-square matmul, best of ``repeats``, through each engine that can run it here - torch
+    (bf16: ``torch.matmul`` on bfloat16 tensors, oneDNN; int8: ``torch._int_mm``) and OpenVINO (a
+    one-layer model: bf16 inference-precision hint, or a u8 x i8 FullyConnected from a
+    FakeQuantize pattern) - taking the best. Returns {"tflops", "source", "engines"}."""
+    engines: dict[str, float] = {}
+    for name, fn in (("torch", _torch_matmul), ("openvino", _openvino_matmul)):
+        try:
+            engines[name] = round(fn(precision, threads, size, repeats), 4)
+        except Exception:  # noqa: BLE001 - an engine that is missing or fails is left out
+            continue
+    if not engines:
+        return {"tflops": None, "source": f"not measured: neither torch nor openvino could run a {precision} matmul"}
+    best = max(engines, key=lambda k: engines[k])
+    return {"tflops": engines[best], "engines": engines,
+            "source": f"measured in this run: {precision} {size}x{size} matmul, best of {repeats}, via {best} "
+                      f"(of {', '.join(f'{k} {v}' for k, v in engines.items())})"
+                      + (f", {threads} threads" if threads else "")}
+
+
+def _torch_matmul(precision: str, threads: int | None, size: int, repeats: int) -> float:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if precision == "bf16":
+        a = torch.randn(size, size).to(torch.bfloat16)
+        b = torch.randn(size, size).to(torch.bfloat16)
+        fn = lambda: a @ b  # noqa: E731
+    elif precision == "int8":
+        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        fn = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        raise ValueError(precision)
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e12
+
+
+def _openvino_matmul(precision: str, threads: int | None, size: int, repeats: int) -> float:
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([size, size], np.float32, name="a")
+    if precision == "int8":  # FakeQuantize on the activations + int8 weights: a u8 x i8 FullyConnected
+        lo, hi = ops.constant(np.float32(-4)), ops.constant(np.float32(4))
+        x = ops.fake_quantize(a, lo, hi, lo, hi, 256)
+        w = ops.multiply(ops.convert(ops.constant(rng.integers(-127, 127, (size, size)).astype(np.int8)), np.float32),
+                         ops.constant(np.full((size, 1), 0.01, np.float32)))
+        hint = "f32"
+    elif precision == "bf16":
+        x, w, hint = a, ops.constant(rng.standard_normal((size, size)).astype(np.float32)), "bf16"
+    else:
+        raise ValueError(precision)
+    cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = str(threads)
+    req = ov.Core().compile_model(ov.Model([ops.matmul(x, w, False, True)], [a]), "CPU", cfg).create_infer_request()
+    inp = rng.standard_normal((size, size)).astype(np.float32)
+    req.infer([inp])
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        req.infer([inp])
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e12
 
 
 def gpu_peak(name: str, precision: str) -> dict[str, Any] | None:

@@ -88,10 +88,12 @@ def ratio_lines(rows: Sequence[Row]) -> list[str]:
 
 
 def format_accuracy(acc: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'perturbation':<12} {'K':>2} {'acc':>6} {'AUC':>6} {'TPR@FPR':>8} {'n':>6}"]
+    w = max([len(a.get("backend") or "") for a in acc] + [7])
+    lines = [f"{'backend':<{w}} {'perturbation':<12} {'K':>2} {'acc':>6} {'AUC':>6} {'TPR@FPR':>8} {'n':>6}"]
     for a in acc:
-        lines.append(f"{a['perturbation']:<12} {a['k']:>2} {_f(a['accuracy'], '.3f'):>6} "
-                     f"{_f(a['auc'], '.3f'):>6} {_f(a['tpr_at_fpr'], '.3f'):>8} "
+        lines.append(f"{a.get('backend') or '-':<{w}} {a['perturbation']:<12} {a['k']:>2} "
+                     f"{_f(a['accuracy'], '.4f'):>6} "
+                     f"{_f(a['auc'], '.4f'):>6} {_f(a['tpr_at_fpr'], '.3f'):>8} "
                      f"{a['n_real'] + a['n_fake']:>6}")
     return "\n".join(lines)
 

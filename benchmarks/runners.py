@@ -41,6 +41,17 @@ def runs_on(backend: str, device: str) -> bool:
     return device.split(":", 1)[0].split(".", 1)[0].lower() in REGISTRY[backend].devices
 
 
+def cpu_reduced(backend: str) -> tuple[str, ...]:
+    """The reduced precisions (bf16, int8) a bench row ``backend`` has on the CPU: the registry's
+    for runtime backends (ONNX Runtime CPU int8, OpenVINO bf16/int8), bf16 autocast for torch."""
+    from ..runtime.backends.registry import REGISTRY
+
+    if backend == "torch":
+        return ("bf16",)
+    spec = REGISTRY.get(backend)
+    return tuple(p for p in spec.precisions if p in ("bf16", "int8")) if spec else ()
+
+
 class RuntimeRunner:
     """A :mod:`cinemae.runtime.backends` backend (TensorRT, ONNX Runtime CUDA or CPU)."""
 
@@ -56,7 +67,7 @@ class RuntimeRunner:
             got = self.backend.name
             self.backend.close()
             raise RuntimeError(f"asked for {backend}, the runtime gave {got}")
-        self.threads: int | str = threads or "ort default"
+        self.threads: int | str = threads or ("openvino default" if backend == "openvino" else "ort default")
 
     def run(self, images: np.ndarray, masks: MaskSet) -> tuple[np.ndarray, dict[str, float]]:
         out = self.backend.run(images, masks)
@@ -67,8 +78,9 @@ class RuntimeRunner:
 
 
 class TorchRunner:
-    """The torch reference (``cinemae.export.reference.TorchReference``), eager fp32 or fp16
-    autocast, timed stage by stage.
+    """The torch reference (``cinemae.export.reference.TorchReference``), eager fp32, fp16
+    autocast (GPU) or bf16 autocast (CPU: ``torch.autocast("cpu", dtype=torch.bfloat16)``, the
+    first thing a torch user tries), timed stage by stage.
 
     The staged run repeats TorchReference.run's calls in the same order; the first warm-up call
     goes through TorchReference.run itself and the staged logits are checked against it
@@ -84,7 +96,11 @@ class TorchRunner:
 
         if precision == "fp16" and not device.startswith("cuda"):
             raise RuntimeError("torch fp16 autocast is the GPU configuration; on the CPU the "
-                               "reference runs in fp32 only")
+                               "reference runs in fp32 or bf16 autocast")
+        if precision == "bf16" and device.startswith("cuda"):
+            raise RuntimeError("torch bf16 autocast is a CPU row here; on the GPU the reference runs fp16")
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise RuntimeError(f"the torch reference has no {precision} configuration")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("torch sees no CUDA device (CPU-only torch build or no GPU)")
         if threads:
@@ -100,8 +116,20 @@ class TorchRunner:
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
 
+    def _autocast(self):  # noqa: ANN202 - a torch autocast context
+        torch = self.torch
+        if self.precision == "fp16":
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.float16)
+        if self.precision == "bf16":
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cpu", enabled=False)
+
     def reference_logits(self, images: np.ndarray, masks: MaskSet) -> np.ndarray:
         """TorchReference.run itself (not timed)."""
+        if self.precision == "bf16":
+            # TorchReference has no bf16 switch: the same forward under the CPU autocast here
+            staged, _ = self.run(images, masks)
+            return staged
         return self.ref.run(images, masks, autocast_fp16=self.precision == "fp16").logit
 
     def run(self, images: np.ndarray, masks: MaskSet) -> tuple[np.ndarray, dict[str, float]]:
@@ -113,9 +141,7 @@ class TorchRunner:
         model, cfg = ref.model, ref.model.cfg
         t: dict[str, float] = {}
         with torch.no_grad():
-            ctx = (torch.autocast(device_type=dev.split(":")[0], dtype=torch.float16)
-                   if self.precision == "fp16" else torch.autocast(device_type="cpu", enabled=False))
-            with ctx:
+            with self._autocast():
                 self._sync()
                 t0 = time.perf_counter()
                 x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(dev)

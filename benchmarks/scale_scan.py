@@ -31,7 +31,7 @@ from typing import Any
 
 from .environment import environment, load_average
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cinemae.benchmarks.scale_scan")  # also when run as __main__
 
 
 def extract(data: Path, dest: Path, n: int) -> Path:

@@ -39,12 +39,12 @@ class RunnerSpec:
 
     backend: str  # tensorrt | onnxruntime-cuda | onnxruntime-cpu | torch
     device: str  # cpu | cuda[:N]
-    precision: str  # fp32 | fp16
+    precision: str  # fp32 | fp16 | bf16 | int8
 
     @property
     def label(self) -> str:
         if self.backend == "torch":
-            kind = "eager fp32" if self.precision == "fp32" else "autocast fp16"
+            kind = "eager fp32" if self.precision == "fp32" else f"autocast {self.precision}"
             return f"torch {kind} ({self.device})"
         return f"{self.backend} {self.precision}"
 
@@ -343,7 +343,8 @@ def _row(c: _Live, target: Any, k: int, b: int, flops: int, pre_ms: float, opts:
     row.gpu_mem_mb = None if c.gpu_mb is None else round(c.gpu_mb, 1)
     row.achieved_tflops = flops * b / (row.p50_ms / 1e3) / 1e12
     key = "cpu" if spec.device == "cpu" else f"cuda:{spec.precision}"
-    peak = opts.peaks.get(key)
+    peak = opts.peaks.get(f"cpu:{spec.precision}") if spec.device == "cpu" else None
+    peak = peak if peak and peak.get("tflops") else opts.peaks.get(key)
     if peak and peak.get("tflops"):
         row.peak_tflops = float(peak["tflops"])
         row.pct_of_peak = 100.0 * row.achieved_tflops / row.peak_tflops

@@ -45,6 +45,9 @@ class ExportOptions:
     crop_ratio: float = 224 / 256
     precisions: tuple[str, ...] = ("fp32",)
     parity_images: list[Path] = field(default_factory=list)
+    calibration_images: list[Path] = field(default_factory=list)  # INT8 activation ranges
+    int8_gate_images: list[Path] = field(default_factory=list)  # INT8 gate (default: parity images)
+    int8_tolerances: dict[str, float] | None = None
     parity_random: int = 4
     tolerances: dict[str, float] | None = None
     model_id: str = "cinemae"
@@ -116,6 +119,40 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _images(paths: list[Path], img_size: int, crop_ratio: float) -> np.ndarray:
+    """Decoded, preprocessed images [N, 3, S, S] (undecodable files are left out)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(preprocess(p, img_size, crop_ratio))
+        except InputError:
+            continue
+    return np.stack(out) if out else np.zeros((0, 3, img_size, img_size), np.float32)
+
+
+def _add_int8(stage: Path, bundle: Bundle, model: MaskedAutoencoderViT, opts: ExportOptions,
+              manifest: dict[str, Any], graphs: dict[str, dict[str, str]], masks: Any,
+              log: Callable[[str], None]) -> bool:
+    """INT8 graphs calibrated on ``opts.calibration_images``, gated on the gate images against
+    the fp32 graphs (cinemae.export.int8); the figures go into the manifest. True when passed."""
+    from .int8 import convert_graphs_int8, format_gate, int8_gate, write_report
+
+    size = model.cfg.img_size
+    calib = _images(opts.calibration_images or opts.parity_images, size, opts.crop_ratio)
+    gate = _images(opts.int8_gate_images or opts.parity_images, size, opts.crop_ratio)
+    if not len(calib) or not len(gate):
+        raise ValueError("--precision int8 needs real images to calibrate on and to gate with "
+                         "(--calibration-images / --parity-images)")
+    graphs["int8"], conversion = convert_graphs_int8(stage, graphs["fp32"], model, calib, masks, opts.lam, log)
+    write_manifest(stage, manifest)
+    rows = int8_gate(Bundle(stage, require_signature=False), gate, masks, opts.int8_tolerances, log=log)
+    manifest["int8"] = write_report(stage, conversion, rows, len(gate))
+    write_manifest(stage, manifest)
+    log("int8 gate (INT8 forms vs the fp32 graphs, real images):")
+    log(format_gate(rows))
+    return manifest["int8"]["passed"]
+
+
 def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.PathLike[str],
                   opts: ExportOptions, trained: bool = False, log: Callable[[str], None] = _logger.info
                   ) -> tuple[Path, list[ParityRow]]:
@@ -171,6 +208,8 @@ def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.
         write_manifest(stage, manifest)
         log("parity (torch reference vs ONNX Runtime CPU):")
         log(format_rows(rows))
+        if report["passed"] and "int8" in opts.precisions:  # the INT8 forms have their own gate
+            report["passed"] = _add_int8(stage, bundle, model, opts, manifest, graphs, masks, log)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # a failed export leaves nothing behind
         raise

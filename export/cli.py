@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--head", help="a head file written by cinemae-train (default: an untrained "
                     "head, stated in the manifest)")
     ap.add_argument("--out", help="bundle directory to write (required unless --bundle)")
-    ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                    help="fp16 also writes the fp32 graphs (the reference)")
+    ap.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                    help="fp16 / int8 also write the fp32 graphs (the reference); int8 = QDQ encoder and "
+                         "decoder calibrated on real images (--calibration-images), fp32 head")
     ap.add_argument("--k", type=int, default=2, help="masking runs K (0..8)")
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--seed", type=int, default=0, help="mask seed")
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--pixel", dest="norm_pix", action="store_const", const=False,
                         help="the decoder predicts pixels")
     ap.add_argument("--parity-images", help="folder of real images for the parity report")
+    ap.add_argument("--calibration-images", help="folder of real images for INT8 activation ranges "
+                    "(default: the --parity-images folder, files not used by the gate)")
     ap.add_argument("--model-id", default=None)
     ap.add_argument("--init-seed", type=int, default=0, help="seed for --arch / untrained heads")
     ap.add_argument("--heads", type=int, default=None,
@@ -61,6 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trt-max-batch", type=int, default=16,
                     help="largest batch the TensorRT engines' profiles accept")
     return ap
+
+
+def _image_files(folder: str | None) -> list[Path]:
+    if not folder:
+        return []
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _spread(files: list[Path], n: int) -> list[Path]:
+    """``n`` files spread evenly over the sorted list (every subfolder gets its share)."""
+    if len(files) <= n:
+        return files
+    return [files[i * len(files) // n] for i in range(n)]
+
+
+def int8_image_split(calibration: str | None, parity: str | None, n_calib: int = 32, n_gate: int = 32
+                     ) -> tuple[list[Path], list[Path]]:
+    """(calibration images, gate images) for --precision int8, spread over each folder and
+    disjoint when both come from one folder (alternate files then go to each)."""
+    gate_pool = _image_files(parity)
+    if calibration:
+        calib = _spread(_image_files(calibration), n_calib)
+        chosen = set(calib)
+        return calib, _spread([p for p in gate_pool if p not in chosen], n_gate)
+    return _spread(gate_pool[1::2], n_calib), _spread(gate_pool[0::2], n_gate)
 
 
 def _targets(text: str | None) -> list[str] | None:
@@ -93,7 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle:
         if args.tensorrt == "skip":
             ap.error("--bundle adds TensorRT engines; --tensorrt skip leaves nothing to do")
-        return _engines(args.bundle, args, None)
+        code = _engines(args.bundle, args, None)
+        from ..runtime.bundle import SIGNATURE, BundleError, sign_manifest
+
+        if code == 0 and args.sign:  # the manifest changed: sign it again
+            try:
+                print(f"signed: {sign_manifest(args.bundle, args.sign)}")
+            except BundleError as e:
+                print(f"cinemae-export: {e}", file=sys.stderr)
+                return 1
+        elif code == 0 and (Path(args.bundle) / SIGNATURE).is_file():
+            print(f"note: {SIGNATURE} no longer matches the rewritten manifest; sign it again with --sign KEY")
+        return code
     if not args.out:
         ap.error("--out is required (or --bundle to add engines to an existing bundle)")
     try:
@@ -154,20 +193,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.parity_images:
         root = Path(args.parity_images)
         images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:8]
+    calib: list[Path] = []
+    gate: list[Path] = []
+    if args.precision == "int8":
+        calib, gate = int8_image_split(args.calibration_images, args.parity_images)
+        if not calib or not gate:
+            print("cinemae-export: --precision int8 needs real images: --parity-images DIR (and optionally "
+                  "--calibration-images DIR)", file=sys.stderr)
+            return 2
     opts = ExportOptions(k=k, mask_ratio=args.mask_ratio, mask_seed=args.seed, lam=args.lam,
                          crop_ratio=args.crop_ratio,
-                         precisions=("fp32", "fp16") if args.precision == "fp16" else ("fp32",),
-                         parity_images=images, model_id=args.model_id or Path(args.out).name,
+                         precisions=("fp32", args.precision) if args.precision != "fp32" else ("fp32",),
+                         parity_images=images, calibration_images=calib, int8_gate_images=gate,
+                         model_id=args.model_id or Path(args.out).name,
                          provenance={"checkpoint": prov}, head_record=head_record)
     try:
         out, _ = export_bundle(model, head, args.out, opts, trained=trained)
-    except ParityError as e:
+    except (ParityError, ValueError) as e:
         print(f"cinemae-export: {e}", file=sys.stderr)
         return 1
     except FileExistsError as e:
         print(f"cinemae-export: {e}", file=sys.stderr)
         return 2
-    if args.tensorrt != "skip" and _engines(out, args, opts.precisions):
+    trt_precisions = tuple(p for p in opts.precisions if p in ("fp32", "fp16"))  # no int8 engines
+    if args.tensorrt != "skip" and _engines(out, args, trt_precisions):
         return 1
     if args.sign:
         from ..runtime.bundle import BundleError, sign_manifest

@@ -127,12 +127,14 @@ def build_bundle_engines(bundle_dir: str | os.PathLike[str], precisions: Iterabl
                     done.append(old)
                     continue
                 report = BuildReport()
+                log(f"building {rel} ({'ahead of time, no GPU needed' if aot else 'on this GPU'})")
                 data = build_engine(trt.module, bundle.graph(role, precision), profiles[role], None,
-                                    log, target=target if aot else None, report=report)
+                                    lambda _: None, target=target if aot else None, report=report)
                 path = root / rel
                 atomic_write(path, data)
                 entry = {"file": rel, "key": key.to_dict(), "sha256": hashlib.sha256(data).hexdigest(),
-                         "bytes": len(data), "build_s": round(report.seconds, 2), "max_batch": max_batch,
+                         "bytes": len(data), "build_s": round(report.seconds, 2),
+                         "build_cpu_s": round(report.cpu_seconds, 2), "max_batch": max_batch,
                          "built": "ahead of time, without that GPU" if aot else f"on {gpu.name}",
                          "graph": bundle.graph(role, precision).name, "layers": report.layers}
                 listed = [e for e in listed if e.get("file") != rel] + [entry]

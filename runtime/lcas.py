@@ -1,7 +1,8 @@
 """LCAS statistics, numpy reference (DESIGN.md section 1, "LCAS" and "Summary statistics").
 
-This is the reference the fused CUDA kernel (``cinemae.kernels``) is checked against. It works in
-float64 and returns float32.
+This is the reference the fused CUDA kernel (``cinemae.kernels``) is checked against. The big
+arrays are float32, every sum over them and everything after is float64, and it returns float32
+(:func:`lcas_map_reference` is the same formula written directly in float64).
 
 Row order of the masked pass: row ``b * K + k`` of ``pred`` is image b under run k.
 """
@@ -25,18 +26,27 @@ def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def targets(images: np.ndarray, patch_size: int, norm_pix: bool) -> np.ndarray:
-    """Target patches t [B, L, P*P*3] in float64; per-patch standardised for norm-pix backbones.
+def targets(images: np.ndarray, patch_size: int, norm_pix: bool, dtype: type = np.float64) -> np.ndarray:
+    """Target patches t [B, L, P*P*3] in ``dtype`` (float64 by default); per-patch standardised
+    for norm-pix backbones.
 
     The per-patch standardisation is MAE's: (t - mean) / sqrt(var + 1e-6) with the unbiased
-    variance (torch ``Tensor.var`` default), as the ``*_full`` checkpoints were trained.
+    variance (torch ``Tensor.var`` default), as the ``*_full`` checkpoints were trained; its
+    mean and variance are taken in float64 whatever ``dtype`` is.
     """
-    t = patchify(np.asarray(images, dtype=np.float64), patch_size)
+    t = np.ascontiguousarray(patchify(np.asarray(images, dtype=dtype), patch_size))
     if norm_pix:
-        mean = t.mean(axis=-1, keepdims=True)
-        var = t.var(axis=-1, ddof=1, keepdims=True)
-        t = (t - mean) / np.sqrt(var + NORM_PIX_EPS)
+        mean = t.mean(axis=-1, keepdims=True, dtype=np.float64)
+        var = t.var(axis=-1, ddof=1, keepdims=True, dtype=np.float64)
+        t = ((t - mean) / np.sqrt(var + NORM_PIX_EPS)).astype(dtype, copy=False)
     return t
+
+
+def _channel_selector(d: int) -> np.ndarray:
+    """[D, 3] float32 one-hot: column c picks the dimensions of colour channel c (d % 3 == c)."""
+    sel = np.zeros((d, 3), dtype=np.float32)
+    sel[np.arange(d), np.arange(d) % 3] = 1.0
+    return sel
 
 
 def lcas_map(
@@ -53,7 +63,51 @@ def lcas_map(
     pred:    [B*K, L, P*P*3] decoder output, row b*K + k
     visible: [K, L] bool, True where patch i is visible in run k
     returns: [B, K, L] float32, LCAS_k,i for masked patches and NaN for visible ones
+
+    The big arrays stay float32 and are touched three times: one residual buffer [B, K, L, D]
+    (r = t - mu, squared in place), then one matmul with a [D, 3] channel selector gives the
+    per-channel sums of r^2 [B, K, L, 3]. Everything after that, and the context variance, is
+    float64 on arrays of B*K*L*3 values, so the result matches the float64 formulation
+    (:func:`lcas_map_reference`) within ~1e-6 relative.
     """
+    visible = np.asarray(visible, dtype=bool)
+    k, num_patches = visible.shape
+    b = images.shape[0]
+    t = targets(images, patch_size, norm_pix, dtype=np.float32)  # [B, L, D]
+    if pred.shape[0] != b * k or pred.shape[1:] != t.shape[1:]:
+        raise ValueError(f"pred {pred.shape} does not match B*K={b * k} rows of {t.shape[1:]}")
+    d = t.shape[-1]
+    sel = _channel_selector(d)
+    # context variance per channel over the visible patches (float64 sums of float32 values)
+    t_sum = (t.reshape(-1, d) @ sel).reshape(b, num_patches, 3).astype(np.float64)  # [B, L, 3]
+    t_sq = (np.square(t).reshape(-1, d) @ sel).reshape(b, num_patches, 3).astype(np.float64)
+    w = visible.astype(np.float64)  # [K, L]
+    n = w.sum(axis=1)[None, :, None] * (d // 3)  # values per channel in the context
+    mean = np.einsum("kj,bjc->bkc", w, t_sum) / n
+    sigma2 = np.maximum(np.einsum("kj,bjc->bkc", w, t_sq) / n - mean * mean, 0.0) + SIGMA2_FLOOR  # [B, K, 3]
+
+    r = np.subtract(t[:, None], np.asarray(pred, dtype=np.float32).reshape(b, k, num_patches, d),
+                    dtype=np.float32)  # [B, K, L, D]
+    np.square(r, out=r)
+    q = (r.reshape(-1, d) @ sel).reshape(b, k, num_patches, 3).astype(np.float64)  # sum_d in c of r^2
+    scaled = np.einsum("bklc,bkc->bkl", q, 1.0 / sigma2) / d  # mean_d r^2 / sigma2_c(d)
+    dev = 0.5 * (scaled + np.log(sigma2).mean(axis=-1)[:, :, None])
+    err = q.sum(axis=-1) / d
+    out = dev + lam * err
+    out[:, visible] = np.nan
+    return out.astype(np.float32)
+
+
+def lcas_map_reference(
+    images: np.ndarray,
+    pred: np.ndarray,
+    visible: np.ndarray,
+    patch_size: int,
+    lam: float = 1.0,
+    norm_pix: bool = False,
+) -> np.ndarray:
+    """:func:`lcas_map` written directly in float64 (slower, more memory): the reference the
+    fast version is tested against. Same arguments and result."""
     visible = np.asarray(visible, dtype=bool)
     k, num_patches = visible.shape
     b = images.shape[0]

@@ -158,3 +158,22 @@ class TestMasks:
         kw = dict(num_patches=16, k=2, mask_ratio=0.75) | bad
         with pytest.raises(ValueError):
             make_masks(**kw)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("B,K,H,P", [(2, 2, 224, 16), (3, 4, 32, 4), (1, 1, 16, 8)])
+def test_fast_map_matches_float64_reference(B, K, H, P, norm_pix) -> None:  # noqa: ANN001
+    """The float32-buffer lcas_map against the float64 formulation, on ViT-B shapes too."""
+    from cinemae.runtime.lcas import lcas_map_reference
+
+    rng = np.random.default_rng(B + 10 * K)
+    L = (H // P) ** 2
+    images = (rng.standard_normal((B, 3, H, H)) * 1.2 + 0.3).astype(np.float32)
+    pred = (rng.standard_normal((B * K, L, P * P * 3)) * 0.7).astype(np.float32)
+    vis = make_masks(L, K, 0.75, seed=1).visible
+    fast = lcas_map(images, pred, vis, P, 1.5, norm_pix)
+    ref = lcas_map_reference(images, pred, vis, P, 1.5, norm_pix)
+    assert fast.dtype == np.float32 and fast.shape == (B, K, L)
+    assert np.array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(stats_from_map(fast), stats_from_map(ref), rtol=1e-5, atol=1e-6)

@@ -88,7 +88,9 @@ class BackendSpec:
 _BUILTIN = (
     BackendSpec("tensorrt", ".tensorrt", "TensorRTBackend", ("cuda",), 10, ("fp32", "fp16")),
     BackendSpec("onnxruntime-cuda", ".onnxruntime_cuda", "OnnxRuntimeCUDA", ("cuda",), 20, ("fp32", "fp16")),
-    BackendSpec("onnxruntime-cpu", ".onnxruntime_cpu", "OnnxRuntimeCPU", ("cpu",), 40, ("fp32", "fp16")),
+    # OpenVINO before ONNX Runtime on the CPU: measured faster at fp32 (and it alone runs bf16)
+    BackendSpec("openvino", ".openvino", "OpenVINOBackend", ("cpu", "gpu", "npu"), 30, ("fp32", "bf16", "int8")),
+    BackendSpec("onnxruntime-cpu", ".onnxruntime_cpu", "OnnxRuntimeCPU", ("cpu",), 40, ("fp32", "fp16", "int8")),
 )
 
 REGISTRY: dict[str, BackendSpec] = {s.name: s for s in _BUILTIN}

@@ -293,6 +293,7 @@ class BuildReport:
     """What one build said: seconds, the layer table's precision summary, warnings and errors."""
 
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads) during the build
     layers: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -416,9 +417,9 @@ def build_engine(trt: Any, onnx_path: Path, profiles: list[Profile], timing_cach
         blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     serialized = builder.build_serialized_network(network, config)
-    report.seconds = time.perf_counter() - t0
+    report.seconds, report.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if serialized is None:
         why = "; ".join(report.errors[-3:]) or "no reason given"
         raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name}: {why}")
@@ -582,8 +583,9 @@ def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 
             cache.store(kk, data)
             return data
 
-        entry, why = select_engine(listed if isinstance(listed, list) else [], key)
-        if entry is not None:
+        stored, _ = cache.lookup(key)  # there only when built here before: the bundle had none, or
+        entry, why = select_engine(listed if isinstance(listed, list) else [], key)  # TensorRT refused it
+        if entry is not None and stored is None:
             path = bundle.root / str(entry.get("file", ""))
             data = path.read_bytes() if path.is_file() else b""
             if hashlib.sha256(data).hexdigest() == entry.get("sha256"):
@@ -591,7 +593,6 @@ def ensure_engines(bundle: Bundle, precision: str = "fp32", device_index: int = 
                 out[role] = EngineEntry(role, key, path, data, False, rebuild, "bundle")
                 continue
             why = f"the bundle's {path.name} is missing or does not match its sha256"
-        stored, _ = cache.lookup(key)
         if stored is None and not build_at_first_use():
             raise BackendUnavailable(f"no usable TensorRT {precision} {role} engine for this "
                                      f"{gpu.name} ({sm_tag(target)}): {why}, and CINEMAE_TRT_BUILD=never "
