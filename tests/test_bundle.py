@@ -92,6 +92,27 @@ def test_unparsable_graph_is_a_one_line_error(bundle: Path) -> None:
     assert "bad.onnx: ONNX Runtime cannot load this graph" in r.stderr
 
 
+def test_graph_openvino_cannot_read_passes_to_the_next_backend(bundle: Path) -> None:
+    """`auto` on a CPU takes OpenVINO first; a graph it cannot compile is a one-sentence reason
+    to pass it over (ONNX Runtime then names the broken graph), and asking for OpenVINO by name
+    gives that sentence, not an OpenVINO C++ traceback."""
+    pytest.importorskip("openvino")
+    from cinemae.runtime import Detector
+    from cinemae.runtime.backends import BackendUnavailable
+
+    (bundle / "bad.onnx").write_bytes(b"not an onnx graph")
+
+    def to_bad(m: dict) -> None:
+        m["graphs"]["fp32"]["encoder"] = "bad.onnx"
+        m["files"]["bad.onnx"] = sha256_file(bundle / "bad.onnx")
+    edit(bundle, to_bad)
+    with pytest.raises(BackendUnavailable, match=r"OpenVINO cannot compile bad\.onnx \(") as e:
+        Detector(bundle, backend="openvino", device="cpu")
+    assert "\n" not in str(e.value) and "Exception from" not in str(e.value)
+    with pytest.raises(BundleError, match="bad.onnx: ONNX Runtime cannot load this graph"):
+        Detector(bundle, device="cpu")
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda m: m.pop("backbone"), "missing field 'backbone'"),
     (lambda m: m.update(k="two"), "wrong type"),

@@ -165,7 +165,12 @@ class OpenVINOBackend:
             t = time.perf_counter()
             # compile_model(path) reads the ONNX file itself, so with a cache hit the graph is
             # not even converted (OpenVINO hashes the file and the properties)
-            compiled = core.compile_model(str(path), self.device, cfg)
+            try:
+                compiled = core.compile_model(str(path), self.device, cfg)
+            except RuntimeError as e:
+                # a graph OpenVINO cannot read or compile: pass, so that `auto` tries the next
+                # backend (ONNX Runtime names a graph that is broken for every reader)
+                raise BackendUnavailable(f"OpenVINO cannot compile {path.name} ({_first_line(e)})") from None
             self.compile_s[role] = time.perf_counter() - t
             self.requests[role] = compiled.create_infer_request()
         # the whole batch in each graph call (the speed of the CPU fast path); scores can then
@@ -229,3 +234,11 @@ def _graph_sha(bundle: Bundle, path: Path) -> str:
 
 __all__ = ["HINTS", "PRECISIONS", "OpenVINOBackend", "cache_dir_for", "check_bf16", "cpu_flags",
            "default_cache_root", "device_id", "ov_device"]
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The first informative line of an OpenVINO error (its messages open with C++ source
+    locations such as "Exception from src/inference/src/cpp/core.cpp:132:")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("Exception from")]
+    return ((useful or lines or [type(e).__name__])[0])[:limit]
