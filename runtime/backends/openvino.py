@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle, sha256_file
+from ..cache import cache_root
 from ..masks import MaskSet
 from ..pipeline import GRAPH_OF, PipelineConfig, run_pipeline
 from .base import BackendUnavailable, BatchOutput
@@ -55,13 +56,6 @@ def check_bf16(capabilities: Sequence[str], device: str = "CPU") -> None:
         raise BackendUnavailable(
             f"OpenVINO {device} has no native bf16 (its capabilities are {', '.join(capabilities)}; bf16 "
             "needs AVX512-BF16 or AMX-BF16); use --precision fp32 or int8")
-
-
-def default_cache_root() -> Path:
-    """``$CINEMAE_CACHE`` or ``$XDG_CACHE_HOME/cinemae`` or ``~/.cache/cinemae``."""
-    root = os.environ.get("CINEMAE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cinemae")
-    return Path(root)
 
 
 def cpu_flags() -> list[str]:
@@ -149,7 +143,7 @@ class OpenVINOBackend:
         self.device_id = device_id(full_name, cpu_flags() if self.device == "CPU" else caps)
         self.ov_version = ov.__version__
         root = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) \
-            else default_cache_root()
+            else cache_root()
         self.config = self._config(precision, threads)
         self.cache_dirs: dict[str, Path] = {}
         self.compile_s: dict[str, float] = {}
@@ -233,7 +227,7 @@ def _graph_sha(bundle: Bundle, path: Path) -> str:
 
 
 __all__ = ["HINTS", "PRECISIONS", "OpenVINOBackend", "cache_dir_for", "check_bf16", "cpu_flags",
-           "default_cache_root", "device_id", "ov_device"]
+           "device_id", "ov_device"]
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
