@@ -213,12 +213,19 @@ def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # a failed export leaves nothing behind
         raise
-    if not report["passed"]:
+    publish_staged(stage, out, report["passed"],
+                   lambda rejected: ParityError(f"parity failed; the bundle was not written (inspect {rejected})"))
+    return out, rows
+
+
+def publish_staged(stage: Path, out: Path, passed: bool, failure: Callable[[Path], Exception]) -> None:
+    """The last step of every gated export: a staged bundle whose gate ``passed`` replaces ``out``;
+    one that failed moves to ``OUT.rejected`` (replacing an older one) and ``failure(rejected)`` is raised."""
+    if not passed:
         rejected = out.with_name(out.name + ".rejected")
         shutil.rmtree(rejected, ignore_errors=True)
         os.replace(stage, rejected)
-        raise ParityError(f"parity failed; the bundle was not written (inspect {rejected})")
+        raise failure(rejected)
     if out.exists():
         shutil.rmtree(out)
     os.replace(stage, out)
-    return out, rows

@@ -279,13 +279,13 @@ def add_int8_graphs(src: str | Path, out: str | Path, calibration: Sequence[Any]
     graphs are the reference). ``calibration`` / ``gate``: image files or encoded bytes (real
     photos; disjoint). Gated like ``cinemae-export --precision int8``: on failure the copy is left
     at ``OUT.rejected`` and ValueError is raised."""
-    import os
     import shutil
     from types import SimpleNamespace
 
     from ..runtime.bundle import Bundle, write_manifest
     from ..runtime.masks import make_masks
     from ..runtime.preprocess import InputError, preprocess
+    from .bundle import publish_staged
 
     src, out = Path(src), Path(out)
     bundle = Bundle(src)
@@ -318,12 +318,6 @@ def add_int8_graphs(src: str | Path, out: str | Path, calibration: Sequence[Any]
     write_manifest(stage, manifest)
     log("int8 gate (INT8 forms vs the fp32 graphs, real images):")
     log(format_gate(rows))
-    if not manifest["int8"]["passed"]:
-        rejected = out.with_name(out.name + ".rejected")
-        shutil.rmtree(rejected, ignore_errors=True)
-        os.replace(stage, rejected)
-        raise ValueError(f"the INT8 gate failed; no bundle written (inspect {rejected})")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
+    publish_staged(stage, out, manifest["int8"]["passed"],
+                   lambda rejected: ValueError(f"the INT8 gate failed; no bundle written (inspect {rejected})"))
     return out
