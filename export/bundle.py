@@ -28,6 +28,7 @@ from .model import MaskedAutoencoderViT
 from .onnx_export import OPSET, export_decoder, export_encoder, export_head
 from .parity import ParityRow, compare, format_rows, tolerances_for
 from .reference import TorchReference
+from .staging import publish_staged
 
 _logger = logging.getLogger(__name__)
 
@@ -217,15 +218,3 @@ def export_bundle(model: MaskedAutoencoderViT, head: CinemaeHead, out: str | os.
                    lambda rejected: ParityError(f"parity failed; the bundle was not written (inspect {rejected})"))
     return out, rows
 
-
-def publish_staged(stage: Path, out: Path, passed: bool, failure: Callable[[Path], Exception]) -> None:
-    """The last step of every gated export: a staged bundle whose gate ``passed`` replaces ``out``;
-    one that failed moves to ``OUT.rejected`` (replacing an older one) and ``failure(rejected)`` is raised."""
-    if not passed:
-        rejected = out.with_name(out.name + ".rejected")
-        shutil.rmtree(rejected, ignore_errors=True)
-        os.replace(stage, rejected)
-        raise failure(rejected)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)

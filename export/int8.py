@@ -285,7 +285,7 @@ def add_int8_graphs(src: str | Path, out: str | Path, calibration: Sequence[Any]
     from ..runtime.bundle import Bundle, write_manifest
     from ..runtime.masks import make_masks
     from ..runtime.preprocess import InputError, preprocess
-    from .bundle import publish_staged
+    from .staging import publish_staged
 
     src, out = Path(src), Path(out)
     bundle = Bundle(src)
