@@ -285,6 +285,7 @@ def add_int8_graphs(src: str | Path, out: str | Path, calibration: Sequence[Any]
     from ..runtime.bundle import Bundle, write_manifest
     from ..runtime.masks import make_masks
     from ..runtime.preprocess import InputError, preprocess
+    from .recheck import with_gate_rows
     from .staging import publish_staged
 
     src, out = Path(src), Path(out)
@@ -315,6 +316,8 @@ def add_int8_graphs(src: str | Path, out: str | Path, calibration: Sequence[Any]
     write_manifest(stage, manifest)
     rows = int8_gate(Bundle(stage, require_signature=False), gate_x, masks, tolerances, log=log)
     manifest["int8"] = write_report(stage, conversion, rows, len(gate_x))
+    write_manifest(stage, manifest)  # the files' hashes first: the recheck entry names the head's
+    manifest["recheck"] = with_gate_rows(Bundle(stage, require_signature=False).manifest, rows)
     write_manifest(stage, manifest)
     log("int8 gate (INT8 forms vs the fp32 graphs, real images):")
     log(format_gate(rows))

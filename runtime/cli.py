@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help=device_help())
     ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--k", type=int, default=None, help="masking runs (default: the bundle's)")
+    rc = ap.add_mutually_exclusive_group()
+    rc.add_argument("--no-recheck", action="store_true",
+                    help="at bf16/int8/fp16, do not re-score borderline images at fp32 (by default an image "
+                         "whose p lies within the bundle's measured margin of the threshold or an abstain-band "
+                         "edge is scored again at fp32 and takes fp32's verdict; records say rechecked)")
+    rc.add_argument("--recheck-margin", type=float, default=None, metavar="P",
+                    help="recheck with this margin in p instead of the bundle's")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
     ap.add_argument("--max-pixels", type=int, default=None,
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         provenance=not args.no_provenance,
                         provenance_policy=not args.no_provenance_policy, trust_anchors=trust,
                         formats=args.formats.split(",") if args.formats else None,
-                        require_signature=args.require_signature)
+                        require_signature=args.require_signature,
+                        recheck=False if args.no_recheck else args.recheck_margin)
     if det is None:
         return 2
     inputs = list(iter_inputs(paths))

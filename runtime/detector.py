@@ -23,6 +23,7 @@ import numpy as np
 from .backends import BatchOutput, create_backend
 from .bundle import Bundle, resolve_bundle
 from .masks import MaskSet, make_masks
+from .precision import Recheck
 from .preprocess import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -66,6 +67,9 @@ class Result:
     tiles:         for a tiled bundle (:mod:`cinemae.runtime.tiles`): one entry per crop,
                    ``{"box": [left, top, right, bottom] in the original image, "logit": float}``;
                    the image logit is their reduction (mean logit). None for an untiled bundle.
+    rechecked:     at a reduced precision with a recheck margin: whether this image's p lay within
+                   the margin of a decision edge, so that score, stats and verdict are the fp32
+                   backend's (:class:`cinemae.runtime.precision.Recheck`); None when no recheck ran
     """
 
     source: str
@@ -86,6 +90,7 @@ class Result:
     want_heatmap: bool | int = field(default=False, repr=False)
     tiles: list[dict[str, Any]] | None = None
     tile_boxes: list[tuple[int, int, int, int]] | None = field(default=None, repr=False)
+    rechecked: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,7 +102,8 @@ class Result:
 
         Keys: source, score, logit, verdict, stats ([s1, s2, s3] or null), error, error_code,
         timings, model (a copy of :attr:`model`), pixel_verdict, reason, provenance (when read),
-        ``tiles`` for a tiled bundle (per-crop box and logit), ``lcas`` only when the map was asked
+        ``tiles`` for a tiled bundle (per-crop box and logit), ``rechecked`` when the detector
+        rechecks borderline images at fp32, ``lcas`` only when the map was asked
         for: ``{"grid": [g, g], "runs": [[float | null] * L] * K}``
         (null at visible patches), and ``heatmap`` only when asked for (``explain``).
         Text is always valid UTF-8: a source that is a non-UTF-8 file name is shown with U+FFFD
@@ -124,6 +130,8 @@ class Result:
             rec["heatmap"] = self.heatmap
         if self.tiles is not None:
             rec["tiles"] = self.tiles
+        if self.rechecked is not None:
+            rec["rechecked"] = self.rechecked
         clash = rec.keys() & extra.keys()
         if clash:
             raise ValueError(f"extra record fields {sorted(clash)} would replace the result's own")
@@ -168,6 +176,10 @@ class Detector:
     formats:    image formats accepted (Pillow names; default preprocess.DEFAULT_FORMATS)
     require_signature: an Ed25519 public key (PEM) that must have signed the bundle's manifest
                 (default: $CINEMAE_REQUIRE_SIGNATURE when set)
+    recheck:    at a reduced precision, re-score images whose p lies near a decision edge with
+                the same backend at fp32 (:class:`cinemae.runtime.precision.Recheck`). None/True:
+                with the margin the bundle measured for this backend and precision (none measured:
+                no recheck); a number: that margin in p; False: never
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle | None = None, *,
@@ -176,7 +188,8 @@ class Detector:
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
                  provenance: bool = True, provenance_policy: bool = True,
                  trust_anchors: str | None = None, formats: Sequence[str] | None = None,
-                 require_signature: str | os.PathLike[str] | None = None) -> None:
+                 require_signature: str | os.PathLike[str] | None = None,
+                 recheck: bool | float | None = None) -> None:
         #: image formats accepted, checked from the header before decoding (None: DEFAULT_FORMATS)
         self.formats = allowed_formats(formats)
         self.bundle = bundle if isinstance(bundle, Bundle) else resolve_bundle(bundle, require_signature)
@@ -189,6 +202,7 @@ class Detector:
                                          self.bundle.mask_seed)
         self.backend, self.skipped = create_backend(self.bundle, backend, device, precision,
                                                     threads)
+        self.recheck = Recheck.for_backend(self.bundle, self.backend, device, threads, recheck)
         self.batch_size = max(1, int(batch_size))
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
@@ -207,7 +221,8 @@ class Detector:
         """What produced this detector's results: the bundle's fingerprint (id, version,
         manifest_sha256) plus backend, precision, K and the decision threshold."""
         return {**self.bundle.fingerprint(), "backend": self.backend.name,
-                "precision": self.backend.precision, "k": self.k, "threshold": self.threshold}
+                "precision": self.backend.precision, "k": self.k, "threshold": self.threshold,
+                **({"recheck_margin": self.recheck.margin} if self.recheck else {})}
 
     @property
     def backend_name(self) -> str:
@@ -215,7 +230,8 @@ class Detector:
 
     def describe(self) -> str:
         """One line: which backend ran and why faster ones did not."""
-        line = f"backend {self.backend.name} ({self.backend.precision}), K={self.k}"
+        line = f"backend {self.backend.name} ({self.backend.precision}), K={self.k}" + (
+            f", fp32 recheck within {self.recheck.margin:.2g} of the edges" if self.recheck else "")
         return line + ("; passed over: " + "; ".join(self.skipped) if self.skipped else "")
 
     # preprocessing ---------------------------------------------------------------------------
@@ -344,6 +360,9 @@ class Detector:
             wants: list[bool | int | None] = [False] * len(idx) if tiled else [
                 (explain_k or True) if explain else results[i].want_heatmap for i in idx]
             out = self.run_arrays(batch, want_lcas=want_lcas or any(w is not False for w in wants))
+            rechecked = None if self.recheck is None else self.recheck.apply(
+                batch, bounds, out, self.masks, lambda j, lg: reduce_logits(np.asarray(lg, np.float64), self.tiles)
+                if arrays[idx[j]].ndim == 4 else float(lg[0]), self.threshold, self.abstain_band)  # type: ignore[union-attr, arg-type]
             maps = None
             if any(w is not False for w in wants):
                 from .explain.web import batch_maps
@@ -377,6 +396,7 @@ class Detector:
             r.verdict, r.reason = self.apply_policy(r.provenance, r.pixel_verdict)
             r.stats = tuple(float(x) for x in np.asarray(out.stats[a:b], np.float64).mean(0))  # type: ignore[assignment]
             r.timings = per
+            r.rechecked = None if rechecked is None else rechecked[j]
             if want_lcas:  # K=0 runs no decoder: an empty [0, L] map; a tiled image: its crops' runs [T*K, L]
                 r.lcas = (np.asarray(out.lcas[a:b], dtype=np.float32).reshape(-1, self.bundle.backbone.num_patches)
                           if out.lcas is not None else
@@ -432,6 +452,8 @@ class Detector:
 
     def close(self) -> None:
         self.backend.close()
+        if self.recheck is not None:
+            self.recheck.close()
 
     def __enter__(self) -> Detector:
         return self

@@ -239,6 +239,9 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             written = write_head(bundle.root, th.head, decision, training, out=args.out_bundle)
             report["written"] = {"bundle": str(written), "k": k}
             log(f"wrote the K={k} head into {written} (trained=True, threshold {thr:.4f})")
+            from ..export.recheck import margins_after_training  # the new head moves p: measure again
+
+            report["recheck"] = margins_after_training(written, args.real + args.fake, threads, log)
     if len(test_scores) > 1:
         # each K against the smallest K on the same test images: is a difference larger than chance?
         base = ks[0]
