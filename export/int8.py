@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from .recheck import p_of as _p
+from .recheck import run_batches as _run
+
 _logger = logging.getLogger(__name__)
 
 #: INT8 forms vs the fp32 graphs on real images. ``decision_agreement_decisive`` counts only the
@@ -179,10 +182,6 @@ def convert_graphs_int8(stage: Path, fp32_graphs: dict[str, str], model: Any, im
     return out, report
 
 
-def _p(logit: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logit, dtype=np.float64)))
-
-
 def gate_row(form: str, ref: Any, out: Any, threshold: float, tolerances: dict[str, float]) -> GateRow:
     """Compare one INT8 run ``out`` with the fp32 run ``ref`` (BatchOutputs of the same images)."""
     p_ref, p = _p(ref.logit), _p(out.logit)
@@ -231,15 +230,6 @@ def int8_gate(bundle: Any, images: np.ndarray, masks: Any, tolerances: dict[str,
         rows.append(gate_row(f"{form}/int8", ref, _run(be, images, masks), bundle.threshold, tol))
         be.close()
     return rows
-
-
-def _run(backend: Any, images: np.ndarray, masks: Any, batch: int = 8) -> Any:
-    """The backend on ``images`` in batches; one BatchOutput-like object (logit [N], stats [N, 3])."""
-    from ..runtime.backends.base import BatchOutput
-
-    outs = [backend.run(images[i:i + batch], masks) for i in range(0, len(images), batch)]
-    return BatchOutput(logit=np.concatenate([o.logit for o in outs]),
-                       stats=np.concatenate([o.stats for o in outs]))
 
 
 def format_gate(rows: Sequence[GateRow]) -> str:

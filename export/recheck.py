@@ -1,7 +1,7 @@
 """Recheck margins: how far each reduced-precision form moves p, measured with the bundle's head.
 
 The runtime re-scores at fp32 every image whose reduced-precision p lies within the form's margin
-of a decision edge (:class:`cinemae.runtime.precision.Recheck`). A verdict can only differ from
+of a decision edge (:class:`cinemae.runtime.recheck.Recheck`). A verdict can only differ from
 fp32's when |p - edge| <= |Δp|, so a margin at least the image's |Δp| catches every flip. The
 margin is ``RECHECK_SAFETY`` x the largest |Δp| over real images, measured here against the fp32
 graphs in ONNX Runtime CPU (the gate's reference) and written into the manifest's ``recheck``
@@ -26,6 +26,20 @@ _logger = logging.getLogger(__name__)
 
 #: images a margin is measured on when a folder is given (spread over the sorted files)
 MARGIN_IMAGES = 64
+
+
+def p_of(logit: np.ndarray) -> np.ndarray:
+    """p = sigmoid(logit) in float64, same shape."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logit, dtype=np.float64)))
+
+
+def run_batches(backend: Any, images: np.ndarray, masks: Any, batch: int = 8) -> Any:
+    """The backend on ``images`` [N, 3, H, W] in batches; one BatchOutput (logit [N], stats [N, 3])."""
+    from ..runtime.backends.base import BatchOutput
+
+    outs = [backend.run(images[i:i + batch], masks) for i in range(0, len(images), batch)]
+    return BatchOutput(logit=np.concatenate([o.logit for o in outs]),
+                       stats=np.concatenate([o.stats for o in outs]))
 
 
 def reduced_forms(bundle: Any) -> list[tuple[str, str]]:
@@ -54,11 +68,9 @@ def measure_margins(bundle: Any, images: np.ndarray, masks: Any, forms: Sequence
     from ..runtime.backends.registry import create_backend
     from ..runtime.bundle import BundleError
     from ..runtime.precision import RECHECK_SAFETY, head_sha256
-    from .int8 import _p, _run
-
     safety = RECHECK_SAFETY if safety is None else float(safety)
     ref_be, _ = create_backend(bundle, "onnxruntime-cpu", "cpu", "fp32", threads)
-    p_ref = _p(_run(ref_be, images, masks).logit)
+    p_ref = p_of(run_batches(ref_be, images, masks).logit)
     ref_be.close()
     rows: dict[str, Any] = {}
     for name, prec in (reduced_forms(bundle) if forms is None else forms):
@@ -67,7 +79,7 @@ def measure_margins(bundle: Any, images: np.ndarray, masks: Any, forms: Sequence
         except (BackendUnavailable, BundleError, ImportError) as e:
             log(f"recheck margin: {name}/{prec} cannot run here ({e}); no margin")
             continue
-        dp = np.abs(_p(_run(be, images, masks).logit) - p_ref)
+        dp = np.abs(p_of(run_batches(be, images, masks).logit) - p_ref)
         be.close()
         rows[f"{name}/{prec}"] = form_row(float(dp.max()), float(dp.mean()), len(dp), safety)
         log(f"recheck margin: {name}/{prec}: max |dp| {dp.max():.2e} over {len(dp)} images -> margin "
@@ -158,5 +170,5 @@ def margins_after_training(root: str | Path, sources: Sequence[str | Path], thre
     return entry
 
 
-__all__ = ["MARGIN_IMAGES", "form_row", "image_files", "margins_after_training", "measure_margins", "reduced_forms",
-           "with_gate_rows", "write_margins"]
+__all__ = ["MARGIN_IMAGES", "form_row", "image_files", "margins_after_training", "measure_margins", "p_of",
+           "reduced_forms", "run_batches", "with_gate_rows", "write_margins"]

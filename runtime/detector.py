@@ -23,7 +23,6 @@ import numpy as np
 from .backends import BatchOutput, create_backend
 from .bundle import Bundle, resolve_bundle
 from .masks import MaskSet, make_masks
-from .precision import Recheck
 from .preprocess import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -34,6 +33,7 @@ from .preprocess import (
     preprocess,
     read_bytes,
 )
+from .recheck import Recheck
 from .tiles import TileSpec, reduce_logits, tile_views
 
 EMBEDDED_DOMAIN_WARNING = (
@@ -69,7 +69,7 @@ class Result:
                    the image logit is their reduction (mean logit). None for an untiled bundle.
     rechecked:     at a reduced precision with a recheck margin: whether this image's p lay within
                    the margin of a decision edge, so that score, stats and verdict are the fp32
-                   backend's (:class:`cinemae.runtime.precision.Recheck`); None when no recheck ran
+                   backend's (:class:`cinemae.runtime.recheck.Recheck`); None when no recheck ran
     """
 
     source: str
@@ -177,7 +177,7 @@ class Detector:
     require_signature: an Ed25519 public key (PEM) that must have signed the bundle's manifest
                 (default: $CINEMAE_REQUIRE_SIGNATURE when set)
     recheck:    at a reduced precision, re-score images whose p lies near a decision edge with
-                the same backend at fp32 (:class:`cinemae.runtime.precision.Recheck`). None/True:
+                the same backend at fp32 (:class:`cinemae.runtime.recheck.Recheck`). None/True:
                 with the margin the bundle measured for this backend and precision (none measured:
                 no recheck); a number: that margin in p; False: never
     """

@@ -9,7 +9,7 @@ silently takes another precision's rules.
 **Borderline fp32 recheck.** A reduced precision moves p by up to the |Δp| its gate measured
 (:mod:`cinemae.export.recheck`, the manifest's ``recheck`` entry). A verdict can only differ from
 fp32's when p lies within that distance of a decision edge (the threshold or an abstain-band
-edge), so :class:`Recheck` re-scores exactly those images through the fp32 graphs of the same
+edge), so :class:`cinemae.runtime.recheck.Recheck` re-scores exactly those images through the fp32 graphs of the same
 backend, with the same masks, and the fp32 verdict is the answer.
 
 The dtype of a tensor in device memory (the decoder output the fused LCAS kernel reads) is a
@@ -20,8 +20,6 @@ session to the kernel.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,68 +86,5 @@ def edge_distance(p: np.ndarray, threshold: float, band: tuple[float, float]) ->
     return np.min(np.abs(np.asarray(p, np.float64)[:, None] - edges[None, :]), axis=1)
 
 
-class Recheck:
-    """Re-scores borderline images at fp32 (see the module docstring).
-
-    bundle, backend: the detector's bundle and its (reduced-precision) backend
-    device, threads: as the detector was given them; the fp32 backend is made the same way,
-                 lazily, on the first borderline image
-    margin:      p distance to a decision edge under which an image is rechecked
-    """
-
-    def __init__(self, bundle: Any, backend: Any, device: str, threads: int | None, margin: float) -> None:
-        self.bundle, self.name, self.device, self.threads = bundle, backend.name, device, threads
-        self.margin = float(margin)
-        self.fp32: Any = None
-
-    @classmethod
-    def for_backend(cls, bundle: Any, backend: Any, device: str, threads: int | None,
-                    recheck: bool | float | None) -> Recheck | None:
-        """The detector's recheck: None for an fp32 backend or ``recheck=False``; ``recheck``
-        a number: that margin; True/None: the bundle's measured margin for this backend and
-        precision (None when it has none)."""
-        if backend.precision == "fp32" or recheck is False:
-            return None
-        if recheck is None or recheck is True:
-            margin = recheck_margin(bundle.manifest, f"{backend.name}/{backend.precision}")
-        else:
-            margin = float(recheck)
-            if not math.isfinite(margin) or margin < 0:
-                raise ValueError(f"the recheck margin must be a number >= 0, not {recheck!r}")
-        return None if margin is None else cls(bundle, backend, device, threads, margin)
-
-    def apply(self, images: np.ndarray, bounds: Sequence[int], out: Any, masks: Any,
-              image_logit: Callable[[int, np.ndarray], float], threshold: float,
-              band: tuple[float, float]) -> list[bool]:
-        """Replace, in ``out`` (BatchOutput of ``images`` [R, 3, S, S]), the rows of every image
-        whose p lies within the margin of an edge by their fp32 rows. Image j is rows
-        ``bounds[j]:bounds[j + 1]`` (its crops); ``image_logit(j, logits)`` its logit from its rows.
-        Returns [N] whether each image was rechecked."""
-        n = len(bounds) - 1
-        logits = np.array([image_logit(j, out.logit[bounds[j]:bounds[j + 1]]) for j in range(n)])
-        with np.errstate(over="ignore"):
-            p = 1.0 / (1.0 + np.exp(-logits))
-        near = (edge_distance(p, threshold, band) <= self.margin) & np.isfinite(logits)
-        if not near.any():
-            return [False] * n
-        t = time.perf_counter()
-        rows = np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in np.flatnonzero(near)])
-        if self.fp32 is None:
-            from .backends import create_backend
-
-            self.fp32, _ = create_backend(self.bundle, self.name, self.device, "fp32", self.threads)
-        ref = self.fp32.run(images[rows], masks, want_lcas=out.lcas is not None)
-        out.logit[rows], out.stats[rows] = ref.logit, ref.stats
-        if out.lcas is not None and ref.lcas is not None:
-            out.lcas[rows] = ref.lcas
-        out.timings["recheck"] = out.timings.get("recheck", 0.0) + time.perf_counter() - t
-        return near.tolist()
-
-    def close(self) -> None:
-        if self.fp32 is not None:
-            self.fp32.close()
-            self.fp32 = None
-
-
-__all__ = ["PRECISIONS", "RECHECK_SAFETY", "Recheck", "check_precision", "edge_distance", "float_dtype",
+__all__ = ["PRECISIONS", "RECHECK_SAFETY", "check_precision", "edge_distance", "float_dtype",
            "head_sha256", "recheck_margin"]
