@@ -47,9 +47,10 @@ def float_dtype(name: str) -> np.dtype:
     return np.dtype(table[key])
 
 
-#: margin = RECHECK_SAFETY x the largest |Δp| measured on the gate images. The gate sees a few dozen
-#: images; the factor covers the images it did not see (measured on ViT-B: the largest |Δp| over
-#: 577 unseen photos was at most 1.5x the one over 64 gate images; benchmarks/results/cpu_fast_path.md).
+#: margin = RECHECK_SAFETY x the largest |Δp| measured on the margin images. Those are a few dozen;
+#: an image they did not include can move further, and a margin short of an image's |Δp| lets its
+#: flip through, while every doubling of the margin only costs the fp32 pass of the few images in
+#: the wider band (benchmarks/results/cpu_fast_path.md, "Borderline fp32 recheck").
 RECHECK_SAFETY = 2.0
 
 
