@@ -440,6 +440,57 @@ def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:
         main(other + ["--out", str(tmp_path / "c"), "--init", str(first)])
 
 
+def _write_photo_folder(root: Path) -> Path:
+    """labels.csv + JPEGs: 6 reals of 40-90 px (one from an excluded source, one too small) and 2 fakes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    rows = ["path,label,generator,source"]
+    for i, (size, label, source) in enumerate([(90, "real", "a/x"), (64, "real", "a/x"), (80, "real", "b/y"),
+                                               (70, "real", "a/x"), (48, "real", "held/out"), (12, "real", "a/x"),
+                                               (80, "fake", "a/x"), (80, "fake", "b/y")]):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        px = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
+        Image.fromarray(px).save(root / label / f"{i}.jpg", quality=95)
+        rows.append(f"{label}/{i}.jpg,{label},g,{source}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_pretrain_on_photo_crops(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cinemae.train.pretrain_mae import PhotoCrops, main
+
+    root = _write_photo_folder(tmp_path / "photos")
+    pc = PhotoCrops(root, 32, ("held/",))
+    # reals only, the excluded source and the image smaller than a crop left out
+    assert pc.names == ["real/0.jpg", "real/1.jpg", "real/2.jpg", "real/3.jpg"]
+    a = pc.sample(5, np.random.default_rng(0))
+    b = pc.sample(5, np.random.default_rng(0))
+    assert a.shape == (5, 3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
+    # every crop is a native-resolution window of one of the images (or its mirror), normalised as the runtime does
+    from cinemae.runtime.preprocess import normalise
+
+    def windows(img: np.ndarray) -> list[np.ndarray]:
+        f = img.astype(np.float32) / 255.0
+        return [normalise(np.ascontiguousarray(g[t:t + 32, c:c + 32])) for g in (f, f[:, ::-1])
+                for t in range(f.shape[0] - 31) for c in range(f.shape[1] - 31)]
+
+    every = [w for img in pc.images for w in windows(img)]
+    assert all(any(np.array_equal(x, w) for w in every) for x in a)
+    out = tmp_path / "run"
+    args = ["--images", str(root), "--exclude-source", "held/", "--arch", "tiny", "--out", str(out),
+            "--epochs", "2", "--batch", "4", "--crops-per-epoch", "8", "--holdout-frac", "0.3",
+            "--warmup-steps", "1", "--log-every", "0", "--threads", "1"]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["excluded_sources"] == ["held/"] and s["train_images"] + s["holdout_images"] == 4
+    assert s["holdout_images"] >= 1 and s["holdout_crops"] >= 1 and s["steps"] == 4
+    assert np.isfinite(s["final_val_recon_loss"])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        main(args + ["--tar", "x.tar"])
+
+
 def test_pretraining_stages_follow_init_chain() -> None:
     from cinemae.train.build_default import pretraining_stages
 

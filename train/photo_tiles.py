@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .head import TrainConfig, head_logits, train_head, write_head
 
     base = resolve_bundle(args.bundle)
+    default = resolve_bundle(None)  # the shipped model: every new head is compared with it
+    same_backbone = base.root.resolve() == default.root.resolve()
     rows = read_labels(Path(args.train_dir))
     held = tuple(args.heldout_sources)
     train_rows = [r for r in rows if not r["source"].startswith(held)]
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles)
         det = Detector(tb, backend="onnxruntime", device="cpu", provenance=False)
-        plain = Detector(base, backend="onnxruntime", device="cpu", provenance=False)
+        plain = Detector(default, backend="onnxruntime", device="cpu", provenance=False)
         sets = {"train": train_rows, "heldout": test_rows, "photos": eval_rows}
         feats = {k: crop_features(det, v) for k, v in sets.items()}
         for k, v in feats.items():
@@ -156,18 +158,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fg, fs, flog, fown = feats[name]
             n = len(sets[name])
             sc = {"cifake32": (np.array([r.score for r in plain.detect_many([x["path"] for x in sets[name]])]),
-                               plain.threshold),
-                  "cifake32_tiles": (sig(image_logits(flog, fown, n)), base.threshold)}
+                               plain.threshold)}
+            if same_backbone:  # the shipped head on the same tiles (a new backbone has no trained head)
+                sc["cifake32_tiles"] = (sig(image_logits(flog, fown, n)), base.threshold)
             for k, (th, thr) in heads.items():
                 sk = fs if k else np.zeros_like(fs)
                 sc[f"tiles_head_k{k}"] = (sig(image_logits(head_logits(th.head, fg, sk), fown, n)), thr)
             scores[name] = sc
             y = np.array([r["label"] == "fake" for r in sets[name]]).astype(int)
             report[name] = {m: evaluate(f"{name} {m}", sets[name], p, t) for m, (p, t) in sc.items()}
+            # per-image scores, so later comparisons (another backbone, another head) can be paired
+            report[name]["images"] = [{"path": r["path"], "label": r["label"], "group": r["group"]} for r in sets[name]]
+            report[name]["scores"] = {m: {"p": [float(v) for v in p], "threshold": float(t)}
+                                      for m, (p, t) in sc.items()}
             report[name]["paired_vs_cifake32"] = {
                 m: paired_comparison(y, *sc["cifake32"], p, t, seed=args.seed) for m, (p, t) in sc.items()
                 if m != "cifake32"}
-            for m, c in report[name]["paired_vs_cifake32"].items():
+            # what the LCAS statistics add: the K=2 head against the K=0 head (global feature only), paired
+            report[name]["paired_k2_vs_k0"] = paired_comparison(y, *sc["tiles_head_k0"], *sc["tiles_head_k2"],
+                                                                 seed=args.seed)
+            for m, c in [*report[name]["paired_vs_cifake32"].items(),
+                         ("k2 vs k0 (not cifake32)", report[name]["paired_k2_vs_k0"])]:
                 log.info("%s %s - cifake32: AUC %+.4f (95%% CI %+.4f..%+.4f), accuracy %+.4f (CI %+.4f..%+.4f)",
                          name, m, c["auc_diff"], *c["auc_diff_ci95"], c["accuracy_diff"], *c["accuracy_diff_ci95"])
         det.close()
@@ -181,7 +192,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             decision = {"threshold": thr, "abstain_band": [thr, thr], "calibration": {
                 "rule": "threshold = smallest p with <= 5% false positives on the real validation images "
                         "(mean crop logit per image)"}}
-            training = {"k": 2, "what": "cifake32 MAE (no new pretraining) + head on native 32-px crops",
+            what = args.what or (f"{base.manifest.get('model_id', base.root.name)} MAE + head on "
+                                 f"native {base.img_size}-px crops")
+            training = {"k": 2, "what": what,
                         "data": {"train_dir": "photos-train minus held-out sources", **report},
                         "epochs": args.epochs, "seed": args.seed}
             write_head(tb, th.head, decision, training, out=args.out_bundle,
@@ -202,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", default=None)
     ap.add_argument("--out-bundle", default=None)
+    ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run(args)

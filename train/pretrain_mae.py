@@ -10,6 +10,14 @@ epoch.
 
     python -m cinemae.train.pretrain_mae --tar ../shared/data/cifake/train-real.tar \
         --arch vit-mini-32 --epochs 8 --out runs/mae32
+
+Photo crops instead of an archive (``--images``): a folder with a ``labels.csv`` (path, label,
+source, as ``../shared/data/photos-train``); only its **real** rows are read, minus any
+``--exclude-source`` (a source held out of the head's evaluation stays out of pretraining too).
+Every step draws fresh random img_size x img_size crops at native resolution (no resizing: the
+runtime's native tiles see the pixels the same way), with random horizontal flips; an "epoch" is
+``--crops-per-epoch`` crops. The reconstruction loss is reported on fixed crops (a seeded grid,
+``runtime.tiles``) of the real images held out by crc32 of their path.
 """
 
 from __future__ import annotations
@@ -80,6 +88,76 @@ def load_images(tar: Path, limit: int | None = None, log: Any = _logger.info) ->
     return np.stack(arrays), names
 
 
+class PhotoCrops:
+    """Real photos decoded once (uint8 [h, w, 3] each, native size) and sampled as random crops."""
+
+    def __init__(self, root: Path, img_size: int, exclude_sources: tuple[str, ...] = (),
+                 log: Any = _logger.info) -> None:
+        import csv
+
+        from ..runtime.preprocess import InputError, load_image
+
+        self.img_size = img_size
+        self.images: list[np.ndarray] = []
+        self.names: list[str] = []
+        small = bad = excluded = 0
+        with open(root / "labels.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["label"].strip().lower() == "real"]
+        for r in rows:
+            if any(r.get("source", "").startswith(x) for x in exclude_sources):
+                excluded += 1
+                continue
+            try:
+                rgb = load_image(str(root / r["path"]))
+            except InputError:
+                bad += 1
+                continue
+            if min(rgb.shape[:2]) < img_size:
+                small += 1  # no native crop exists; enlarging would teach the MAE resampled pixels
+                continue
+            self.images.append(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8))
+            self.names.append(r["path"])
+        if not self.images:
+            raise SystemExit(f"{root}: no real image of at least {img_size} px")
+        log(f"{root}: {len(self.images)} real images ({excluded} from excluded sources, {small} smaller "
+            f"than {img_size} px, {bad} undecodable skipped), "
+            f"{sum(a.shape[0] * a.shape[1] for a in self.images) / 1e6:.1f} M pixels")
+
+    def subset(self, keep: np.ndarray) -> PhotoCrops:
+        """The images where ``keep`` [N] is true (shares the arrays)."""
+        out = object.__new__(PhotoCrops)
+        out.img_size = self.img_size
+        out.images = [a for a, k in zip(self.images, keep, strict=True) if k]
+        out.names = [n for n, k in zip(self.names, keep, strict=True) if k]
+        return out
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n random crops, images drawn in proportion to their area -> [n, 3, S, S] float32 normalised."""
+        from ..runtime.preprocess import normalise
+
+        s = self.img_size
+        area = np.array([a.shape[0] * a.shape[1] for a in self.images], dtype=np.float64)
+        which = rng.choice(len(self.images), size=n, p=area / area.sum())
+        out = np.empty((n, 3, s, s), np.float32)
+        for j, i in enumerate(which):
+            a = self.images[i]
+            t = int(rng.integers(0, a.shape[0] - s + 1))
+            left = int(rng.integers(0, a.shape[1] - s + 1))
+            crop = a[t:t + s, left:left + s].astype(np.float32) / 255.0
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            out[j] = normalise(np.ascontiguousarray(crop))
+        return out
+
+    def fixed_crops(self, per_image: int = 16) -> np.ndarray:
+        """A seeded grid of crops of every image (runtime.tiles) -> [M, 3, S, S] (the held-out set)."""
+        from ..runtime.tiles import TileSpec, tile_views
+
+        spec = TileSpec(mode="grid", n=per_image)
+        return np.concatenate([tile_views(a.astype(np.float32) / 255.0, self.img_size, spec)[0]
+                               for a in self.images])
+
+
 def split_holdout(names: list[str], frac: float = 0.02) -> np.ndarray:
     """Deterministic hold-out mask (crc32 of the member name), for the reported recon loss."""
     import zlib
@@ -121,20 +199,35 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset(args.arch)
-    if cfg.img_size != 32 or cfg.norm_pix:
-        raise SystemExit("this recipe is for 32-px pixel-target backbones")
+    if cfg.norm_pix:
+        raise SystemExit("this recipe is for pixel-target backbones")
+    if bool(args.tar) == bool(args.images):
+        raise SystemExit("give exactly one of --tar (an archive of 32-px images) or --images (a photo folder)")
     t0 = time.time()
-    decoded = out / "decoded.npz"  # the decoded archive, so a resumed run starts at once
-    if args.resume and decoded.is_file():
-        with np.load(decoded) as z:
-            images, names = z["images"], [str(n) for n in z["names"]]
+    photos: PhotoCrops | None = None
+    if args.images:
+        photos = PhotoCrops(Path(args.images), cfg.img_size, tuple(args.exclude_source or ()), log)
+        hold = split_holdout(photos.names, frac=args.holdout_frac)
+        photos, held = photos.subset(~hold), photos.subset(hold)
+        val_x = held.fixed_crops()
+        n_train = args.crops_per_epoch
+        log(f"loaded in {time.time() - t0:.0f}s: {len(photos.images)} training images, {len(held.images)} held "
+            f"out ({len(val_x)} fixed crops) for the reconstruction loss")
     else:
-        images, names = load_images(Path(args.tar), args.limit, log)
-        atomic_write(decoded, lambda f: np.savez(f, images=images, names=np.array(names)))
-    hold = split_holdout(names)
-    train_x, val_x = images[~hold], images[hold]
-    log(f"loaded {len(images)} images in {time.time() - t0:.0f}s: {len(train_x)} train, "
-        f"{len(val_x)} held out for the reconstruction loss")
+        if cfg.img_size != 32:
+            raise SystemExit("--tar holds 32-px images: use a 32-px preset, or --images for larger crops")
+        decoded = out / "decoded.npz"  # the decoded archive, so a resumed run starts at once
+        if args.resume and decoded.is_file():
+            with np.load(decoded) as z:
+                images, names = z["images"], [str(n) for n in z["names"]]
+        else:
+            images, names = load_images(Path(args.tar), args.limit, log)
+            atomic_write(decoded, lambda f: np.savez(f, images=images, names=np.array(names)))
+        hold = split_holdout(names)
+        train_x, val_x = images[~hold], images[hold]
+        n_train = len(train_x)
+        log(f"loaded {len(images)} images in {time.time() - t0:.0f}s: {len(train_x)} train, "
+            f"{len(val_x)} held out for the reconstruction loss")
 
     torch.manual_seed(args.seed)
     model = MaskedAutoencoderViT(cfg)
@@ -146,7 +239,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         (no_decay if p.ndim <= 1 or n.endswith(("cls_token", "mask_token")) else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    steps_per_epoch = len(train_x) // args.batch
+    steps_per_epoch = n_train // args.batch
     total = steps_per_epoch * args.epochs
     warmup = min(args.warmup_steps, total // 5)
     ckpt = out / "checkpoint.pt"
@@ -157,7 +250,8 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
     if getattr(args, "init", None) and not (args.resume and ckpt.is_file()):
         # a further stage: the weights of an earlier run, a fresh optimiser and a fresh schedule
         src = torch.load(args.init, map_location="cpu", weights_only=False)
-        if src.get("config") and src["config"] != cfg.to_dict():
+        # keys added to MAEConfig since the checkpoint was written take their defaults
+        if src.get("config") and {**cfg.to_dict(), **src["config"]} != cfg.to_dict():
             raise SystemExit(f"--init {args.init} holds a different backbone ({src['config']}) than --arch {args.arch}")
         model.load_state_dict(src["model"])
         init_from = {"path": str(args.init), "summary": src.get("summary")}
@@ -182,7 +276,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             break
         te = time.time()
         e0 = elapsed
-        order = rng.permutation(len(train_x))
+        order = rng.permutation(n_train) if photos is None else None
         running, seen = 0.0, 0
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
@@ -199,10 +293,13 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                 lr = lr_at(step, total, warmup, args.lr, args.lr * 0.01)
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = order[s * args.batch:(s + 1) * args.batch]
-            xb = train_x[idx]
-            flip = rng.random(len(idx)) < 0.5
-            xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
+            if photos is not None:
+                xb = photos.sample(args.batch, rng)
+            else:
+                idx = order[s * args.batch:(s + 1) * args.batch]
+                xb = train_x[idx]
+                flip = rng.random(len(idx)) < 0.5
+                xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
             x = torch.from_numpy(np.ascontiguousarray(xb))
             keep, restore, mask = random_masks(len(x), cfg.num_patches, n_keep, gen)
             loss = mae_loss(model, x, keep, restore, mask)
@@ -230,8 +327,14 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                "warmup_steps": warmup, "time_budget_min": args.time_budget_min,
                "steps": int(sum(h["steps"] for h in history)), "train_seconds": round(elapsed, 1),
                "mask_ratio": args.mask_ratio, "threads": args.threads,
-               "train_images": int(len(train_x)), "holdout_images": int(len(val_x)),
-               "data": str(args.tar), "target": "pixel", "augmentation": "random horizontal flip",
+               "train_images": int(n_train if photos is None else len(photos.images)),
+               "holdout_images": int(len(val_x) if photos is None else len(held.images)),
+               "holdout_crops": None if photos is None else int(len(val_x)),
+               "data": str(args.tar or args.images), "target": "pixel",
+               "excluded_sources": list(args.exclude_source or ()),
+               "crops": None if photos is None else f"random native {cfg.img_size}-px crops, "
+                                                    f"{args.crops_per_epoch} per epoch, area-weighted",
+               "augmentation": "random horizontal flip",
                "init_from": init_from, "history": history,
                "final_val_recon_loss": history[-1]["val_loss"] if history else None,
                "final_train_recon_loss": history[-1]["train_loss"] if history else None,
@@ -245,7 +348,14 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tar", required=True, help="tar archive of real training images (train-real.tar)")
+    ap.add_argument("--tar", default=None, help="tar archive of real 32-px training images (train-real.tar)")
+    ap.add_argument("--images", default=None,
+                    help="a photo folder with labels.csv (its real rows only), sampled as native-resolution crops")
+    ap.add_argument("--exclude-source", action="append", default=None,
+                    help="with --images: leave out real rows whose source starts with this (repeatable)")
+    ap.add_argument("--crops-per-epoch", type=int, default=20480, help="with --images: crops per epoch")
+    ap.add_argument("--holdout-frac", type=float, default=0.05,
+                    help="with --images: share of the images held out (crc32 of the path) for the reported loss")
     ap.add_argument("--arch", default="vit-mini-32", help="backbone preset (cinemae.export.model.PRESETS)")
     ap.add_argument("--out", required=True, help="run directory (checkpoint, mae.pth, summary.json)")
     ap.add_argument("--epochs", type=int, default=8)
