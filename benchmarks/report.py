@@ -139,10 +139,12 @@ def format_reship_cost(cost: dict[str, Any]) -> str:
         return f"re-shipping ensemble cost: error: {cost['error']}"
     lines = [f"Re-shipping ensemble cost (views {', '.join(cost['views'])}; {cost['images']} images, "
              f"{cost['backend']}; {cost['protocol']}):", "",
-             "| round | plain img/s | ensemble img/s | slowdown |", "|---|---|---|---|"]
+             "| round | plain img/s | ensemble img/s | slowdown | plain CPU ms/img | ensemble CPU ms/img | CPU ratio |",
+             "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(cost["rounds"], 1):
-        lines.append(f"| {i} | {r['plain_img_s']} | {r['reship_img_s']} | {r['ratio']:.2f}x |")
-    lines.append(f"| median | | | {cost['median_slowdown']:.2f}x |")
+        lines.append(f"| {i} | {r['plain_img_s']} | {r['reship_img_s']} | {r['ratio']:.2f}x | {r['plain_cpu_ms']} | "
+                     f"{r['reship_cpu_ms']} | {r['cpu_ratio']:.2f}x |")
+    lines.append(f"| median | | | {cost['median_slowdown']:.2f}x | | | {cost['median_cpu_ratio']:.2f}x |")
     return "\n".join(lines)
 
 

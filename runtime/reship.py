@@ -40,9 +40,13 @@ KINDS = ("jpeg", "shrink", "upscale", "crop", "letterbox")
 RESHIP_SET = ("upscale:2", "crop:0.6", "letterbox:16x9", "jpeg:40", "jpeg:60", "jpeg:75", "jpeg:95", "shrink:0.5")
 
 #: named ensembles for ``--reship`` (views added to the original; see the module docstring)
+#: ``default``: the pair that took the embedded bundle's ai <-> real flips under every re-shipping of
+#: RESHIP_SET to 0 on ../shared/data/photos (benchmarks/results/reship_cifake32_photos.md); JPEG and
+#: downscale views change nothing there (a 32-px model never sees those artefacts). ``full`` adds them
+#: for native-resolution (tiled) bundles, whose verdicts codecs and scale can move.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
-    "default": ("jpeg:60", "shrink:0.5", "crop:0.8"),
-    "light": ("jpeg:60", "shrink:0.5"),
+    "default": ("crop:0.7", "letterbox:16x9"),
+    "full": ("crop:0.7", "letterbox:16x9", "jpeg:75", "shrink:0.5"),
 }
 
 

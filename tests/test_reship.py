@@ -137,7 +137,7 @@ def test_flip_rates_on_embedded_bundle_match_detector_verdicts() -> None:
     """The bench's flips (benchmarks.accuracy.evaluate) on a tiny real run equal those counted
     from the Detector's own verdicts on the same perturbed pixels, also with the ensemble."""
     det = _detector()
-    ens_det = _detector(reship="light")
+    ens_det = _detector(reship="default")
     bb = det.bundle.backbone
     files = [_jpeg_bytes(_rgb(48 + 8 * i, 64 - 4 * i, seed=i)) for i in range(8)]
     items = [LabeledItem(f"i{i}", i % 2, "g" if i % 2 else None, (lambda b=b: b)) for i, b in enumerate(files)]
@@ -211,7 +211,7 @@ def test_ensemble_agree_and_disagree_on_real_bundle() -> None:
 
 
 def test_ensemble_is_one_batched_call_and_bad_input_is_per_item() -> None:
-    det = _detector(reship="light", max_pixels=200_000)
+    det = _detector(reship="default", max_pixels=200_000)
     calls: list[tuple[int, ...]] = []
     run = det.backend.run
 
@@ -261,7 +261,13 @@ def test_detect_cli_reship(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     recs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     good = [r for r in recs if r["error"] is None]
     assert len(recs) == 2 and len(good) == 1
-    assert [v["view"] for v in good[0]["reship"]] == ["original", "jpeg:60", "shrink:0.5", "crop:0.8"]
+    assert [v["view"] for v in good[0]["reship"]] == ["original", "crop:0.7", "letterbox:16x9"]
+    out = tmp_path / "scan.jsonl"  # --out runs the resumable scan: the same prepare / score path
+    assert main([str(_embedded()), str(f), "--reship", "default", "--out", str(out), "--no-progress",
+                 "--backend", "onnxruntime", "--device", "cpu"]) == 0
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert [v["view"] for v in rec["reship"]] == ["original", "crop:0.7", "letterbox:16x9"]
+    assert rec["score"] == good[0]["score"]
     assert main([str(_embedded()), str(f), "--reship", "sharpen:2"]) == 2
     assert "sharpen" in capsys.readouterr().err
     assert main([str(_embedded()), str(f), "--reship", "default", "--heatmap", str(tmp_path / "h")]) == 2
@@ -280,7 +286,7 @@ def test_bench_perturb_reship_outputs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     rc = main(["--bundle", str(_embedded()), "--k", "2", "--batch", "2", "--backends", "onnxruntime-cpu",
                "--no-torch", "--data", str(root), "--perturb", "crop:0.6,letterbox:16x9,upscale:2",
-               "--reship", "light", "--out", str(out), "--warmup", "1", "--iters", "2", "--min-iters", "1",
+               "--reship", "default", "--out", str(out), "--warmup", "1", "--iters", "2", "--min-iters", "1",
                "--row-time", "0.05", "--peak-tflops", "0.1", "--quiet"])
     assert rc == 0
     res = json.loads((out / "bench.json").read_text())
@@ -290,11 +296,11 @@ def test_bench_perturb_reship_outputs(tmp_path: Path) -> None:
         for which in (a["verdicts"]["flip"], a["ensemble"]["flip"]):
             assert (which["real"]["n"], which["fake"]["n"], which["all"]["n"]) == (4, 4, 8)
             assert which["all"]["flipped"] == which["real"]["flipped"] + which["fake"]["flipped"]
-        assert a["ensemble"]["views"] == ["jpeg:60", "shrink:0.5"]
+        assert a["ensemble"]["views"] == ["crop:0.7", "letterbox:16x9"]
         assert 0 <= a["verdicts"]["uncertain"] <= a["ensemble"]["uncertain"] <= 1  # the ensemble only adds abstentions
     assert acc[0]["verdicts"]["flip"]["all"]["flipped"] == 0
     cost = res["reship_cost"]
     assert cost["rows_per_image"] == 3 and len(cost["rounds"]) == 3 and cost["median_slowdown"] > 0
     md = (out / "bench.md").read_text()
     assert "Verdict flips" in md and "ens flip all" in md and "ensemble cost" in md
-    assert main(["--reship", "light"]) == 2  # needs --data
+    assert main(["--reship", "default"]) == 2  # needs --data
