@@ -45,7 +45,9 @@ def log(msg: str) -> None:
 
 
 def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, fusion: str = "add",
-                 mask_seed: int = 0) -> Path:
+                 mask_seed: int = 0, model_id: str = "cinemae-cifake32-demo") -> Path:
+    """A pretraining run's ``mae.pth`` with an untrained head -> a parity-checked bundle at ``out``
+    (kept when it exists), crop ratio 1.0."""
     import torch
 
     from ..export.bundle import ExportOptions, export_bundle
@@ -64,7 +66,7 @@ def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, 
     photos = sorted((data / "photos" / "real").glob("*.jpg"))[:4]
     summary = obj.get("summary", {})
     opts = ExportOptions(k=k, mask_seed=mask_seed, crop_ratio=1.0, parity_images=photos,
-                         model_id="cinemae-cifake32-demo",
+                         model_id=model_id,
                          model_version="1", provenance={"backbone_pretraining": summary})
     export_bundle(model.eval(), head.eval(), out, opts, log=log)
     return out

@@ -119,7 +119,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .calibrate import paired_comparison
     from .head import TrainConfig, head_logits, train_head, write_head
 
-    base = resolve_bundle(args.bundle)
+    if args.mae:  # a pretraining run's weights: export them first (an untrained head; only the backbone is used)
+        from .build_default import export_stage
+
+        work = Path(args.work or Path(args.mae).parent / "bundle")
+        base = resolve_bundle(export_stage(Path(args.mae), work, pooling="mean", k=2, model_id=args.model_id))
+    else:
+        base = resolve_bundle(args.bundle)
     default = resolve_bundle(None)  # the shipped model: every new head is compared with it
     same_backbone = base.root.resolve() == default.root.resolve()
     rows = read_labels(Path(args.train_dir))
@@ -206,7 +212,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", default=None, help="backbone bundle (default: the embedded cifake32)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--bundle", default=None, help="backbone bundle (default: the embedded cifake32)")
+    src.add_argument("--mae", default=None, help="or a pretrain_mae.py mae.pth, exported to --work first")
+    ap.add_argument("--work", default=None, help="with --mae: where the exported backbone bundle goes "
+                                                 "(default: beside mae.pth; kept and reused)")
+    ap.add_argument("--model-id", default="cinemae-photo32", help="with --mae: the exported bundle's model id")
     ap.add_argument("--train-dir", required=True)
     ap.add_argument("--eval-dir", required=True)
     ap.add_argument("--heldout-sources", nargs="+", default=list(DEFAULT_HELDOUT))
