@@ -596,12 +596,15 @@ def test_cli_split_by_group(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Ca
     report = tmp_path / "r.json"
     common = ["--bundle", str(tiny_bundle), "--csv", str(csv), "--epochs", "2", "--batch", "16", "--no-write",
               "--quiet", "--threads", "1", "--cache", str(tmp_path / "cache")]
+    extra = _write_dir(tmp_path / "extra_real", 0, 3)  # a second test set, reported on its own too
     assert main([*common, "--split-by", "generator", "--test-groups", "gen1,cam3", "--val-frac", "0.2",
-                 "--report", str(report), "--per-image"]) == 0
+                 "--test-real", str(extra), "--report", str(report), "--per-image"]) == 0
     rep = json.loads(report.read_text())
     d = rep["data"]
     assert d["split_by"] == "generator" and d["test_groups"] == ["gen1", "cam3"]
-    assert d["test_from_training_csv"] == 9 and d["test"]["images"] == 9
+    assert d["test_from_training_csv"] == 9 and d["test"]["images"] == 12
+    parts = rep["per_k"]["2"]["test_parts"]
+    assert parts["heldout_groups"]["n"] == 9 and parts["test_data"]["n"] == 3 and parts["test_data"]["n_fake"] == 0
     val_groups = set(d["validation_groups"])
     assert val_groups and not val_groups & {"gen1", "cam3"}
     names = {Path(n).name for n in rep["validation_images"]}
@@ -609,7 +612,7 @@ def test_cli_split_by_group(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Ca
     assert {gen_of[n] for n in names} == val_groups
     assert d["train"]["images"] == 40 - 9 - len(names)
     per_group = rep["per_k"]["2"]["test_per_group"]
-    assert set(per_group) == {"fake:gen1", "real:cam3"} and per_group["fake:gen1"]["n"] == 4
+    assert set(per_group) == {"fake:gen1", "real:cam3", "real:?"} and per_group["fake:gen1"]["n"] == 4
     # errors: a CSV without the column, folders, --test-groups alone
     plain = tmp_path / "plain.csv"
     plain.write_text("path,label\n" + "\n".join(f"{root / f'r0_{j}.png'},real" for j in range(3)) + "\n")

@@ -328,6 +328,11 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         return 1.0 / (1.0 + np.exp(-f.image_logits(head_logits(head, f.feature, f.stats(k)))))
 
     te_items = [by_test[n] for n in te.names] if te is not None else []
+    held_sources = {it.source for it in held_items}
+    # two test sets when both are given: the held-out groups of the training CSVs and --test-*
+    parts = {"heldout_groups": np.array([it.source in held_sources for it in te_items], bool)}
+    parts["test_data"] = ~parts["heldout_groups"]
+    parts = {name: m for name, m in parts.items() if m.any()} if len(parts["test_data"]) else {}
     group_col = column or next((c for c in ("generator", "source")
                                 if te_items and all(it.column(c) for it in te_items)), None)
     if args.per_image:
@@ -352,6 +357,9 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         if te is not None:
             p_te = image_p(th.head, te, k)
             entry["test"] = metrics(te.labels, p_te, thr, band, args.target_fpr)
+            if len(parts) > 1:
+                entry["test_parts"] = {name: metrics(te.labels[m], p_te[m], thr, band, args.target_fpr)
+                                       for name, m in parts.items()}
             if group_col:
                 entry["test_per_group"] = per_group(te_items, group_col, te.labels, p_te, thr)
             if args.per_image:
@@ -365,6 +373,9 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             t = entry["test"]
             line += (f" | test acc {t['at_threshold']['accuracy']:.4f} (at 0.5: {t['at_0.5']['accuracy']:.4f})"
                      f" AUC {t['auc']:.4f} TPR@{pct}%FPR {t[f'tpr_at_{pct}pct_fpr']:.4f}")
+            for name, t in entry.get("test_parts", {}).items():
+                line += (f" | {name} (n={t['n']}) AUC {t['auc']:.4f} TPR@{pct}%FPR {t[f'tpr_at_{pct}pct_fpr']:.4f}"
+                         f" FPR(real)@thr {t['at_threshold']['fpr']:.4f} TPR@thr {t['at_threshold']['tpr']:.4f}")
         log(line)
         if k == args.k and not args.no_write:
             decision = {"threshold": thr, "abstain_band": list(band), "calibration": {
