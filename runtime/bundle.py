@@ -279,19 +279,45 @@ def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> di
     return manifest
 
 
-def default_bundle_path() -> Path | None:
-    """The bundle shipped inside the package (None when this install has none)."""
-    p = Path(__file__).resolve().parent / "bundles" / "cifake32"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "bundles"
+#: the embedded bundle used when none is given
+DEFAULT_BUNDLE = "cifake32"
+
+
+def embedded_bundles() -> list[str]:
+    """Names of the bundles shipped inside the package (``--bundle NAME`` picks one)."""
+    if not EMBEDDED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / MANIFEST).is_file())
+
+
+def embedded_bundle_path(name: str) -> Path | None:
+    """The embedded bundle called ``name`` (None when this install has none by that name)."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    p = EMBEDDED_DIR / name
     return p if (p / MANIFEST).is_file() else None
+
+
+def default_bundle_path() -> Path | None:
+    """The default bundle shipped inside the package (None when this install has none)."""
+    return embedded_bundle_path(DEFAULT_BUNDLE)
 
 
 def resolve_bundle(path: str | os.PathLike[str] | None,
                    require_signature: str | os.PathLike[str] | None = None) -> Bundle:
-    """A bundle path, or the embedded default when None."""
+    """A bundle path, the name of an embedded bundle (:func:`embedded_bundles`; a folder of that
+    name in the working directory wins), or the embedded default when None."""
     if path is None:
         p = default_bundle_path()
         if p is None:
             raise BundleError("no bundle given and this install has no embedded default bundle; "
                               "pass a bundle directory written by `cinemae-export`")
         return Bundle(p, require_signature=require_signature)
+    if not os.path.exists(path):  # not a folder here: an embedded bundle's name (e.g. "cifake32")?
+        named = embedded_bundle_path(os.fspath(path))
+        if named is not None:
+            return Bundle(named, require_signature=require_signature)
+        raise BundleError(f"{os.fspath(path)}: no such bundle directory, and not the name of an embedded bundle "
+                          f"({', '.join(embedded_bundles()) or 'this install has none'})")
     return Bundle(path, require_signature=require_signature)

@@ -187,3 +187,24 @@ def test_export_sign_and_require(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     Bundle(out, require_signature=pub)
     assert export_main(["--arch", "tiny", "--out", str(tmp_path / "x"), "--sign", str(pub)]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_embedded_bundle_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cinemae.runtime.bundle import DEFAULT_BUNDLE, embedded_bundles, resolve_bundle
+
+    if EMBEDDED is None:
+        pytest.skip("this install has no embedded bundle")
+    monkeypatch.chdir(tmp_path)
+    assert DEFAULT_BUNDLE in embedded_bundles()
+    # the default by name is the default
+    assert resolve_bundle(DEFAULT_BUNDLE).root == resolve_bundle(None).root == EMBEDDED
+    # an unknown name says which names exist
+    with pytest.raises(BundleError, match=f"not the name of an embedded bundle.*{DEFAULT_BUNDLE}"):
+        resolve_bundle("no-such-model")
+    # names never reach outside the bundles folder
+    with pytest.raises(BundleError):
+        resolve_bundle("../bundles/" + DEFAULT_BUNDLE + "/..")
+    # a folder of that name in the working directory wins over the embedded bundle
+    (tmp_path / DEFAULT_BUNDLE).mkdir()
+    with pytest.raises(BundleError, match="no cinemae.json"):
+        resolve_bundle(DEFAULT_BUNDLE)

@@ -638,6 +638,11 @@ def test_pretrain_smoke(tmp_path: Path) -> None:
     # resuming a finished run does no more epochs and keeps the history
     assert main(args + ["--resume"]) == 0
     assert len(json.loads((out / "summary.json").read_text())["history"]) == 2
+    # resuming with a budget already spent (a shortened run) adds no epoch and still writes mae.pth
+    (out / "mae.pth").unlink()
+    more = [a if a != "2" else "5" for a in args] + ["--resume", "--time-budget-min", "1e-6"]
+    assert main(more) == 0
+    assert len(json.loads((out / "summary.json").read_text())["history"]) == 2 and (out / "mae.pth").is_file()
 
 
 def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:
