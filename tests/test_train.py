@@ -559,6 +559,7 @@ def _write_grouped_csv(root: Path) -> Path:
 
 def test_split_by_group_never_shares_a_group(tmp_path: Path) -> None:
     from cinemae.train.cli import split_groups, take_groups
+    from cinemae.train.data import Item
 
     root = tmp_path / "d"
     root.mkdir()
@@ -573,6 +574,13 @@ def test_split_by_group_never_shares_a_group(tmp_path: Path) -> None:
             assert not g_tr & g_va
             assert {items[i].label for i in va} == {0, 1} and {items[i].label for i in tr} == {0, 1}
             assert split_groups(items, column, 0.25, seed) == (tr, va)  # seeded
+            if column == "generator":  # groups that fit the 25% target (5 per class): one of 5 reals, one of 4 fakes
+                assert sorted(items[i].label for i in va) == [0] * 5 + [1] * 4
+    # a group larger than the target is passed over, not taken whole: 10% of 20 reals is 2
+    big = [Item(f"b{i}", 0, extra=(("source", "big"),)) for i in range(17)]
+    small = [Item(f"s{i}", lb, extra=(("source", f"s{i}"),)) for i, lb in enumerate([0, 0, 0, 1, 1, 1, 1])]
+    tr, va = split_groups(big + small, "source", 0.1, 0)
+    assert len(va) <= 3 and all(i >= 17 for i in va)
     rest, held = take_groups(items, "source", ["repo4", "repo1@abc1"])  # a source with or without @commit
     assert {it.column("source").split("@")[0] for it in held} == {"repo1", "repo4"}
     assert len(held) == 5 + 8 and not {it.column("source") for it in rest} & {it.column("source") for it in held}
@@ -580,8 +588,9 @@ def test_split_by_group_never_shares_a_group(tmp_path: Path) -> None:
         take_groups(items, "source", ["repo9"])
     with pytest.raises(DataError, match="has no 'license' column"):
         split_groups(items, "license", 0.25, 0)
+    one_real_group = [Item(f"r{i}", 0, extra=(("generator", "cam"),)) for i in range(3)] + items[20:]
     with pytest.raises(DataError, match="leaves no real images"):
-        split_groups(items, "generator", 0.9, 0)
+        split_groups(one_real_group, "generator", 0.2, 0)
 
 
 def test_cli_split_by_group(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

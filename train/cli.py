@@ -83,22 +83,31 @@ def item_groups(items: list[Item], column: str) -> list[str]:
 
 def split_groups(items: list[Item], column: str, val_frac: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split holding out whole groups (values of ``column``) -> (train indices, validation
-    indices): groups in a seeded random order join the validation split until each class has at
-    least ``val_frac`` of its items there (at least one group per class); no group is on both sides."""
+    indices). Per class, groups in a seeded random order join the validation split while the
+    class's validation count stays within ``val_frac`` of its items (a group too big to fit is
+    passed over, so one large source does not swallow the split); a class that got no group that
+    way gets its smallest group. No group is on both sides; DataError when a class would be left
+    with no training images."""
     groups = item_groups(items, column)
     labels = np.array([it.label for it in items])
     names = sorted(set(groups))
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    val: set[str] = set()
+    size = {(g, lb): 0 for g in names for lb in (0, 1)}
+    for g, lb in zip(groups, labels, strict=True):
+        size[(g, int(lb))] += 1
+    val: list[str] = []
     for label in (0, 1):
         n = int((labels == label).sum())
-        target = max(1, int(round(val_frac * n))) if val_frac > 0 and n else 0
+        target = max(1, int(round(val_frac * n))) if val_frac > 0 and n > 1 else 0
+        have = sum(size[(g, label)] for g in val)
+        if not target:
+            continue
         for g in order:
-            have = sum(1 for gi, lb in zip(groups, labels, strict=True) if gi in val and lb == label)
-            if have >= target:
-                break
-            if g not in val and any(gi == g and lb == label for gi, lb in zip(groups, labels, strict=True)):
-                val.add(g)
+            if g not in val and size[(g, label)] and have + size[(g, label)] <= target:
+                val.append(g)
+                have += size[(g, label)]
+        if have == 0:  # every group of this class is larger than the target: take the smallest
+            val.append(min((g for g in order if size[(g, label)]), key=lambda g: size[(g, label)]))
     train = [i for i, g in enumerate(groups) if g not in val]
     left = {int(labels[i]) for i in train}
     if left != {0, 1}:
