@@ -88,13 +88,6 @@ def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict
         Detector(_tiled(tiny_bundle_copy, **bad), backend="onnxruntime", device="cpu")
 
 
-def test_train_extract_refuses_tiled_bundle(tiny_bundle_copy: Path, tmp_path: Path) -> None:
-    from cinemae.train.features import extract
-
-    with pytest.raises(ValueError, match="tiled bundle"):
-        extract(_tiled(tiny_bundle_copy), [], 2, cache_dir=tmp_path, progress=False)
-
-
 def test_photo_tiles_image_logit_is_mean_of_its_crops() -> None:
     from cinemae.train.photo_tiles import image_logits
 
