@@ -254,12 +254,12 @@ class Detector:
     def _check_domain(self, size: tuple[int, int] | None) -> None:
         """Warn once per Detector when the embedded 32-px demonstration model meets an image far
         larger than its domain (issue 16 item 22)."""
-        from .bundle import default_bundle_path
+        from .bundle import embedded_bundle_path
 
         if getattr(self, "_domain_warned", False) or not size:
             return
-        default = default_bundle_path()
-        if default is None or self.bundle.root.resolve() != default:
+        demo = embedded_bundle_path("cifake32")  # the 32-px CIFAKE model, whichever bundle is the default
+        if demo is None or self.bundle.root.resolve() != demo:
             return
         if min(size) > 4 * self.bundle.backbone.img_size:
             self._domain_warned = True

@@ -193,20 +193,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["ship"] = bool(c["auc_diff_ci95"][0] > 0)
         log.info("ship the tiled head as the default: %s (AUC difference on photos %+.4f, CI %s)",
                  report["ship"], c["auc_diff"], c["auc_diff_ci95"])
+        if args.report:  # first: a failure while writing the bundle must not lose the measurements
+            Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
         if args.out_bundle:
             th, thr = heads[2]
             decision = {"threshold": thr, "abstain_band": [thr, thr], "calibration": {
                 "rule": "threshold = smallest p with <= 5% false positives on the real validation images "
                         "(mean crop logit per image)"}}
             what = args.what or (f"{base.manifest.get('model_id', base.root.name)} MAE + head on "
-                                 f"native {base.img_size}-px crops")
+                                 f"native {base.backbone.img_size}-px crops")
             training = {"k": 2, "what": what,
-                        "data": {"train_dir": "photos-train minus held-out sources", **report},
+                        "data": {"train_dir": "photos-train minus held-out sources",
+                                 **{k: ({m: v for m, v in r.items() if m not in ("images", "scores")}
+                                        if isinstance(r, dict) else r) for k, r in report.items()}},
                         "epochs": args.epochs, "seed": args.seed}
+            training = json.loads(json.dumps(training, default=float))  # numpy scalars -> JSON numbers
             write_head(tb, th.head, decision, training, out=args.out_bundle,
                        extra_manifest={"tiles": json.loads((tb / "cinemae.json").read_text())["tiles"]})
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
     return report
 
 
