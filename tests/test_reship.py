@@ -14,7 +14,7 @@ import pytest
 from cinemae.benchmarks.accuracy import evaluate, flip_rates, prepare_groups
 from cinemae.benchmarks.datasets import LabeledItem
 from cinemae.benchmarks.perturb import parse_perturbation, parse_perturbations
-from cinemae.runtime.bundle import default_bundle_path
+from cinemae.runtime.bundle import embedded_bundle_path
 from cinemae.runtime.detector import Detector, sigmoid
 from cinemae.runtime.preprocess import load_image
 from cinemae.runtime.reship import RESHIP_SET, ReshipEnsemble, decide, ensemble_verdict, parse_reshipping
@@ -38,9 +38,9 @@ def _jpeg_bytes(rgb: np.ndarray, q: int = 95) -> bytes:
 
 
 def _embedded() -> Path:
-    p = default_bundle_path()
+    p = embedded_bundle_path("cifake32")  # the 32-px CIFAKE model, whichever bundle is the default
     if p is None:
-        pytest.skip("this install has no embedded bundle")
+        pytest.skip("this install has no embedded cifake32 bundle")
     return p
 
 
