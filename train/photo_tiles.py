@@ -213,6 +213,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+SETS = {"heldout": "(a) photos-train, held-out sources (their reals and generators never seen in training)",
+        "photos": "(b) ../shared/data/photos (never trained on)"}
+MODELS = {"cifake32": "cifake32 (shipped before; one 32-px view)", "tiles_head_k2": "new, K=2",
+          "tiles_head_k0": "new, K=0 (no LCAS)", "cifake32_tiles": "cifake32 head on the tiles"}
+
+
+def group_table(images: list[dict[str, str]], scores: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows per generator (AUC against every real of the set, TPR at 5% FPR, TPR at the
+    model's own threshold) and per real source (FPR at the model's threshold), one column group per model."""
+    from ..runtime.evaluation import auc, threshold_at_fpr
+
+    models = [m for m in MODELS if m in scores]
+    y = np.array([r["label"] == "fake" for r in images])
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(images):
+        groups[(r["label"], r["group"])].append(i)
+    head = "| group | n | " + " | ".join(f"{MODELS[m]}: AUC / TPR@5%FPR / at thr" for m in models) + " |"
+    out = [head, "|" + "---|" * (2 + len(models))]
+    cells: dict[str, list[str]] = {}
+    for m in models:
+        p, thr = np.asarray(scores[m]["p"]), float(scores[m]["threshold"])
+        t5 = threshold_at_fpr(p[~y], 0.05)
+        for (lab, g), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fake", kv[0][1])):
+            idx = np.asarray(idx)
+            if lab == "fake":
+                sel = np.concatenate([np.flatnonzero(~y), idx])
+                c = f"{auc(y[sel], p[sel]):.3f} / {(p[idx] >= t5).mean():.2f} / {(p[idx] >= thr).mean():.2f}"
+            else:
+                c = f"FPR at thr {(p[idx] >= thr).mean():.2f}"
+            cells.setdefault(f"{lab}: {g} | {len(idx)}", []).append(c)
+    out += [f"| {k} | " + " | ".join(v) + " |" for k, v in cells.items()]
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the tables the issue asks for: per set, each model's metrics and the paired
+    comparisons, then per generator and per real source."""
+    lines = []
+    for name, title in SETS.items():
+        r = report.get(name)
+        if not r:
+            continue
+        lines += [f"### {title}", "", "| model | n | AUC | TPR@5%FPR | threshold | FPR of reals at it | TPR at it |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in MODELS:
+            if m in r:
+                mm = r[m]["metrics"]
+                a = mm["at_threshold"]
+                lines.append(f"| {MODELS[m]} | {mm['n']} | {mm['auc']:.4f} | {mm['tpr_at_5pct_fpr']:.3f} | "
+                             f"{a['threshold']:.4f} | {a['fpr']:.3f} | {a['tpr']:.3f} |")
+        lines += ["", "Paired bootstrap (images resampled, 2000 times), difference b - a with 95% interval:", ""]
+        comps = [(f"{MODELS[m]} - cifake32", c) for m, c in r.get("paired_vs_cifake32", {}).items()]
+        if "paired_k2_vs_k0" in r:
+            comps.append(("new K=2 - new K=0", r["paired_k2_vs_k0"]))
+        for label, c in comps:
+            lo, hi = c["auc_diff_ci95"]
+            lines.append(f"- {label}: AUC {c['auc_diff']:+.4f} ({lo:+.4f}..{hi:+.4f}), "
+                         f"accuracy at own threshold {c['accuracy_diff']:+.4f} "
+                         f"({c['accuracy_diff_ci95'][0]:+.4f}..{c['accuracy_diff_ci95'][1]:+.4f})")
+        if "scores" in r:
+            lines += ["", "Per generator (fakes, each against every real of the set) and per real source:", ""]
+            lines += group_table(r["images"], r["scores"])
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -221,8 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="with --mae: where the exported backbone bundle goes "
                                                  "(default: beside mae.pth; kept and reused)")
     ap.add_argument("--model-id", default="cinemae-photo32", help="with --mae: the exported bundle's model id")
-    ap.add_argument("--train-dir", required=True)
-    ap.add_argument("--eval-dir", required=True)
+    ap.add_argument("--train-dir")
+    ap.add_argument("--eval-dir")
+    ap.add_argument("--markdown", default=None, help="also write the report's tables here")
+    ap.add_argument("--render", default=None, metavar="REPORT",
+                    help="no run: write --markdown from an existing report")
     ap.add_argument("--heldout-sources", nargs="+", default=list(DEFAULT_HELDOUT))
     ap.add_argument("--tiles", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=30)
@@ -232,7 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(args)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+    else:
+        if not (args.train_dir and args.eval_dir):
+            ap.error("--train-dir and --eval-dir are required (or --render REPORT)")
+        report = run(args)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
+    elif args.render:
+        print(markdown(report))
     return 0
 
 
