@@ -279,6 +279,68 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PHOTO_DESCRIPTION = (
+    "Photo model: the small MAE of cifake32 (ViT, patch 4, 128 wide, 6 blocks; decoder 96x2; pixel targets) "
+    "pretrained further on native-resolution 32-px crops of real photographs (photos-train, sources held out "
+    "of the evaluation excluded), with a CINEMAE head (K=2) trained on crops of real photos and of images from "
+    "several generators (photos-train minus six held-out sources). Every image is scored as up to {n} 32-px "
+    "crops taken at native resolution (a grid), and its logit is the mean of the crops' logits, so no "
+    "image is shrunk to 32 px. Measured (train/RECIPE.md, benchmarks/results/photo32_report.md): AUC {b_auc:.3f} "
+    "on ../shared/data/photos (never trained on; most of its fakes are SD 1.5 fine-tunes, a family seen in "
+    "training), real-photo false-positive rate {b_fpr:.1%} at the shipped threshold; on sources held out of "
+    "training AUC {a_auc:.3f} and real false-positive rate {a_fpr:.1%}. It is a small CPU-trained model, not "
+    "the paper's ViT-L/16 on GenImage: generators unlike its training data are detected little better than "
+    "chance. The previous CIFAKE model stays available as --bundle cifake32."
+)
+
+
+def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "photo32",
+            root: Path | None = None) -> Path:
+    """Copy a trained tiled bundle into ``runtime/bundles/NAME`` with a plain description and its
+    measured numbers in the manifest; its torch weights (``mae.pth``, ``head.pt``) go to
+    ``export/weights/NAME`` (outside the torch-free runtime package), paired with the graphs by sha256."""
+    from ..export.source_weights import install_source_weights
+    from ..runtime.bundle import Bundle, write_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    dst = (root or repo / "runtime" / "bundles") / name
+    tmp = dst.with_name(f"{name}.staging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle_dir, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    install_source_weights(dst, mae, dst / "head.pt", name, note="written by train/photo_tiles.py --install")
+    (dst / "head.pt").unlink()
+    m = dict(Bundle(dst, verify=False).manifest)
+    m["model_id"], m["model_version"] = f"cinemae-{name}", "1"
+
+    def at(set_name: str, model: str) -> dict[str, Any]:
+        mm = report[set_name][model]["metrics"]
+        return {"n": mm["n"], "auc": mm["auc"], "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"],
+                "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
+                "tpr_at_threshold": mm["at_threshold"]["tpr"]}
+
+    m["description"] = PHOTO_DESCRIPTION.format(
+        n=m["tiles"]["n"], b_auc=report["photos"]["tiles_head_k2"]["metrics"]["auc"],
+        b_fpr=report["photos"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"],
+        a_auc=report["heldout"]["tiles_head_k2"]["metrics"]["auc"],
+        a_fpr=report["heldout"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"])
+    m["evaluation"] = {
+        "photos_never_trained_on": {"this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
+                                    "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"]["tiles_head_k2"]},
+        "heldout_sources": {"sources": report["heldout_sources"], "this_model": at("heldout", "tiles_head_k2"),
+                            "cifake32": at("heldout", "cifake32"),
+                            "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"]},
+        "report": "benchmarks/results/photo32_report.md"}
+    m.setdefault("provenance", {})["source_weights"] = (
+        f"mae.pth and head.pt, the torch weights the graphs were exported from, live outside this torch-free "
+        f"bundle: cinemae/export/weights/{name}/ (weights.json pairs them with these graphs by sha256)")
+    m.pop("files", None)
+    write_manifest(dst, json.loads(json.dumps(m, default=float)))
+    Bundle(dst)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -299,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=None)
     ap.add_argument("--out-bundle", default=None)
     ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
+    ap.add_argument("--install", default=None, metavar="NAME",
+                    help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.render:
@@ -309,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     if args.markdown:
         Path(args.markdown).write_text(markdown(report))
+    if args.install:
+        if not (args.out_bundle and args.mae):
+            ap.error("--install needs --out-bundle (the trained bundle) and --mae (its backbone's weights)")
+        log.info("installed %s", install(Path(args.out_bundle), report, Path(args.mae), args.install))
     elif args.render:
         print(markdown(report))
     return 0
