@@ -4,6 +4,7 @@
     cinemae-bench --k 2                   # one K
     cinemae-bench --arch vit-large --k 2 --batch 4 --out results/   # ViT-L/16, random weights
     cinemae-bench --data ../shared/data/photos --perturb jpeg:50,jpeg:75,resize:0.5,blur:1.0
+    cinemae-bench --data ../shared/data/photos --perturb reship --reship default   # verdict flips
 
 Exit status: 0 when every requested row ran, 1 when some row is an error row, 2 on a usage
 error, 130 when interrupted (the rows measured so far are still printed and written).
@@ -80,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(path,label[,generator]), or REAL.tar,FAKE.tar")
     ap.add_argument("--limit", type=int, default=200, help="images per class from --data (seeded subset)")
     ap.add_argument("--perturb", default=None,
-                    help="robustness sweep, e.g. jpeg:50,jpeg:75,resize:0.5,blur:1.0 (both classes alike)")
+                    help="robustness sweep, e.g. jpeg:50,jpeg:75,resize:0.5,blur:1.0 (both classes alike); "
+                         "re-shippings that change the size: shrink:S, upscale:S, crop:F, letterbox:AxB; "
+                         "'reship' = upscale:2,crop:0.6,letterbox:16x9,jpeg:40,jpeg:60,jpeg:75,jpeg:95,shrink:0.5. "
+                         "Reports accuracy and the verdicts' flip rates against the clean images")
+    ap.add_argument("--reship", default=None, metavar="PRESET|VIEWS",
+                    help="with --data: also score every image with the re-shipping ensemble "
+                         "(cinemae-detect --reship: a preset such as default, or views like jpeg:60,shrink:0.5) "
+                         "and report its verdicts' flip rates, accuracy, share uncertain and cost")
     ap.add_argument("--fpr", type=float, default=0.05, help="false-positive rate for the TPR column")
     ap.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
     ap.add_argument("--json", dest="json_path", help="write the JSON record here ('-' for stdout)")
@@ -180,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         perts = parse_perturbations(args.perturb)
         if args.perturb and not args.data:
             raise ValueError("--perturb needs --data (labelled images)")
+        from ..runtime.reship import ReshipEnsemble
+
+        views = ReshipEnsemble.parse(args.reship)
+        if views is not None and not args.data:
+            raise ValueError("--reship needs --data (labelled images)")
     except ValueError as e:
         print(f"cinemae-bench: {e}", file=sys.stderr)
         return 2
@@ -281,9 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             result["explain"] = _explain_cost(args, bundle, pool, sources, batches, log)
             save()
         if args.data:
-            acc_rows, acc_info = _accuracy(args, target, ks, perts, rows, log, evaluate, load_labeled)
+            acc_rows, acc_info = _accuracy(args, target, ks, perts, rows, log, evaluate, load_labeled, views)
             result["accuracy"] = [a.to_dict() for a in acc_rows]
             result["accuracy_info"] = acc_info
+            if views is not None:
+                from .reship_cost import measure_cost
+
+                result["reship_cost"] = measure_cost(bundle, args.data, args.limit, args.reship, args.threads, log)
+            save()
     except KeyboardInterrupt:
         result["interrupted"] = True
         status = 130
@@ -334,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\naccuracy ({result['accuracy_info']['data']}; threshold logit "
               f"{result['accuracy_info']['threshold_logit']:.3f}; TPR at {args.fpr:.0%} FPR):")
         print(report.format_accuracy(result["accuracy"]))
+        print("\n" + report.format_flips(result["accuracy"]))
+    if result.get("reship_cost"):
+        print("\n" + report.format_reship_cost(result["reship_cost"]))
     if result.get("explain"):
         from .explain_cost import format_rows
 
@@ -384,11 +405,13 @@ def _outputs(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[Any], rows: list[Any],
-              log: Any, evaluate: Any, load_labeled: Any) -> tuple[list[Any], dict[str, Any]]:
-    """Accuracy per K (and perturbation) through the first runtime backend that ran."""
+              log: Any, evaluate: Any, load_labeled: Any, views: Any = None) -> tuple[list[Any], dict[str, Any]]:
+    """Accuracy, verdicts and flip rates per K (and perturbation) through every runtime
+    (backend, precision) that ran; a tiled bundle's images are scored as its tiles."""
     import math
 
     from ..runtime.masks import make_masks
+    from ..runtime.tiles import TileSpec
     from .sweep import RunnerSpec, make_runner
 
     # every precision that ran: each runtime (backend, precision) row once, fp32 first
@@ -403,6 +426,7 @@ def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[
     bb = bundle.backbone
     p = min(max(bundle.threshold, 1e-7), 1 - 1e-7)
     thr = math.log(p / (1 - p))
+    tiles = TileSpec.from_manifest(bundle.manifest)
     acc_rows: list[Any] = []
     errors: list[Any] = []
     for spec in specs:
@@ -420,7 +444,8 @@ def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[
 
         try:
             got, errors = evaluate(items, run_logits, ks, perts, bb.img_size, bundle.crop_ratio, thr,
-                                   args.fpr, log)
+                                   args.fpr, log, tiles=tiles, abstain_band=tuple(bundle.abstain_band),
+                                   views=views)
         finally:
             runner.close()
         for a in got:
@@ -434,7 +459,11 @@ def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[
             a.note = f"head trained for K={bundle.k}: scores at K={a.k} are not calibrated"
     info = {"data": args.data, "backend": ", ".join(s.label for s in specs), "n_items": len(items), "errors": errors,
             "threshold_logit": thr, "limit_per_class": args.limit, "note": "; ".join(notes),
-            "perturbations": [p.name for p in perts]}
+            "perturbations": [p.name for p in perts], "threshold": bundle.threshold,
+            "abstain_band": list(bundle.abstain_band), "tiles": None if tiles is None else tiles.to_manifest(),
+            "reship": None if views is None else views.names,
+            "flip_rule": "an image's verdict (ai / real / uncertain, the bundle's threshold and abstain band) "
+                         "differs from its verdict on the clean image at the same K; hard = ai <-> real"}
     return acc_rows, info
 
 

@@ -98,6 +98,56 @@ def format_accuracy(acc: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _flip_cell(f: dict[str, Any]) -> str:
+    return f"{f['flipped']}/{f['n']} {_f(f['rate'] * 100 if f['n'] else float('nan'), '.1f')}%"
+
+
+def format_flips(acc: Sequence[dict[str, Any]]) -> str:
+    """Verdict flips against the clean images per (backend, perturbation, K): any change of
+    ai / real / uncertain (count/n and %) for all, real and fake images, the ai <-> real flips, the
+    share uncertain and the decided accuracy; with an ensemble, the same for its verdicts."""
+    ens = any(a.get("ensemble") for a in acc)
+    head = ["backend", "perturbation", "K", "flip all", "flip real", "flip fake", "ai<->real", "uncertain",
+            "decided acc"]
+    if ens:
+        head += ["ens flip all", "ens flip real", "ens flip fake", "ens ai<->real", "ens uncertain", "ens decided acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in acc:
+        v = a.get("verdicts") or {}
+        if not v.get("flip"):
+            continue
+        f = v["flip"]
+        cells = [a.get("backend") or "-", a["perturbation"], str(a["k"]), _flip_cell(f["all"]), _flip_cell(f["real"]),
+                 _flip_cell(f["fake"]), f"{f['all']['hard']}/{f['all']['n']}", _f(v["uncertain"], ".3f"),
+                 _f(v["decided_accuracy"], ".3f")]
+        if ens:
+            e = a.get("ensemble") or {}
+            if e:
+                g = e["flip"]
+                cells += [_flip_cell(g["all"]), _flip_cell(g["real"]), _flip_cell(g["fake"]),
+                          f"{g['all']['hard']}/{g['all']['n']}", _f(e["uncertain"], ".3f"),
+                          _f(e["decided_accuracy"], ".3f")]
+            else:
+                cells += [""] * 6
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_reship_cost(cost: dict[str, Any]) -> str:
+    """The re-shipping ensemble's cost rows (benchmarks/reship_cost.py) as markdown."""
+    if cost.get("error"):
+        return f"re-shipping ensemble cost: error: {cost['error']}"
+    lines = [f"Re-shipping ensemble cost (views {', '.join(cost['views'])}; {cost['images']} images, "
+             f"{cost['backend']}; {cost['protocol']}):", "",
+             "| round | plain img/s | ensemble img/s | slowdown | plain CPU ms/img | ensemble CPU ms/img | CPU ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(cost["rounds"], 1):
+        lines.append(f"| {i} | {r['plain_img_s']} | {r['reship_img_s']} | {r['ratio']:.2f}x | {r['plain_cpu_ms']} | "
+                     f"{r['reship_cpu_ms']} | {r['cpu_ratio']:.2f}x |")
+    lines.append(f"| median | | | {cost['median_slowdown']:.2f}x | | | {cost['median_cpu_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The whole result as a markdown document (environment, latency table, stages, accuracy)."""
     env = result["environment"]
@@ -145,6 +195,14 @@ def markdown(result: dict[str, Any]) -> str:
             for a, g, v in gens:
                 md.append(f"| {a['k']} | {g} | {v['n_fake']} | {_f(v['auc'], '.3f')} | "
                           f"{_f(v['tpr_at_fpr'], '.3f')} | {_f(v['detected'], '.3f')} |")
+        if any((a.get("verdicts") or {}).get("flip") for a in result["accuracy"]):
+            info = result["accuracy_info"]
+            md += ["", "## Verdict flips against the clean images", "",
+                   f"Rule: {info.get('flip_rule', '')}; threshold {info.get('threshold')}, abstain band "
+                   f"{info.get('abstain_band')}" + (f"; ensemble views {info['reship']}" if info.get("reship") else ""),
+                   "", format_flips(result["accuracy"])]
+    if result.get("reship_cost"):
+        md += ["", "## " + format_reship_cost(result["reship_cost"])]
     return "\n".join(md) + "\n"
 
 

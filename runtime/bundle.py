@@ -299,9 +299,24 @@ def embedded_bundle_path(name: str) -> Path | None:
     return p if (p / MANIFEST).is_file() else None
 
 
+#: environment variable naming the bundle used when none is given (a folder or an embedded name)
+BUNDLE_ENV = "CINEMAE_BUNDLE"
+
+
 def default_bundle_path() -> Path | None:
-    """The default bundle shipped inside the package (None when this install has none)."""
-    return embedded_bundle_path(DEFAULT_BUNDLE)
+    """The bundle used when none is given: ``$CINEMAE_BUNDLE`` when set (a bundle folder, or the
+    name of an embedded bundle), else the embedded :data:`DEFAULT_BUNDLE` (None when this install
+    has none). A ``CINEMAE_BUNDLE`` that names nothing is a BundleError, never a silent fallback."""
+    chosen = os.environ.get(BUNDLE_ENV, "").strip()
+    if not chosen:
+        return embedded_bundle_path(DEFAULT_BUNDLE)
+    if os.path.isdir(chosen):
+        return Path(chosen)
+    named = embedded_bundle_path(chosen)
+    if named is None:
+        raise BundleError(f"{BUNDLE_ENV}={chosen!r} is neither a bundle folder nor the name of an embedded bundle "
+                          f"({', '.join(embedded_bundles()) or 'this install has none'})")
+    return named
 
 
 def resolve_bundle(path: str | os.PathLike[str] | None,

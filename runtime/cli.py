@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--explain-k", type=int, default=None, metavar="N",
                     help="make heatmaps from N masking runs (e.g. 8, so every patch is scored); the "
                          "verdict still comes from the bundle's K")
+    from .reship import ENSEMBLES
+
+    ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
+                    help="opt-in re-shipping ensemble: also score each image as re-encodings of itself (one "
+                         "backend call) and answer uncertain unless all agree; the score stays the original's, "
+                         "--json lists each view's. A preset ("
+                         + ", ".join(f"{k} = {','.join(v)}" for k, v in ENSEMBLES.items())
+                         + ") or views such as jpeg:60,shrink:0.5 (jpeg:Q, shrink:S, upscale:S, crop:F, "
+                           "letterbox:AxB)")
     ap.add_argument("--no-provenance", action="store_true",
                     help="do not read C2PA / XMP / EXIF / generator metadata")
     ap.add_argument("--no-provenance-policy", action="store_true",
@@ -110,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if explain and args.out:
         print("cinemae-detect: --heatmap/--explain-k are not available with --out", file=sys.stderr)
         return 2
+    if explain and args.reship:
+        print("cinemae-detect: --heatmap/--explain-k are not available with --reship", file=sys.stderr)
+        return 2
     trust = None
     if args.c2pa_trust:
         try:
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         provenance=not args.no_provenance,
                         provenance_policy=not args.no_provenance_policy, trust_anchors=trust,
                         formats=args.formats.split(",") if args.formats else None,
-                        require_signature=args.require_signature,
+                        require_signature=args.require_signature, reship=args.reship,
                         recheck=False if args.no_recheck else args.recheck_margin)
     if det is None:
         return 2

@@ -34,6 +34,7 @@ from .preprocess import (
     read_bytes,
 )
 from .recheck import Recheck
+from .reship import ReshipEnsemble, decide, ensemble_verdict
 from .tiles import TileSpec, reduce_logits, tile_views
 
 EMBEDDED_DOMAIN_WARNING = (
@@ -67,6 +68,11 @@ class Result:
     tiles:         for a tiled bundle (:mod:`cinemae.runtime.tiles`): one entry per crop,
                    ``{"box": [left, top, right, bottom] in the original image, "logit": float}``;
                    the image logit is their reduction (mean logit). None for an untiled bundle.
+    reship:        with the re-shipping ensemble (:mod:`cinemae.runtime.reship`): one entry per view,
+                   ``{"view": name, "score": p, "logit": float, "verdict": str}``; ``score``, ``logit``,
+                   ``stats`` and ``tiles`` are the original's, ``pixel_verdict`` is the original's
+                   when every view agrees with it, else ``uncertain``. None without the ensemble.
+    view_rows:     rows per view in the prepared array, the original's first (not in the record)
     rechecked:     at a reduced precision with a recheck margin: whether this image's p lay within
                    the margin of a decision edge, so that score, stats and verdict are the fp32
                    backend's (:class:`cinemae.runtime.recheck.Recheck`); None when no recheck ran
@@ -90,6 +96,8 @@ class Result:
     want_heatmap: bool | int = field(default=False, repr=False)
     tiles: list[dict[str, Any]] | None = None
     tile_boxes: list[tuple[int, int, int, int]] | None = field(default=None, repr=False)
+    reship: list[dict[str, Any]] | None = None
+    view_rows: list[int] | None = field(default=None, repr=False)
     rechecked: bool | None = None
 
     @property
@@ -130,6 +138,8 @@ class Result:
             rec["heatmap"] = self.heatmap
         if self.tiles is not None:
             rec["tiles"] = self.tiles
+        if self.reship is not None:
+            rec["reship"] = self.reship
         if self.rechecked is not None:
             rec["rechecked"] = self.rechecked
         clash = rec.keys() & extra.keys()
@@ -176,6 +186,10 @@ class Detector:
     formats:    image formats accepted (Pillow names; default preprocess.DEFAULT_FORMATS)
     require_signature: an Ed25519 public key (PEM) that must have signed the bundle's manifest
                 (default: $CINEMAE_REQUIRE_SIGNATURE when set)
+    reship:     the opt-in re-shipping ensemble: a preset name (``default``, ``light``), a
+                comma-separated list or a sequence of re-shippings (``jpeg:60``, ``shrink:0.5``, ...);
+                each image is also scored as those re-encodings of itself, in the same backend call,
+                and is ``uncertain`` unless all agree (:mod:`cinemae.runtime.reship`). None: off
     recheck:    at a reduced precision, re-score images whose p lies near a decision edge with
                 the same backend at fp32 (:class:`cinemae.runtime.recheck.Recheck`). None/True:
                 with the margin the bundle measured for this backend and precision (none measured:
@@ -189,6 +203,7 @@ class Detector:
                  provenance: bool = True, provenance_policy: bool = True,
                  trust_anchors: str | None = None, formats: Sequence[str] | None = None,
                  require_signature: str | os.PathLike[str] | None = None,
+                 reship: str | Sequence[str] | None = None,
                  recheck: bool | float | None = None) -> None:
         #: image formats accepted, checked from the header before decoding (None: DEFAULT_FORMATS)
         self.formats = allowed_formats(formats)
@@ -216,6 +231,7 @@ class Detector:
             self.tiles: TileSpec | None = TileSpec.from_manifest(self.bundle.manifest)
         except ValueError as e:
             raise ValueError(f"{self.bundle.root}: {e}") from None
+        self.reship: ReshipEnsemble | None = ReshipEnsemble.parse(reship)
 
     def model_info(self) -> dict[str, Any]:
         """What produced this detector's results: the bundle's fingerprint (id, version,
@@ -254,12 +270,12 @@ class Detector:
     def _check_domain(self, size: tuple[int, int] | None) -> None:
         """Warn once per Detector when the embedded 32-px demonstration model meets an image far
         larger than its domain (issue 16 item 22)."""
-        from .bundle import default_bundle_path
+        from .bundle import embedded_bundle_path
 
         if getattr(self, "_domain_warned", False) or not size:
             return
-        default = default_bundle_path()
-        if default is None or self.bundle.root.resolve() != default:
+        demo = embedded_bundle_path("cifake32")  # the 32-px CIFAKE model, whichever bundle is the default
+        if demo is None or self.bundle.root.resolve() != demo:
             return
         if min(size) > 4 * self.bundle.backbone.img_size:
             self._domain_warned = True
@@ -289,6 +305,13 @@ class Detector:
             if isinstance(src, np.ndarray) and src.ndim >= 2:
                 r.image_size = (int(src.shape[1]), int(src.shape[0]))
         arr, r.tile_boxes = self.preprocess_views(data if data is not None else src)
+        if self.reship is not None:  # the ensemble's views: more rows after the original's
+            bb = self.bundle.backbone
+            rgb = load_image(data if data is not None else src, self.max_pixels, self.max_bytes, self.formats)
+            parts = [arr if arr.ndim == 4 else arr[None],
+                     *self.reship.view_arrays(rgb, bb.img_size, self.bundle.crop_ratio, self.tiles, self.max_pixels)]
+            r.view_rows = [len(p) for p in parts]
+            arr = np.concatenate(parts)
         return arr
 
     # scoring -----------------------------------------------------------------------------------
@@ -299,10 +322,8 @@ class Detector:
                                 want_lcas=want_lcas)
 
     def verdict(self, p: float) -> str:
-        lo, hi = self.abstain_band
-        if lo < hi and lo <= p <= hi:
-            return "uncertain"
-        return "ai" if p >= self.threshold else "real"
+        """p -> ``ai`` | ``real`` | ``uncertain`` with the bundle's threshold and abstain band."""
+        return decide(p, self.threshold, self.abstain_band)
 
     def detect(self, src: ImageSource, name: str | None = None, *, want_lcas: bool = False,
                explain: bool = False, explain_k: int | None = None) -> Result:
@@ -360,9 +381,10 @@ class Detector:
             wants: list[bool | int | None] = [False] * len(idx) if tiled else [
                 (explain_k or True) if explain else results[i].want_heatmap for i in idx]
             out = self.run_arrays(batch, want_lcas=want_lcas or any(w is not False for w in wants))
-            rechecked = None if self.recheck is None else self.recheck.apply(
-                batch, bounds, out, self.masks, lambda j, lg: reduce_logits(np.asarray(lg, np.float64), self.tiles)
-                if arrays[idx[j]].ndim == 4 else float(lg[0]), self.threshold, self.abstain_band)  # type: ignore[union-attr, arg-type]
+            rechecked = None if self.recheck is None else self.recheck.apply(  # rows per view of each image
+                batch, bounds, out, self.masks, [results[i].view_rows or [int(bounds[j + 1] - bounds[j])]
+                                                 for j, i in enumerate(idx)],
+                self.tiles, self.threshold, self.abstain_band)
             maps = None
             if any(w is not False for w in wants):
                 from .explain.web import batch_maps
@@ -380,8 +402,11 @@ class Detector:
         for j, i in enumerate(idx):
             a, b = int(bounds[j]), int(bounds[j + 1])
             r = results[i]
+            view_logits = None
+            if r.view_rows is not None:  # re-shipping ensemble: the original's rows, then each view's
+                view_logits, b = np.asarray(out.logit[a:b], dtype=np.float64), a + r.view_rows[0]
             crop_logits = np.asarray(out.logit[a:b], dtype=np.float64)
-            if arrays[i].ndim == 4:  # type: ignore[union-attr]
+            if self.tiles is not None and arrays[i].ndim == 4:  # type: ignore[union-attr]
                 logit = reduce_logits(crop_logits, self.tiles)  # type: ignore[arg-type]
                 boxes = r.tile_boxes or [None] * (b - a)
                 r.tiles = [{"box": None if bx is None else list(bx), "logit": float(v)}
@@ -393,6 +418,8 @@ class Detector:
                 continue
             p = sigmoid(logit)
             r.logit, r.score, r.pixel_verdict = logit, p, self.verdict(p)
+            if view_logits is not None:
+                r.pixel_verdict, r.reship = self._ensemble(view_logits, r.view_rows, r.pixel_verdict)
             r.verdict, r.reason = self.apply_policy(r.provenance, r.pixel_verdict)
             r.stats = tuple(float(x) for x in np.asarray(out.stats[a:b], np.float64).mean(0))  # type: ignore[assignment]
             r.timings = per
@@ -406,6 +433,18 @@ class Detector:
 
                 r.heatmap = explain_record(self, maps[j], r.image_size)
         return results
+
+    def _ensemble(self, logits: np.ndarray, rows: list[int], original: str) -> tuple[str, list[dict[str, Any]]]:
+        """The re-shipping ensemble's verdict and per-view record from one image's row logits
+        [sum(rows)] (the original's rows first; a tiled view's rows reduce as the original's)."""
+        bounds = np.cumsum([0] + rows)
+        recs = []
+        for name, a, b in zip(["original", *self.reship.names], bounds[:-1], bounds[1:], strict=True):  # type: ignore[union-attr]
+            lg = reduce_logits(logits[a:b], self.tiles) if self.tiles is not None else float(logits[a])
+            p = sigmoid(lg) if math.isfinite(lg) else float("nan")
+            recs.append({"view": name, "score": p, "logit": lg,
+                         "verdict": self.verdict(p) if math.isfinite(lg) else "error"})
+        return ensemble_verdict(original, [v["verdict"] for v in recs[1:]]), recs
 
     def apply_policy(self, provenance: dict[str, Any] | None, pixel_verdict: str | None
                      ) -> tuple[str | None, str]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .backends import create_backend
 from .precision import edge_distance, recheck_margin
+from .tiles import reduce_logits
 
 
 class Recheck:
@@ -48,18 +49,23 @@ class Recheck:
                 raise ValueError(f"the recheck margin must be a number >= 0, not {recheck!r}")
         return None if margin is None else cls(bundle, backend, device, threads, margin)
 
-    def apply(self, images: np.ndarray, bounds: Sequence[int], out: Any, masks: Any,
-              image_logit: Callable[[int, np.ndarray], float], threshold: float,
-              band: tuple[float, float]) -> list[bool]:
+    def apply(self, images: np.ndarray, bounds: Sequence[int], out: Any, masks: Any, views: Sequence[Sequence[int]],
+              tiles: Any, threshold: float, band: tuple[float, float]) -> list[bool]:
         """Replace, in ``out`` (BatchOutput of ``images`` [R, 3, S, S]), the rows of every image
-        whose p lies within the margin of an edge by their fp32 rows. Image j is rows
-        ``bounds[j]:bounds[j + 1]`` (its crops); ``image_logit(j, logits)`` its logit from its rows.
-        Returns [N] whether each image was rechecked."""
+        with a p within the margin of an edge by their fp32 rows. Image j is rows
+        ``bounds[j]:bounds[j + 1]``, ``views[j]`` rows per view (its original first, then any
+        re-shipping views); a view of several rows (crops of a tiled bundle, ``tiles``) has the
+        logit ``reduce_logits`` of them. An image is rechecked, all its rows, when any of its
+        views' p is near an edge. Returns [N] whether each image was rechecked."""
         n = len(bounds) - 1
-        logits = np.array([image_logit(j, out.logit[bounds[j]:bounds[j + 1]]) for j in range(n)])
-        with np.errstate(over="ignore"):
-            p = 1.0 / (1.0 + np.exp(-logits))
-        near = (edge_distance(p, threshold, band) <= self.margin) & np.isfinite(logits)
+        near = np.zeros(n, dtype=bool)
+        for j in range(n):
+            cuts = np.cumsum([bounds[j], *views[j]])
+            lg = np.array([reduce_logits(np.asarray(out.logit[a:b], np.float64), tiles) if tiles is not None
+                           else float(out.logit[a]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
+            with np.errstate(over="ignore"):
+                p = 1.0 / (1.0 + np.exp(-lg))
+            near[j] = bool(np.any((edge_distance(p, threshold, band) <= self.margin) & np.isfinite(lg)))
         if not near.any():
             return [False] * n
         t = time.perf_counter()

@@ -195,6 +195,7 @@ def test_embedded_bundle_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     if EMBEDDED is None:
         pytest.skip("this install has no embedded bundle")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CINEMAE_BUNDLE", raising=False)
     assert DEFAULT_BUNDLE in embedded_bundles()
     # the default by name is the default
     assert resolve_bundle(DEFAULT_BUNDLE).root == resolve_bundle(None).root == EMBEDDED
@@ -208,3 +209,22 @@ def test_embedded_bundle_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (tmp_path / DEFAULT_BUNDLE).mkdir()
     with pytest.raises(BundleError, match="no cinemae.json"):
         resolve_bundle(DEFAULT_BUNDLE)
+
+
+def test_cinemae_bundle_variable_chooses_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     bundle: Path) -> None:
+    from cinemae.runtime.bundle import resolve_bundle
+
+    if EMBEDDED is None:
+        pytest.skip("this install has no embedded bundle")
+    monkeypatch.setenv("CINEMAE_BUNDLE", str(bundle))  # a folder
+    assert resolve_bundle(None).root == bundle
+    monkeypatch.setenv("CINEMAE_BUNDLE", "cifake32")  # an embedded name
+    assert resolve_bundle(None).root.name == "cifake32"
+    monkeypatch.setenv("CINEMAE_BUNDLE", str(tmp_path / "missing"))  # nothing: an error, never a fallback
+    with pytest.raises(BundleError, match="CINEMAE_BUNDLE=.*neither a bundle folder nor the name"):
+        resolve_bundle(None)
+    # a command says it in one line (exit 2), it does not fall back to another model
+    r = subprocess.run([sys.executable, "-m", "cinemae.runtime.cli", str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "CINEMAE_BUNDLE": "no-such-model"})
+    assert r.returncode == 2 and "neither a bundle folder nor the name" in r.stderr

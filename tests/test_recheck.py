@@ -176,3 +176,15 @@ def test_detect_cli_recheck_flags(int8_bundle: Path, jpegs: list[Path], capsys: 
     assert all(r["rechecked"] is True for r in records("--recheck-margin", "1"))
     off = records("--no-recheck")
     assert all("rechecked" not in r and "recheck_margin" not in r["model"] for r in off)
+
+
+def test_recheck_with_the_reshipping_ensemble(int8_bundle: Path, jpegs: list[Path]) -> None:
+    """With the re-shipping ensemble, a rechecked image has all its rows (original and views) at
+    fp32: its score and per-view scores are the fp32 detector's."""
+    with _detector(int8_bundle, "onnxruntime-cpu", "fp32", reship="jpeg:60") as d32, \
+            _detector(int8_bundle, "onnxruntime-cpu", "int8", reship="jpeg:60", recheck=1.0) as dq:
+        ref, got = d32.detect_batch(jpegs[:3]), dq.detect_batch(jpegs[:3])
+    for r, g in zip(ref, got, strict=True):
+        assert g.rechecked is True and g.score == pytest.approx(r.score, abs=1e-6)
+        assert [v["score"] for v in g.reship] == pytest.approx([v["score"] for v in r.reship], abs=1e-6)
+        assert g.pixel_verdict == r.pixel_verdict

@@ -88,16 +88,35 @@ def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict
         Detector(_tiled(tiny_bundle_copy, **bad), backend="onnxruntime", device="cpu")
 
 
-def test_train_extract_refuses_tiled_bundle(tiny_bundle_copy: Path, tmp_path: Path) -> None:
-    from cinemae.train.features import extract
-
-    with pytest.raises(ValueError, match="tiled bundle"):
-        extract(_tiled(tiny_bundle_copy), [], 2, cache_dir=tmp_path, progress=False)
-
-
 def test_photo_tiles_image_logit_is_mean_of_its_crops() -> None:
     from cinemae.train.photo_tiles import image_logits
 
     crop = np.array([1.0, 3.0, -2.0, 0.5, 0.25])
     owner = np.array([0, 0, 2, 2, 2])
     np.testing.assert_allclose(image_logits(crop, owner, 3), [2.0, 0.0, (-2.0 + 0.5 + 0.25) / 3])
+
+
+def test_photo_tiles_markdown_tables() -> None:
+    from cinemae.train.calibrate import metrics, paired_comparison
+    from cinemae.train.photo_tiles import markdown
+
+    images = ([{"path": f"r{i}", "label": "real", "group": "cam"} for i in range(20)]
+              + [{"path": f"a{i}", "label": "fake", "group": "gen-a"} for i in range(5)]
+              + [{"path": f"b{i}", "label": "fake", "group": "gen-b"} for i in range(5)])
+    y = np.array([im["label"] == "fake" for im in images]).astype(int)
+    new = np.r_[np.linspace(0.0, 0.5, 20), np.full(5, 0.9), np.linspace(0.05, 0.45, 5)]  # gen-a separated
+    old = np.r_[np.linspace(0.0, 0.9, 20), np.linspace(0.0, 0.9, 10)]
+    scores = {"cifake32": {"p": old.tolist(), "threshold": 0.5}, "tiles_head_k2": {"p": new.tolist(), "threshold": 0.6},
+              "tiles_head_k0": {"p": new.tolist(), "threshold": 0.6}}
+    rep = {"photos": {m: {"metrics": metrics(y, np.asarray(v["p"]), v["threshold"])} for m, v in scores.items()}}
+    rep["photos"]["paired_vs_cifake32"] = {"tiles_head_k2": paired_comparison(y, old, 0.5, new, 0.6, n_boot=50)}
+    rep["photos"]["paired_k2_vs_k0"] = paired_comparison(y, new, 0.6, new, 0.6, n_boot=50)
+    rep["photos"]["images"], rep["photos"]["scores"] = images, scores
+    md = markdown(rep)
+    assert "(b) ../shared/data/photos" in md and "(a)" not in md  # only the sets present
+    row = next(ln for ln in md.splitlines() if ln.startswith("| fake: gen-a | 5 |"))
+    # gen-a above every real: AUC 1, all caught at 5% FPR and at the threshold 0.6, for the new head
+    assert "1.000 / 1.00 / 1.00" in row.split("|")[4]
+    real = next(ln for ln in md.splitlines() if ln.startswith("| real: cam | 20 |"))
+    assert real.count("FPR at thr 0.00") == 2 and "FPR at thr 0.45" in real  # old: 9 of 20 reals >= 0.5
+    assert "new K=2 - new K=0: AUC +0.0000" in md

@@ -398,6 +398,239 @@ def test_cli_errors(tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFix
     assert main(["--bundle", str(tiny_bundle), "--real", str(tmp_path / "nope")]) == 2
 
 
+# tiled bundles ----------------------------------------------------------------------------------
+def _tiled_copy(src: Path, dst: Path, n: int = 4) -> Path:
+    """A copy of a bundle whose manifest asks for an n-crop native grid (the manifest is not in
+    its own ``files`` list, so no hash needs refreshing)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": n, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    (dst / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
+    return dst
+
+
+def _photo(label: int, i: int, h: int, w: int) -> np.ndarray:
+    """An h x w image of the easy synthetic classes (gradients vs noise)."""
+    import cv2
+
+    return cv2.resize(_image(label, i, 32), (w, h), interpolation=cv2.INTER_NEAREST if label else cv2.INTER_LINEAR)
+
+
+_SIZES = [(32, 32), (40, 70), (64, 64), (50, 90), (36, 33), (70, 45)]
+
+
+def _write_photos(root: Path, label: int, n: int, offset: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = _SIZES[(i + offset) % len(_SIZES)]
+        (root / f"{i:03d}.png").write_bytes(_png(_photo(label, i + offset, h, w)))
+    return root
+
+
+def test_tiled_extraction_rows_are_crops_scored_alone(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A tiled bundle's image is its T crops: the rows add up to the crops per image, each row is
+    run_arrays on that crop alone, the cache hits per image, the tile spec is in the cache key,
+    and a split by image keeps every crop of an image on one side."""
+    from cinemae.runtime.bundle import Bundle
+    from cinemae.runtime.detector import Detector
+    from cinemae.train.cli import split_items
+    from cinemae.train.features import FeatureCache, bundle_key, extract
+
+    tb = _tiled_copy(tiny_bundle, tmp_path / "tiled", n=4)
+    items = from_dir(_write_photos(tmp_path / "img", 0, 6), 0)
+    cache = tmp_path / "cache"
+    quiet = {"cache_dir": cache, "batch_size": 5, "progress": False, "log": lambda *_: None}
+    fs = extract(tb, items, 3, **quiet)
+    with Detector(tb, k=3, backend="onnxruntime", device="cpu") as det:
+        crops = [det.preprocess(it.read()) for it in items]
+        counts = [len(c) for c in crops]
+        assert counts[0] == 1 and max(counts) == 4 and len(set(counts)) > 1  # 32x32 is one crop; n caps the grid
+        assert fs.rows == sum(counts) and len(fs.names) == len(items) == len(fs.labels)
+        np.testing.assert_array_equal(np.bincount(fs.owner), counts)
+        assert fs.feature.shape == (sum(counts), 64) and fs.lcas.shape == (sum(counts), 3, 64)
+        row = 0
+        for c in crops:
+            for crop in c:
+                alone = det.run_arrays(crop[None], want_feature=True, want_lcas=True)
+                np.testing.assert_allclose(fs.feature[row], alone.feature[0], rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(fs.lcas[row], alone.lcas[0], rtol=1e-5, atol=1e-5)  # NaNs in place
+                np.testing.assert_allclose(fs.stats(3)[row], alone.stats[0], rtol=1e-5, atol=1e-5)
+                row += 1
+        # image logits: the mean of each image's crop logits, as the runtime reduces them
+        logit = np.arange(fs.rows, dtype=np.float32)
+        want = [float(np.mean(logit[fs.owner == i])) for i in range(len(items))]
+        np.testing.assert_allclose(fs.image_logits(logit), want)
+        # per-crop augmentation: each crop mirrored inside its own box
+        aug = extract(tb, items[:3], 3, augment="hflip", **quiet)
+        mirrored = np.ascontiguousarray(np.concatenate([c[..., ::-1] for c in crops[:3]]))
+        np.testing.assert_allclose(aug.feature, det.run_arrays(mirrored, want_feature=True).feature,
+                                   rtol=1e-5, atol=1e-5)
+    again = extract(tb, items, 3, **quiet)
+    assert again.cache_hits == len(items) and again.extracted == 0
+    np.testing.assert_array_equal(again.feature, fs.feature)
+    np.testing.assert_array_equal(again.owner, fs.owner)
+    other = _tiled_copy(tiny_bundle, tmp_path / "tiled9", n=9)
+    keys = {bundle_key(Bundle(tiny_bundle), 3), bundle_key(Bundle(tb), 3), bundle_key(Bundle(other), 3)}
+    assert len(keys) == 3  # the tile spec is part of the key
+    assert {len(v[0]) for v in FeatureCache(cache, bundle_key(Bundle(tb), 3)).data.values()} == set(counts)
+    # split by image: every crop row on exactly one side, with its own image
+    tr_idx, va_idx = split_items([it for it in items], 0.34, seed=1)
+    tr, va = fs.subset(np.array(tr_idx)), fs.subset(np.array(va_idx))
+    assert tr.rows + va.rows == fs.rows and not set(tr.hashes) & set(va.hashes)
+    for part, idx in ((tr, tr_idx), (va, va_idx)):
+        for j, i in enumerate(idx):
+            np.testing.assert_array_equal(part.feature[part.owner == j], fs.feature[fs.owner == i])
+        np.testing.assert_array_equal(part.row_labels, part.labels[part.owner])
+    both = tr.concat(va)
+    assert both.rows == fs.rows and both.owner.max() == len(items) - 1
+
+
+def test_cli_on_tiled_bundle_matches_detect(tiny_bundle: Path, tmp_path: Path) -> None:
+    """cinemae-train on a tiled bundle: trains on crop rows, calibrates per image from the mean
+    crop logit, keeps the tiles entry; cinemae-detect then gives the report's test p (1e-5) and
+    the written threshold is the 5%-FPR threshold of the detector's own p on the validation reals."""
+    pytest.importorskip("torch")
+    from cinemae.runtime.bundle import Bundle
+    from cinemae.runtime.cli import main as detect_main
+    from cinemae.runtime.detector import Detector
+    from cinemae.train.calibrate import threshold_at_fpr
+    from cinemae.train.cli import main
+
+    tb = _tiled_copy(tiny_bundle, tmp_path / "tiled", n=4)
+    real, fake = _write_photos(tmp_path / "real", 0, 24), _write_photos(tmp_path / "fake", 1, 24)
+    t_real = _write_photos(tmp_path / "treal", 0, 6, offset=300)
+    t_fake = _write_photos(tmp_path / "tfake", 1, 6, offset=300)
+    out, report = tmp_path / "trained", tmp_path / "report.json"
+    rc = main(["--bundle", str(tb), "--real", str(real), "--fake", str(fake), "--k", "2", "--epochs", "6",
+               "--batch", "32", "--val-frac", "0.25", "--test-real", str(t_real), "--test-fake", str(t_fake),
+               "--per-image", "--cache", str(tmp_path / "cache"), "--out-bundle", str(out), "--report", str(report),
+               "--quiet", "--threads", "1"])
+    assert rc == 0
+    rep = json.loads(report.read_text())
+    tiles = json.loads((tb / "cinemae.json").read_text())["tiles"]
+    assert rep["tiles"] == tiles
+    d = rep["data"]
+    assert d["all"]["images"] == 48 and d["all"]["rows"] > 48
+    assert d["train"]["images"] + d["validation"]["images"] == 48 and d["validation"]["images"] == 12
+    assert d["train"]["rows"] + d["validation"]["rows"] == d["all"]["rows"]
+    b = Bundle(out)
+    assert b.manifest["tiles"] == tiles and b.trained and b.threshold == pytest.approx(rep["per_k"]["2"]["threshold"])
+    with Detector(out, backend="onnxruntime", device="cpu", provenance=False) as det:
+        val = [r for r in det.detect_many(rep["validation_images"])]
+        test = [r for r in det.detect_many([t["name"] for t in rep["test_images"]])]
+    assert all(r.ok and len(r.tiles) >= 1 for r in val + test)
+    # the threshold is image-level: the detector's own p on the validation reals gives it back
+    val_real = np.array([r.score for r in val if "/real/" in r.source])
+    assert len(val_real) == 6
+    assert threshold_at_fpr(val_real, 0.05) == pytest.approx(b.threshold, abs=1e-6)
+    np.testing.assert_allclose([r.score for r in test], rep["per_k"]["2"]["test_p"], rtol=0, atol=1e-5)
+    assert rep["per_k"]["2"]["test"]["n"] == 12
+    # the same through the command line (cinemae-detect --json)
+    js = tmp_path / "detect.jsonl"
+    assert detect_main([str(out), *[t["name"] for t in rep["test_images"]], "--out", str(js), "--no-progress",
+                        "--backend", "onnxruntime", "--device", "cpu"]) == 0
+    recs = [json.loads(x) for x in js.read_text().splitlines() if x.strip()]
+    np.testing.assert_allclose([x["score"] for x in recs], rep["per_k"]["2"]["test_p"], rtol=0, atol=1e-5)
+
+
+# split by group ---------------------------------------------------------------------------------
+def _write_grouped_csv(root: Path) -> Path:
+    """labels.csv (path,label,generator,source): 4 real sources x 5 images, 5 generators x 4 fakes
+    from 3 sources (one source holds reals and fakes, as in photos-train)."""
+    rows = ["path,label,generator,source"]
+    i = 0
+    for s in range(4):
+        for j in range(5):
+            p = root / f"r{s}_{j}.png"
+            p.write_bytes(_png(_image(0, i)))
+            rows.append(f"{p.name},real,cam{s},repo{s}@abc{s}")
+            i += 1
+    for g in range(5):
+        for j in range(4):
+            p = root / f"f{g}_{j}.png"
+            p.write_bytes(_png(_image(1, i)))
+            rows.append(f"{p.name},fake,gen{g},repo{[0, 4, 5, 4, 5][g]}@abc{g}")
+            i += 1
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_split_by_group_never_shares_a_group(tmp_path: Path) -> None:
+    from cinemae.train.cli import split_groups, take_groups
+    from cinemae.train.data import Item
+
+    root = tmp_path / "d"
+    root.mkdir()
+    items = from_csv(_write_grouped_csv(root))
+    assert items[0].column("generator") == "cam0" and items[-1].column("source") == "repo5@abc4"
+    for column in ("generator", "source"):
+        for seed in range(6):
+            tr, va = split_groups(items, column, 0.25, seed)
+            assert sorted(tr + va) == list(range(len(items)))
+            g_tr = {items[i].column(column) for i in tr}
+            g_va = {items[i].column(column) for i in va}
+            assert not g_tr & g_va
+            assert {items[i].label for i in va} == {0, 1} and {items[i].label for i in tr} == {0, 1}
+            assert split_groups(items, column, 0.25, seed) == (tr, va)  # seeded
+            if column == "generator":  # groups that fit the 25% target (5 per class): one of 5 reals, one of 4 fakes
+                assert sorted(items[i].label for i in va) == [0] * 5 + [1] * 4
+    # a group larger than the target is passed over, not taken whole: 10% of 20 reals is 2
+    big = [Item(f"b{i}", 0, extra=(("source", "big"),)) for i in range(17)]
+    small = [Item(f"s{i}", lb, extra=(("source", f"s{i}"),)) for i, lb in enumerate([0, 0, 0, 1, 1, 1, 1])]
+    tr, va = split_groups(big + small, "source", 0.1, 0)
+    assert len(va) <= 3 and all(i >= 17 for i in va)
+    rest, held = take_groups(items, "source", ["repo4", "repo1@abc1"])  # a source with or without @commit
+    assert {it.column("source").split("@")[0] for it in held} == {"repo1", "repo4"}
+    assert len(held) == 5 + 8 and not {it.column("source") for it in rest} & {it.column("source") for it in held}
+    with pytest.raises(DataError, match="no source group 'repo9'"):
+        take_groups(items, "source", ["repo9"])
+    with pytest.raises(DataError, match="has no 'license' column"):
+        split_groups(items, "license", 0.25, 0)
+    one_real_group = [Item(f"r{i}", 0, extra=(("generator", "cam"),)) for i in range(3)] + items[20:]
+    with pytest.raises(DataError, match="leaves no real images"):
+        split_groups(one_real_group, "generator", 0.2, 0)
+
+
+def test_cli_split_by_group(tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--split-by generator --test-groups: validation and test hold whole generators the head never
+    trained on; a CSV without the column is a one-sentence error."""
+    pytest.importorskip("torch")
+    from cinemae.train.cli import main
+
+    root = tmp_path / "d"
+    root.mkdir()
+    csv = _write_grouped_csv(root)
+    report = tmp_path / "r.json"
+    common = ["--bundle", str(tiny_bundle), "--csv", str(csv), "--epochs", "2", "--batch", "16", "--no-write",
+              "--quiet", "--threads", "1", "--cache", str(tmp_path / "cache")]
+    extra = _write_dir(tmp_path / "extra_real", 0, 3)  # a second test set, reported on its own too
+    assert main([*common, "--split-by", "generator", "--test-groups", "gen1,cam3", "--val-frac", "0.2",
+                 "--test-real", str(extra), "--report", str(report), "--per-image"]) == 0
+    rep = json.loads(report.read_text())
+    d = rep["data"]
+    assert d["split_by"] == "generator" and d["test_groups"] == ["gen1", "cam3"]
+    assert d["test_from_training_csv"] == 9 and d["test"]["images"] == 12
+    parts = rep["per_k"]["2"]["test_parts"]
+    assert parts["heldout_groups"]["n"] == 9 and parts["test_data"]["n"] == 3 and parts["test_data"]["n_fake"] == 0
+    val_groups = set(d["validation_groups"])
+    assert val_groups and not val_groups & {"gen1", "cam3"}
+    names = {Path(n).name for n in rep["validation_images"]}
+    gen_of = {Path(it.source).name: it.column("generator") for it in from_csv(csv)}
+    assert {gen_of[n] for n in names} == val_groups
+    assert d["train"]["images"] == 40 - 9 - len(names)
+    per_group = rep["per_k"]["2"]["test_per_group"]
+    assert set(per_group) == {"fake:gen1", "real:cam3", "real:?"} and per_group["fake:gen1"]["n"] == 4
+    # errors: a CSV without the column, folders, --test-groups alone
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,label\n" + "\n".join(f"{root / f'r0_{j}.png'},real" for j in range(3)) + "\n")
+    assert main([*common[:2], "--csv", str(plain), "--split-by", "source", "--no-write", "--quiet"]) == 2
+    assert "has no 'source' column" in capsys.readouterr().err
+    assert main([*common, "--test-groups", "gen1"]) == 2
+    assert "--test-groups needs --split-by" in capsys.readouterr().err
+
+
 # pretraining ------------------------------------------------------------------------------------
 def test_pretrain_smoke(tmp_path: Path) -> None:
     pytest.importorskip("torch")
@@ -414,6 +647,11 @@ def test_pretrain_smoke(tmp_path: Path) -> None:
     # resuming a finished run does no more epochs and keeps the history
     assert main(args + ["--resume"]) == 0
     assert len(json.loads((out / "summary.json").read_text())["history"]) == 2
+    # resuming with a budget already spent (a shortened run) adds no epoch and still writes mae.pth
+    (out / "mae.pth").unlink()
+    more = [a if a != "2" else "5" for a in args] + ["--resume", "--time-budget-min", "1e-6"]
+    assert main(more) == 0
+    assert len(json.loads((out / "summary.json").read_text())["history"]) == 2 and (out / "mae.pth").is_file()
 
 
 def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:

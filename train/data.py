@@ -23,12 +23,22 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One labelled image: ``source`` is a file path, or ``tar::member`` for an archive member."""
+    """One labelled image: ``source`` is a file path, or ``tar::member`` for an archive member.
+    ``extra``: the other columns of its CSV row as (column, value) pairs, e.g. (("generator",
+    "sd15"), ("source", "owner/repo@commit")); empty for folders and archives."""
 
     source: str
     label: int
     tar: str | None = None
     member: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def column(self, name: str) -> str | None:
+        """The value of CSV column ``name`` for this item (None when its CSV has no such column)."""
+        for k, v in self.extra:
+            if k == name:
+                return v
+        return None
 
     def read(self, max_bytes: int = 64 * 1024 * 1024) -> bytes:
         """The encoded bytes (raises the runtime's InputError for unreadable files)."""
@@ -121,7 +131,8 @@ def from_path(path: str | os.PathLike[str], label: int) -> list[Item]:
 
 def from_csv(path: str | os.PathLike[str]) -> list[Item]:
     """A CSV with columns path,label (header optional; relative paths are relative to the CSV).
-    Extra columns (e.g. source) are ignored."""
+    With a header, the other columns (e.g. generator, source) are kept on each item
+    (``Item.extra``, lower-case column names) for splits by group."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such CSV file")
@@ -133,8 +144,10 @@ def from_csv(path: str | os.PathLike[str]) -> list[Item]:
     start = 0
     header = [c.strip().lower() for c in rows[0]]
     ip, il = 0, 1
+    others: list[tuple[int, str]] = []
     if "path" in header and "label" in header:
         ip, il, start = header.index("path"), header.index("label"), 1
+        others = [(j, c) for j, c in enumerate(header) if j not in (ip, il) and c]
     for n, row in enumerate(rows[start:], start=start + 1):
         if not row or all(not c.strip() for c in row):
             continue
@@ -147,10 +160,18 @@ def from_csv(path: str | os.PathLike[str]) -> list[Item]:
         fp = Path(row[ip].strip())
         if not fp.is_absolute():
             fp = p.parent / fp
-        items.append(Item(str(fp), label))
+        extra = tuple((c, row[j].strip() if j < len(row) else "") for j, c in others)
+        items.append(Item(str(fp), label, extra=extra))
     if not items:
         raise DataError(f"{p}: no rows")
     return items
+
+
+def csv_columns(path: str | os.PathLike[str]) -> list[str]:
+    """The lower-case header of a CSV with a path,label header ([] without one)."""
+    with Path(path).open(newline="") as f:
+        header = [c.strip().lower() for c in next(csv.reader(f), [])]
+    return header if "path" in header and "label" in header else []
 
 
 def gather(real: list[str] | None = None, fake: list[str] | None = None,

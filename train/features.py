@@ -1,14 +1,17 @@
 """Feature extraction through the runtime, with an on-disk cache.
 
 One extraction per image gives the pooled global feature g [D] and the per-patch LCAS map for
-K_max masking runs [K_max, L] (NaN at visible patches). The first k runs of a K_max mask set are
+K_max masking runs [K_max, L] (NaN at visible patches) for each of its rows: one row for an
+untiled bundle, one per crop (T rows, ``Detector.preprocess`` -> [T, 3, S, S]) for a tiled one
+(the manifest's ``tiles`` entry, :mod:`cinemae.runtime.tiles`). The first k runs of a K_max mask set are
 exactly the masks of K=k (``runtime.masks.make_masks`` draws them in sequence from one seeded
 generator), so the statistics for every K <= K_max come from one extraction:
 ``runtime.lcas.stats_from_map(lcas[:, :k])``.
 
 Cache: ``CACHE/<bundle key>/shard-*.npz``. The bundle key hashes what the numbers depend on
-(the encoder and decoder graphs, preprocessing, mask ratio/seed, lambda, pooling, K_max); an
-image is keyed by the sha256 of its bytes, so renamed or moved files hit and edited ones miss.
+(the encoder and decoder graphs, preprocessing, the tile spec, mask ratio/seed, lambda, pooling,
+K_max); an image is keyed by the sha256 of its bytes (its T rows stored together), so renamed or
+moved files hit and edited ones miss.
 Shards are written atomically every ``flush_every`` images: an interrupted run keeps what it
 extracted.
 """
@@ -39,11 +42,15 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class FeatureSet:
-    """Extracted features of the images that could be read.
+    """Extracted features of the images that could be read: N images, R rows.
 
-    names:   [N] item sources;  labels: [N] int (1 = AI-generated)
-    feature: [N, D] float32 pooled global feature (before standardisation)
-    lcas:    [N, K_max, L] float32 LCAS map, NaN at visible patches
+    An untiled bundle gives one row per image (R = N, ``owner`` = arange(N)); a tiled one gives
+    T_i rows per image i (its crops), consecutive, R = sum T_i.
+
+    names:   [N] item sources;  labels: [N] int (1 = AI-generated);  hashes: [N] cache keys
+    owner:   [R] int, the image (index into names) each row belongs to
+    feature: [R, D] float32 pooled global feature (before standardisation)
+    lcas:    [R, K_max, L] float32 LCAS map, NaN at visible patches
     errors:  (source, error code, message) for every item that could not be scored
     """
 
@@ -56,29 +63,64 @@ class FeatureSet:
     cache_hits: int = 0
     extracted: int = 0
     seconds: float = 0.0
+    owner: np.ndarray | None = None  # None: one row per image
+
+    def __post_init__(self) -> None:
+        if self.owner is None:
+            self.owner = np.arange(len(self.names), dtype=np.int64)
+        self.owner = np.asarray(self.owner, dtype=np.int64)
+        if not len(self.owner) == len(self.feature) == len(self.lcas):
+            raise ValueError(f"FeatureSet: {len(self.owner)} owners, {len(self.feature)} feature rows, "
+                             f"{len(self.lcas)} LCAS rows")
 
     @property
     def k_max(self) -> int:
         return int(self.lcas.shape[1])
 
+    @property
+    def rows(self) -> int:
+        return int(len(self.feature))
+
+    @property
+    def row_labels(self) -> np.ndarray:
+        """[R] the label of each row's image."""
+        return self.labels[self.owner] if len(self.owner) else np.zeros(0, np.int64)
+
     def stats(self, k: int) -> np.ndarray:
-        """[N, 3] summary statistics for K=k (k <= K_max); zeros for K=0."""
+        """[R, 3] summary statistics per row for K=k (k <= K_max); zeros for K=0."""
         if k > self.k_max:
             raise ValueError(f"K={k} needs an extraction with K_max >= {k} (have {self.k_max})")
         return stats_from_map(self.lcas[:, :k])
 
+    def image_logits(self, row_logits: np.ndarray) -> np.ndarray:
+        """[R] row logits -> [N] image logits: the mean of each image's crop logits in float64,
+        the runtime's rule (``runtime.tiles.reduce_logits``, ``mean_logit``); the row's own
+        logit for an untiled set."""
+        n = len(self.names)
+        v = np.asarray(row_logits, dtype=np.float64)
+        return np.bincount(self.owner, v, minlength=n) / np.maximum(np.bincount(self.owner, minlength=n), 1)
+
     def concat(self, other: FeatureSet) -> FeatureSet:
         """This set followed by ``other`` (same bundle and K_max)."""
+        assert self.owner is not None and other.owner is not None
         return FeatureSet(self.names + other.names, np.concatenate([self.labels, other.labels]),
                           np.concatenate([self.feature, other.feature]),
                           np.concatenate([self.lcas, other.lcas]), self.hashes + other.hashes,
                           self.errors + other.errors, self.cache_hits + other.cache_hits,
-                          self.extracted + other.extracted, self.seconds + other.seconds)
+                          self.extracted + other.extracted, self.seconds + other.seconds,
+                          np.concatenate([self.owner, other.owner + len(self.names)]))
 
     def subset(self, idx: np.ndarray) -> FeatureSet:
-        idx = np.asarray(idx)
-        return FeatureSet([self.names[i] for i in idx], self.labels[idx], self.feature[idx],
-                          self.lcas[idx], [self.hashes[i] for i in idx] if self.hashes else [])
+        """The images ``idx`` (indices into ``names``, in that order) with all their rows."""
+        assert self.owner is not None
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        order = np.argsort(self.owner, kind="stable")  # rows grouped by image, in row order
+        starts = np.searchsorted(self.owner[order], np.arange(len(self.names) + 1))
+        rows = [order[starts[i]:starts[i + 1]] for i in idx]
+        sel = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        owner = np.repeat(np.arange(len(idx)), [len(r) for r in rows])
+        return FeatureSet([self.names[i] for i in idx], self.labels[idx], self.feature[sel],
+                          self.lcas[sel], [self.hashes[i] for i in idx] if self.hashes else [], owner=owner)
 
 
 # Training-time augmentations, applied to the preprocessed image [3, S, S]. A spec is one step or
@@ -87,7 +129,8 @@ class FeatureSet:
 #   shift:DY:DX     moved DY rows down and DX columns right (|DY|, |DX| < S/2); the uncovered
 #                   border is filled by reflecting the image (numpy "reflect" padding)
 # e.g. "hflip+shift:-2:2". A transformed image is cached under "<sha256>:<spec>" and named
-# "<source>#<spec>".
+# "<source>#<spec>". For a tiled bundle the transform is applied to each crop [3, S, S] on its
+# own (the crops stay where they are; each is mirrored or moved inside its own box).
 
 
 def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -140,11 +183,17 @@ def bundle_key(bundle: Bundle, k_max: int, precision: str = "fp32") -> str:
         "lambda": m.get("lambda"), "pooling": m.get("head", {}).get("pooling", "cls"),
         "k_max": int(k_max), "precision": precision,
     }
+    if m.get("tiles") is not None:  # which crops an image gives (absent: the untiled key stays as it was)
+        from ..runtime.tiles import TileSpec
+
+        parts["tiles"] = TileSpec.from_manifest(m).to_manifest()  # type: ignore[union-attr]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class FeatureCache:
-    """content sha256 -> (feature [D], lcas [K_max, L]) for one bundle key."""
+    """content sha256 -> (feature [T, D], lcas [T, K_max, L]) for one bundle key (T = 1 for an
+    untiled bundle). A shard holds ``hashes`` [N], ``counts`` [N] (rows per image; absent in
+    shards written before tiles, meaning 1) and the rows ``feature`` [R, D], ``lcas`` [R, K_max, L]."""
 
     def __init__(self, root: str | os.PathLike[str] | None, key: str) -> None:
         self.dir = Path(root) / key if root else None
@@ -154,8 +203,14 @@ class FeatureCache:
             for shard in sorted(self.dir.glob("shard-*.npz")):
                 try:
                     with np.load(shard) as z:
-                        for h, f, lm in zip(z["hashes"], z["feature"], z["lcas"], strict=True):
-                            self.data[str(h)] = (f, lm)
+                        hashes, feat, lcas = z["hashes"], z["feature"], z["lcas"]
+                        counts = z["counts"] if "counts" in z.files else np.ones(len(hashes), np.int64)
+                        if int(counts.sum()) != len(feat) or len(feat) != len(lcas) or len(counts) != len(hashes):
+                            raise ValueError("row counts do not add up")
+                        bounds = np.concatenate([[0], np.cumsum(counts)])
+                        for j, h in enumerate(hashes):
+                            a, b = int(bounds[j]), int(bounds[j + 1])
+                            self.data[str(h)] = (feat[a:b], lcas[a:b])
                 except Exception as e:  # noqa: BLE001 - a damaged shard is skipped, not fatal
                     warnings.warn(f"feature cache: skipping unreadable {shard} ({e})", stacklevel=2)
 
@@ -163,6 +218,7 @@ class FeatureCache:
         return self.data.get(h)
 
     def put(self, h: str, feature: np.ndarray, lcas: np.ndarray) -> None:
+        """feature [T, D], lcas [T, K_max, L]: one image's rows."""
         self.data[h] = (feature, lcas)
         self._pending[h] = (feature, lcas)
 
@@ -172,10 +228,12 @@ class FeatureCache:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         hashes = list(self._pending)
-        feat = np.stack([self._pending[h][0] for h in hashes])
-        lcas = np.stack([self._pending[h][1] for h in hashes])
+        counts = np.array([len(self._pending[h][0]) for h in hashes], np.int64)
+        feat = np.concatenate([self._pending[h][0] for h in hashes])
+        lcas = np.concatenate([self._pending[h][1] for h in hashes])
         name = f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
-        atomic_write(self.dir / name, lambda f: np.savez(f, hashes=np.array(hashes), feature=feat, lcas=lcas))
+        atomic_write(self.dir / name, lambda f: np.savez(f, hashes=np.array(hashes), counts=counts, feature=feat,
+                                                        lcas=lcas))
         self._pending.clear()
 
 
@@ -184,10 +242,13 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
             threads: int | None = None, flush_every: int = 2048, progress: bool = True,
             log: Callable[[str], None] = _logger.info, augment: str | None = None) -> FeatureSet:
     """Run every item through the runtime (``Detector.run_arrays`` with K_max runs) or take it
-    from the cache. Unreadable items are listed in ``errors`` and left out.
+    from the cache. Unreadable items are listed in ``errors`` and left out. A tiled bundle's
+    image is its T crops (``Detector.preprocess`` -> [T, 3, S, S]), T rows of the result, each
+    exactly what ``run_arrays`` gives for that crop; ``batch_size`` counts rows.
 
     augment: an augmentation spec (``parse_augmentation``); every item is then transformed after
-    preprocessing (e.g. "hflip": mirrored left-right) and extracted as that new image."""
+    preprocessing (e.g. "hflip": mirrored left-right; for a tiled bundle each crop on its own)
+    and extracted as that new image."""
     from tqdm import tqdm
 
     from ..runtime.detector import Detector
@@ -197,10 +258,6 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K_max differs from the K the bundle's head was trained for
         det = Detector(b, backend="onnxruntime", device="cpu", k=k_max, threads=threads)
-    if det.tiles is not None:
-        det.close()
-        raise ValueError(f"{b.root} is a tiled bundle (one row per crop); the feature cache holds one row per image: "
-                         "train its head with `python -m cinemae.train.photo_tiles`")
     key = bundle_key(b, k_max)
     cache = FeatureCache(cache_dir, key)
     t0 = time.perf_counter()
@@ -211,7 +268,7 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     slots: list[tuple[str, int, str, tuple[np.ndarray, np.ndarray]] | None] = [None] * len(items)
     errors: list[tuple[str, str, str]] = []
     hits = extracted = since_flush = 0
-    todo: list[tuple[int, Item, str, np.ndarray]] = []
+    todo: list[tuple[int, Item, str, np.ndarray]] = []  # x: [T, 3, S, S]
     suffix = f"#{augment}" if augment else ""
 
     def keep(i: int, it: Item, h: str, row: tuple[np.ndarray, np.ndarray]) -> None:
@@ -221,12 +278,15 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
         nonlocal extracted, since_flush
         if not todo:
             return
-        batch = np.stack([t[3] for t in todo])
+        batch = np.concatenate([t[3] for t in todo])
         out = det.run_arrays(batch, want_feature=True, want_lcas=True)
-        lm = out.lcas if out.lcas is not None else np.zeros((len(todo), 0, b.backbone.num_patches),
+        lm = out.lcas if out.lcas is not None else np.zeros((len(batch), 0, b.backbone.num_patches),
                                                             np.float32)
-        for j, (i, it, h, _) in enumerate(todo):
-            f, m = out.feature[j].astype(np.float32), lm[j].astype(np.float32)
+        at = 0
+        for i, it, h, x in todo:
+            f = out.feature[at:at + len(x)].astype(np.float32)
+            m = lm[at:at + len(x)].astype(np.float32)
+            at += len(x)
             cache.put(h, f, m)
             keep(i, it, h, (f, m))
         extracted += len(todo)
@@ -238,6 +298,7 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
 
     desc = f"features ({augment})" if augment else "features"
     bar = tqdm(items, desc=desc, unit="img", disable=not progress, mininterval=2.0)
+    pending_rows = 0
     try:
         for i, it in enumerate(bar):
             try:
@@ -249,12 +310,17 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
                     keep(i, it, h, got)
                     continue
                 x = det.preprocess(data)
-                todo.append((i, it, h, transform(x) if transform else x))
+                x = x if x.ndim == 4 else x[None]  # [T, 3, S, S]; T = 1 untiled
+                if transform:
+                    x = np.stack([transform(c) for c in x])
+                todo.append((i, it, h, x))
+                pending_rows += len(x)
             except InputError as e:
                 errors.append((it.source, e.code, str(e)))
                 continue
-            if len(todo) >= batch_size:
+            if pending_rows >= batch_size:
                 run_todo()
+                pending_rows = 0
         run_todo()
     finally:
         cache.flush()  # keep what was extracted, also when interrupted
@@ -267,14 +333,16 @@ def extract(bundle: str | os.PathLike[str] | Bundle, items: Sequence[Item], k_ma
     hashes = [sl[2] for sl in done]
     rows = [sl[3] for sl in done]
     d = b.manifest["backbone"]["embed_dim"]
-    feature = np.stack([r[0] for r in rows]) if rows else np.zeros((0, d), np.float32)
-    lcas = np.stack([r[1] for r in rows]) if rows else np.zeros((0, k_max, b.backbone.num_patches),
-                                                                np.float32)
+    feature = np.concatenate([r[0] for r in rows]) if rows else np.zeros((0, d), np.float32)
+    lcas = np.concatenate([r[1] for r in rows]) if rows else np.zeros((0, k_max, b.backbone.num_patches),
+                                                                      np.float32)
+    owner = np.repeat(np.arange(len(rows)), [len(r[0]) for r in rows])
     return FeatureSet(names, np.asarray(labels, dtype=np.int64), feature, lcas, hashes, errors,
-                      hits, extracted, time.perf_counter() - t0)
+                      hits, extracted, time.perf_counter() - t0, owner)
 
 
 def describe(fs: FeatureSet) -> dict[str, Any]:
+    """Counts of a set (images per class; ``rows``: crops, equal to images when untiled)."""
     return {"images": len(fs.names), "real": int((fs.labels == 0).sum()), "fake": int((fs.labels == 1).sum()),
-            "errors": len(fs.errors), "cache_hits": fs.cache_hits, "extracted": fs.extracted,
+            "rows": fs.rows, "errors": len(fs.errors), "cache_hits": fs.cache_hits, "extracted": fs.extracted,
             "seconds": round(fs.seconds, 1)}

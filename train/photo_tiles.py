@@ -193,21 +193,152 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["ship"] = bool(c["auc_diff_ci95"][0] > 0)
         log.info("ship the tiled head as the default: %s (AUC difference on photos %+.4f, CI %s)",
                  report["ship"], c["auc_diff"], c["auc_diff_ci95"])
+        if args.report:  # first: a failure while writing the bundle must not lose the measurements
+            Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
         if args.out_bundle:
             th, thr = heads[2]
             decision = {"threshold": thr, "abstain_band": [thr, thr], "calibration": {
                 "rule": "threshold = smallest p with <= 5% false positives on the real validation images "
                         "(mean crop logit per image)"}}
             what = args.what or (f"{base.manifest.get('model_id', base.root.name)} MAE + head on "
-                                 f"native {base.img_size}-px crops")
+                                 f"native {base.backbone.img_size}-px crops")
             training = {"k": 2, "what": what,
-                        "data": {"train_dir": "photos-train minus held-out sources", **report},
+                        "data": {"train_dir": "photos-train minus held-out sources",
+                                 **{k: ({m: v for m, v in r.items() if m not in ("images", "scores")}
+                                        if isinstance(r, dict) else r) for k, r in report.items()}},
                         "epochs": args.epochs, "seed": args.seed}
+            training = json.loads(json.dumps(training, default=float))  # numpy scalars -> JSON numbers
             write_head(tb, th.head, decision, training, out=args.out_bundle,
                        extra_manifest={"tiles": json.loads((tb / "cinemae.json").read_text())["tiles"]})
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
     return report
+
+
+SETS = {"heldout": "(a) photos-train, held-out sources (their reals and generators never seen in training)",
+        "photos": "(b) ../shared/data/photos (never trained on)"}
+MODELS = {"cifake32": "cifake32 (shipped before; one 32-px view)", "tiles_head_k2": "new, K=2",
+          "tiles_head_k0": "new, K=0 (no LCAS)", "cifake32_tiles": "cifake32 head on the tiles"}
+
+
+def group_table(images: list[dict[str, str]], scores: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows per generator (AUC against every real of the set, TPR at 5% FPR, TPR at the
+    model's own threshold) and per real source (FPR at the model's threshold), one column group per model."""
+    from ..runtime.evaluation import auc, threshold_at_fpr
+
+    models = [m for m in MODELS if m in scores]
+    y = np.array([r["label"] == "fake" for r in images])
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(images):
+        groups[(r["label"], r["group"])].append(i)
+    head = "| group | n | " + " | ".join(f"{MODELS[m]}: AUC / TPR@5%FPR / at thr" for m in models) + " |"
+    out = [head, "|" + "---|" * (2 + len(models))]
+    cells: dict[str, list[str]] = {}
+    for m in models:
+        p, thr = np.asarray(scores[m]["p"]), float(scores[m]["threshold"])
+        t5 = threshold_at_fpr(p[~y], 0.05)
+        for (lab, g), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fake", kv[0][1])):
+            idx = np.asarray(idx)
+            if lab == "fake":
+                sel = np.concatenate([np.flatnonzero(~y), idx])
+                c = f"{auc(y[sel], p[sel]):.3f} / {(p[idx] >= t5).mean():.2f} / {(p[idx] >= thr).mean():.2f}"
+            else:
+                c = f"FPR at thr {(p[idx] >= thr).mean():.2f}"
+            cells.setdefault(f"{lab}: {g} | {len(idx)}", []).append(c)
+    out += [f"| {k} | " + " | ".join(v) + " |" for k, v in cells.items()]
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the tables the issue asks for: per set, each model's metrics and the paired
+    comparisons, then per generator and per real source."""
+    lines = []
+    for name, title in SETS.items():
+        r = report.get(name)
+        if not r:
+            continue
+        lines += [f"### {title}", "", "| model | n | AUC | TPR@5%FPR | threshold | FPR of reals at it | TPR at it |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in MODELS:
+            if m in r:
+                mm = r[m]["metrics"]
+                a = mm["at_threshold"]
+                lines.append(f"| {MODELS[m]} | {mm['n']} | {mm['auc']:.4f} | {mm['tpr_at_5pct_fpr']:.3f} | "
+                             f"{a['threshold']:.4f} | {a['fpr']:.3f} | {a['tpr']:.3f} |")
+        lines += ["", "Paired bootstrap (images resampled, 2000 times), difference b - a with 95% interval:", ""]
+        comps = [(f"{MODELS[m]} - cifake32", c) for m, c in r.get("paired_vs_cifake32", {}).items()]
+        if "paired_k2_vs_k0" in r:
+            comps.append(("new K=2 - new K=0", r["paired_k2_vs_k0"]))
+        for label, c in comps:
+            lo, hi = c["auc_diff_ci95"]
+            lines.append(f"- {label}: AUC {c['auc_diff']:+.4f} ({lo:+.4f}..{hi:+.4f}), "
+                         f"accuracy at own threshold {c['accuracy_diff']:+.4f} "
+                         f"({c['accuracy_diff_ci95'][0]:+.4f}..{c['accuracy_diff_ci95'][1]:+.4f})")
+        if "scores" in r:
+            lines += ["", "Per generator (fakes, each against every real of the set) and per real source:", ""]
+            lines += group_table(r["images"], r["scores"])
+        lines.append("")
+    return "\n".join(lines)
+
+
+PHOTO_DESCRIPTION = (
+    "Photo model: the small MAE of cifake32 (ViT, patch 4, 128 wide, 6 blocks; decoder 96x2; pixel targets) "
+    "pretrained further on native-resolution 32-px crops of real photographs (photos-train, sources held out "
+    "of the evaluation excluded), with a CINEMAE head (K=2) trained on crops of real photos and of images from "
+    "several generators (photos-train minus six held-out sources). Every image is scored as up to {n} 32-px "
+    "crops taken at native resolution (a grid), and its logit is the mean of the crops' logits, so no "
+    "image is shrunk to 32 px. Measured (train/RECIPE.md, benchmarks/results/photo32_report.md): AUC {b_auc:.3f} "
+    "on ../shared/data/photos (never trained on; most of its fakes are SD 1.5 fine-tunes, a family seen in "
+    "training), real-photo false-positive rate {b_fpr:.1%} at the shipped threshold; on sources held out of "
+    "training AUC {a_auc:.3f} and real false-positive rate {a_fpr:.1%}. It is a small CPU-trained model, not "
+    "the paper's ViT-L/16 on GenImage: generators unlike its training data are detected little better than "
+    "chance. The previous CIFAKE model stays available as --bundle cifake32."
+)
+
+
+def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "photo32",
+            root: Path | None = None) -> Path:
+    """Copy a trained tiled bundle into ``runtime/bundles/NAME`` with a plain description and its
+    measured numbers in the manifest; its torch weights (``mae.pth``, ``head.pt``) go to
+    ``export/weights/NAME`` (outside the torch-free runtime package), paired with the graphs by sha256."""
+    from ..export.source_weights import install_source_weights
+    from ..runtime.bundle import Bundle, write_manifest
+
+    repo = Path(__file__).resolve().parents[1]
+    dst = (root or repo / "runtime" / "bundles") / name
+    tmp = dst.with_name(f"{name}.staging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(bundle_dir, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    install_source_weights(dst, mae, dst / "head.pt", name, note="written by train/photo_tiles.py --install")
+    (dst / "head.pt").unlink()
+    m = dict(Bundle(dst, verify=False).manifest)
+    m["model_id"], m["model_version"] = f"cinemae-{name}", "1"
+
+    def at(set_name: str, model: str) -> dict[str, Any]:
+        mm = report[set_name][model]["metrics"]
+        return {"n": mm["n"], "auc": mm["auc"], "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"],
+                "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
+                "tpr_at_threshold": mm["at_threshold"]["tpr"]}
+
+    m["description"] = PHOTO_DESCRIPTION.format(
+        n=m["tiles"]["n"], b_auc=report["photos"]["tiles_head_k2"]["metrics"]["auc"],
+        b_fpr=report["photos"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"],
+        a_auc=report["heldout"]["tiles_head_k2"]["metrics"]["auc"],
+        a_fpr=report["heldout"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"])
+    m["evaluation"] = {
+        "photos_never_trained_on": {"this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
+                                    "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"]["tiles_head_k2"]},
+        "heldout_sources": {"sources": report["heldout_sources"], "this_model": at("heldout", "tiles_head_k2"),
+                            "cifake32": at("heldout", "cifake32"),
+                            "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"]},
+        "report": "benchmarks/results/photo32_report.md"}
+    m.setdefault("provenance", {})["source_weights"] = (
+        f"mae.pth and head.pt, the torch weights the graphs were exported from, live outside this torch-free "
+        f"bundle: cinemae/export/weights/{name}/ (weights.json pairs them with these graphs by sha256)")
+    m.pop("files", None)
+    write_manifest(dst, json.loads(json.dumps(m, default=float)))
+    Bundle(dst)
+    return dst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="with --mae: where the exported backbone bundle goes "
                                                  "(default: beside mae.pth; kept and reused)")
     ap.add_argument("--model-id", default="cinemae-photo32", help="with --mae: the exported bundle's model id")
-    ap.add_argument("--train-dir", required=True)
-    ap.add_argument("--eval-dir", required=True)
+    ap.add_argument("--train-dir")
+    ap.add_argument("--eval-dir")
+    ap.add_argument("--markdown", default=None, help="also write the report's tables here")
+    ap.add_argument("--render", default=None, metavar="REPORT",
+                    help="no run: write --markdown from an existing report")
     ap.add_argument("--heldout-sources", nargs="+", default=list(DEFAULT_HELDOUT))
     ap.add_argument("--tiles", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=30)
@@ -227,9 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=None)
     ap.add_argument("--out-bundle", default=None)
     ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
+    ap.add_argument("--install", default=None, metavar="NAME",
+                    help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(args)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+    else:
+        if not (args.train_dir and args.eval_dir):
+            ap.error("--train-dir and --eval-dir are required (or --render REPORT)")
+        report = run(args)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
+    if args.install:
+        if not (args.out_bundle and args.mae):
+            ap.error("--install needs --out-bundle (the trained bundle) and --mae (its backbone's weights)")
+        log.info("installed %s", install(Path(args.out_bundle), report, Path(args.mae), args.install))
+    elif args.render:
+        print(markdown(report))
     return 0
 
 

@@ -312,6 +312,9 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                 log(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {running / seen:.4f} "
                     f"lr {lr:.2e} {seen / (time.time() - te):.0f} img/s")
         elapsed = e0 + time.time() - te
+        if stop and seen == 0:  # the budget was spent before this epoch's first step (e.g. a resumed run)
+            elapsed = e0
+            break
         val = evaluate(model, val_x, n_keep)
         rec = {"epoch": epoch + 1, "steps": (s + 1) if not stop else s, "images": seen,
                "train_loss": running / max(1, seen), "val_loss": val, "seconds": time.time() - te,
