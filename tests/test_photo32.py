@@ -1,0 +1,83 @@
+"""The embedded photo model (runtime/bundles/photo32), the default when no bundle is given: it
+loads with verified hashes, scores photos as native-resolution tiles, carries the numbers of its
+committed report, reproduces the report's per-image scores through the public API, and its torch
+source weights reproduce its graphs. The CIFAKE model stays reachable by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cinemae.runtime.bundle import DEFAULT_BUNDLE, embedded_bundle_path, resolve_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = REPO / "benchmarks" / "results" / "photo32_report.json"
+PHOTO32 = embedded_bundle_path("photo32")
+pytestmark = pytest.mark.skipif(PHOTO32 is None, reason="this install has no photo32 bundle")
+
+
+def test_photo32_is_the_default_and_cifake32_stays_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CINEMAE_BUNDLE", raising=False)
+    assert DEFAULT_BUNDLE == "photo32" and resolve_bundle(None).root == PHOTO32
+    assert resolve_bundle("cifake32").model_id == "cinemae-cifake32-demo"
+
+
+def test_photo32_bundle_is_trained_tiled_verified_and_torch_free() -> None:
+    b = resolve_bundle("photo32")  # verifies every file's sha256
+    m = b.manifest
+    assert b.trained and b.model_id == "cinemae-photo32" and m["head_parity"]["passed"]
+    assert m["tiles"] == {"mode": "grid", "n": 64, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    assert sorted(f.name for f in PHOTO32.iterdir()) == sorted([*m["files"], "cinemae.json"]) == [
+        "cinemae.json", "decoder.onnx", "encoder.onnx", "head.onnx", "parity.json"]
+    assert sum(f.stat().st_size for f in PHOTO32.iterdir()) < 7_000_000
+    assert "cifake32" in m["description"] and "chance" in m["description"]
+    # the manifest's numbers are the committed report's
+    rep = json.loads(REPORT.read_text())
+    ev = m["evaluation"]
+    for set_name, key in (("photos", "photos_never_trained_on"), ("heldout", "heldout_sources")):
+        mm = rep[set_name]["tiles_head_k2"]["metrics"]
+        assert ev[key]["this_model"]["auc"] == pytest.approx(mm["auc"], abs=1e-12)
+        assert ev[key]["this_model"]["threshold"] == pytest.approx(b.threshold, abs=1e-12)
+
+
+def test_photo32_reproduces_the_reported_scores(shared_data: Path) -> None:
+    """Six images of ../shared/data/photos (both classes) through Detector("photo32"): p equals the
+    report's per-image p (the torch head on the same crops) to 1e-4."""
+    from cinemae.runtime import Detector
+
+    rep = json.loads(REPORT.read_text())["photos"]
+    rows = rep["images"]
+    p_rep = rep["scores"]["tiles_head_k2"]["p"]
+    pick = [i for i, r in enumerate(rows) if r["label"] == "real"][:3] + \
+           [i for i, r in enumerate(rows) if r["label"] == "fake"][:3]
+    paths = [shared_data / "photos" / Path(rows[i]["path"]).relative_to(Path(rows[i]["path"]).parents[1])
+             for i in pick]
+    with Detector("photo32", backend="onnxruntime", device="cpu", provenance=False) as det:
+        got = det.detect_batch([str(p) for p in paths])
+    assert all(r.error is None for r in got)
+    assert all(len(r.to_record()["tiles"]) > 1 for r in got)  # scored as several native crops
+    np.testing.assert_allclose([r.score for r in got], [p_rep[i] for i in pick], atol=1e-4)
+
+
+def test_photo32_source_weights_reproduce_its_graphs() -> None:
+    pytest.importorskip("torch")
+    from cinemae.export.checkpoint import load_checkpoint
+    from cinemae.export.head import load_head
+    from cinemae.export.reference import TorchReference
+    from cinemae.export.source_weights import find_source_weights
+    from cinemae.runtime import Detector
+
+    with Detector("photo32", device="cpu") as det:
+        found = find_source_weights(det.bundle)
+        assert found is not None and "runtime" not in found[0].parts and found[0].parent.name == "photo32"
+        model, _ = load_checkpoint(found[0], norm_pix=det.bundle.backbone.norm_pix)
+        head = load_head(str(found[1]))[0]
+        rng = np.random.default_rng(0)
+        crops = det.preprocess(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))  # [T, 3, 32, 32]
+        assert crops.ndim == 4 and len(crops) > 1
+        onnx_logit = det.run_arrays(crops).logit
+        ref = TorchReference(model.eval(), head.eval(), det.bundle.lam).run(crops, det.masks)
+    np.testing.assert_allclose(ref.logit, onnx_logit, atol=1e-4)
