@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime.bundle import Bundle, BundleError, default_bundle_path
+from ..runtime.bundle import Bundle, BundleError, default_bundle_path, resolve_bundle
 from .environment import cache_dir
 
 _logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def resolve_target(bundle_path: str | None, arch: str | None, checkpoint: str | 
     if arch:
         return build_arch_target(arch, k, seed, fp16, log)
     if bundle_path:
-        b = Bundle(bundle_path)
+        b = resolve_bundle(bundle_path)  # a folder, or an embedded bundle's name
         return BenchTarget(b, f"--bundle {bundle_path}", bundle_note(b),
                            torch_loader_for(b, checkpoint, head_path))
     default = default_bundle_path()
