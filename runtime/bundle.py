@@ -281,7 +281,7 @@ def write_manifest(root: str | os.PathLike[str], manifest: dict[str, Any]) -> di
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "bundles"
 #: the embedded bundle used when none is given
-DEFAULT_BUNDLE = "cifake32"
+DEFAULT_BUNDLE = "photo32"
 
 
 def embedded_bundles() -> list[str]:

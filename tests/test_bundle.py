@@ -190,7 +190,7 @@ def test_export_sign_and_require(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_embedded_bundle_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cinemae.runtime.bundle import DEFAULT_BUNDLE, embedded_bundles, resolve_bundle
+    from cinemae.runtime.bundle import DEFAULT_BUNDLE, embedded_bundle_path, embedded_bundles, resolve_bundle
 
     if EMBEDDED is None:
         pytest.skip("this install has no embedded bundle")
@@ -198,7 +198,7 @@ def test_embedded_bundle_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("CINEMAE_BUNDLE", raising=False)
     assert DEFAULT_BUNDLE in embedded_bundles()
     # the default by name is the default
-    assert resolve_bundle(DEFAULT_BUNDLE).root == resolve_bundle(None).root == EMBEDDED
+    assert resolve_bundle(DEFAULT_BUNDLE).root == resolve_bundle(None).root == embedded_bundle_path(DEFAULT_BUNDLE)
     # an unknown name says which names exist
     with pytest.raises(BundleError, match=f"not the name of an embedded bundle.*{DEFAULT_BUNDLE}"):
         resolve_bundle("no-such-model")
