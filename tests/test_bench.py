@@ -295,7 +295,10 @@ def test_bench_interrupted_keeps_measured_rows(bench_cache: Path, tmp_path: Path
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-c", "import sys; from cinemae.benchmarks.cli import main; sys.exit(main())",
            "--arch", "tiny", "--no-torch", "--k", "0,1,2,3,4,5,6,7,8", "--batch", "1,2,4,8", "--json", str(out),
-           "--warmup", "1", "--min-iters", "50", "--iters", "50", "--row-time", "5", "--peak-tflops", "0.1"]
+           # every row runs for 2 s whatever the machine's speed (36 rows: over a minute), so the
+           # interrupt lands mid-run on a quiet machine too (a fixed 50 batches of the tiny model
+           # finished the whole run before it there)
+           "--warmup", "1", "--min-iters", "3", "--iters", "1000000", "--row-time", "2", "--peak-tflops", "0.1"]
     proc = subprocess.Popen(cmd, env={**os.environ, "CINEMAE_CACHE": str(bench_cache)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
