@@ -375,7 +375,12 @@ def test_graceful_timeout_bounds_shutdown(tiny_bundle: Path, tmp_path: Path) -> 
     assert rc == 0
     text = log.read_text()
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text
-    assert "decode(s) still running" in text, f"the request ended on its own after {waited:.1f} s: make it longer"
+    # the timeout bounds the shutdown (24 decodes on one thread take far longer than 2 s)
+    assert waited < 2 + 30, f"shutdown took {waited:.1f} s with a 2-s graceful timeout"
+    # the request was cut at the timeout, not finished; whether a decode is still in flight at the
+    # very moment of exit (the os._exit path) is a race a loaded machine can lose
+    assert "decode(s) still running" in text or "request cancelled at the 2-s graceful-shutdown timeout" in text, \
+        f"the request ended on its own after {waited:.1f} s: make it longer"
 
 
 def test_openapi_document(guarded: ServerProcess) -> None:
