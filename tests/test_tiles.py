@@ -120,3 +120,43 @@ def test_photo_tiles_markdown_tables() -> None:
     real = next(ln for ln in md.splitlines() if ln.startswith("| real: cam | 20 |"))
     assert real.count("FPR at thr 0.00") == 2 and "FPR at thr 0.45" in real  # old: 9 of 20 reals >= 0.5
     assert "new K=2 - new K=0: AUC +0.0000" in md
+
+
+def test_tiled_bundle_through_serve_and_detect_out(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    """A real service on loopback and a `cinemae-detect --out` scan on a tiled bundle: both give
+    the Detector's image p and list its crops."""
+    import io
+    import subprocess
+    import sys
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from PIL import Image
+
+    from cinemae.benchmarks.serve_load import ServerProcess
+
+    bundle = _tiled(tiny_bundle_copy, n=6)
+    img = _image(70, 90, seed=3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(buf.getvalue())
+    with Detector(bundle, backend="onnxruntime", device="cpu", provenance=False) as det:
+        want = det.detect(buf.getvalue())
+    assert want.tiles is not None and len(want.tiles) == 6
+    srv = ServerProcess(bundle, "--backend", "onnxruntime", "--device", "cpu")
+    try:
+        srv.wait_ready()
+        r = httpx.post(srv.url + "/v1/detect", files=[("f", ("a.png", buf.getvalue(), "image/png"))], timeout=60)
+    finally:
+        srv.terminate()
+    assert r.status_code == 200, r.text
+    rec = r.json()["results"][0]
+    assert len(rec["tiles"]) == 6 and rec["score"] == pytest.approx(want.score, abs=1e-6)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "cinemae.runtime.cli", str(bundle), str(tmp_path / "in"), "--out", str(out),
+           "--backend", "onnxruntime", "--device", "cpu", "--no-provenance"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert len(rec["tiles"]) == 6 and rec["score"] == pytest.approx(want.score, abs=1e-6)
