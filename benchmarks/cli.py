@@ -280,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row.to_dict())
         save()
 
+    tiles = bundle.manifest.get("tiles")
+    tiled = (f"; tiled: an image is up to {tiles.get('n')} crops, so the latency rows' img/s count crops"
+             if isinstance(tiles, dict) else "")
     log(f"bundle {bundle.root} ({target.origin}; {bb.img_size} px, D={bb.embed_dim}, "
-        f"L={bb.num_patches}){' - ' + target.note if target.note else ''}")
+        f"L={bb.num_patches}{tiled}){' - ' + target.note if target.note else ''}")
     log(f"decode+preprocess {pre_ms:.3f} ms/img; peaks: "
         + ", ".join(f"{k} {v['tflops']} TFLOP/s ({v['source']})" for k, v in peaks.items()))
     rows: list[Any] = []
