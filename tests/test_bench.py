@@ -299,8 +299,11 @@ def test_bench_interrupted_keeps_measured_rows(bench_cache: Path, tmp_path: Path
            # interrupt lands mid-run on a quiet machine too (a fixed 50 batches of the tiny model
            # finished the whole run before it there)
            "--warmup", "1", "--min-iters", "3", "--iters", "1000000", "--row-time", "2", "--peak-tflops", "0.1"]
+    # SIGINT back to its default in the child: a job started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen(cmd, env={**os.environ, "CINEMAE_CACHE": str(bench_cache)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
