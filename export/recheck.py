@@ -60,17 +60,26 @@ def reduced_forms(bundle: Any) -> list[tuple[str, str]]:
 
 def measure_margins(bundle: Any, images: np.ndarray, masks: Any, forms: Sequence[tuple[str, str]] | None = None,
                     safety: float | None = None, threads: int | None = None,
-                    log: Callable[[str], None] = _logger.info) -> dict[str, Any]:
+                    log: Callable[[str], None] = _logger.info, owner: np.ndarray | None = None) -> dict[str, Any]:
     """The manifest's ``recheck`` entry for ``bundle`` (a loaded Bundle): each form of ``forms``
     (default :func:`reduced_forms`) that can run here against the fp32 graphs in ONNX Runtime CPU
-    on ``images`` [N, 3, H, W]. A form that cannot run here is left out (and said)."""
+    on ``images`` [N, 3, H, W]. A form that cannot run here is left out (and said).
+
+    owner: for a tiled bundle, the image [N] each row (crop) belongs to; |Δp| is then taken on the
+    image's p (the mean crop logit, the runtime's rule), which is what the recheck compares."""
     from ..runtime.backends.base import BackendUnavailable
     from ..runtime.backends.registry import create_backend
     from ..runtime.bundle import BundleError
     from ..runtime.precision import RECHECK_SAFETY, head_sha256
     safety = RECHECK_SAFETY if safety is None else float(safety)
+    def image_p(logit: np.ndarray) -> np.ndarray:
+        if owner is None:
+            return p_of(logit)
+        n = int(owner.max()) + 1
+        return p_of(np.bincount(owner, np.asarray(logit, np.float64), minlength=n) / np.bincount(owner, minlength=n))
+
     ref_be, _ = create_backend(bundle, "onnxruntime-cpu", "cpu", "fp32", threads)
-    p_ref = p_of(run_batches(ref_be, images, masks).logit)
+    p_ref = image_p(run_batches(ref_be, images, masks).logit)
     ref_be.close()
     rows: dict[str, Any] = {}
     for name, prec in (reduced_forms(bundle) if forms is None else forms):
@@ -79,7 +88,7 @@ def measure_margins(bundle: Any, images: np.ndarray, masks: Any, forms: Sequence
         except (BackendUnavailable, BundleError, ImportError) as e:
             log(f"recheck margin: {name}/{prec} cannot run here ({e}); no margin")
             continue
-        dp = np.abs(p_of(run_batches(be, images, masks).logit) - p_ref)
+        dp = np.abs(image_p(run_batches(be, images, masks).logit) - p_ref)
         be.close()
         rows[f"{name}/{prec}"] = form_row(float(dp.max()), float(dp.mean()), len(dp), safety)
         log(f"recheck margin: {name}/{prec}: max |dp| {dp.max():.2e} over {len(dp)} images -> margin "
@@ -129,20 +138,27 @@ def write_margins(root: str | Path, sources: Sequence[Any], forms: Sequence[tupl
     entry. ValueError when no source decodes."""
     from ..runtime.bundle import Bundle, write_manifest
     from ..runtime.masks import make_masks
-    from ..runtime.preprocess import InputError, preprocess
+    from ..runtime.preprocess import InputError, load_image, preprocess
+    from ..runtime.tiles import TileSpec, tile_views
 
     bundle = Bundle(root)
     bb = bundle.backbone
-    arrays = []
+    tiles = TileSpec.from_manifest(bundle.manifest)
+    arrays, owner = [], []
     for s in sources:
         try:
-            arrays.append(preprocess(s, bb.img_size, bundle.crop_ratio))
+            if tiles is None:
+                arrays.append(preprocess(s, bb.img_size, bundle.crop_ratio)[None])
+            else:  # every crop the runtime scores, tagged with its image
+                arrays.append(tile_views(load_image(s), bb.img_size, tiles)[0])
         except InputError:
             continue
+        owner += [len(arrays) - 1] * len(arrays[-1])
     if not arrays:
         raise ValueError("recheck margins need images that decode")
     masks = make_masks(bb.num_patches, bundle.k, bundle.mask_ratio, bundle.mask_seed)
-    entry = measure_margins(bundle, np.stack(arrays), masks, forms, safety, threads, log)
+    entry = measure_margins(bundle, np.concatenate(arrays), masks, forms, safety, threads, log,
+                            owner=None if tiles is None else np.asarray(owner))
     manifest = {k: v for k, v in bundle.manifest.items() if k != "files"}
     manifest["recheck"] = entry
     write_manifest(bundle.root, manifest)

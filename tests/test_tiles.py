@@ -160,3 +160,28 @@ def test_tiled_bundle_through_serve_and_detect_out(tiny_bundle_copy: Path, tmp_p
     assert p.returncode == 0, p.stderr
     rec = json.loads(out.read_text().splitlines()[0])
     assert len(rec["tiles"]) == 6 and rec["score"] == pytest.approx(want.score, abs=1e-6)
+
+
+def test_recheck_margins_of_a_tiled_bundle_are_per_image(tiny_bundle_copy: Path) -> None:
+    """write_margins on a tiled bundle measures |dp| on each image's p (mean crop logit), as the
+    recheck compares it: one row per image, and the value equals a direct computation."""
+    pytest.importorskip("openvino")
+    from cinemae.export.recheck import write_margins
+    from cinemae.runtime.backends.registry import create_backend
+    from cinemae.runtime.masks import make_masks
+
+    bundle = _tiled(tiny_bundle_copy, n=4)
+    imgs = [_image(40 + 9 * i, 50, seed=i) for i in range(3)]
+    entry = write_margins(bundle, imgs, forms=[("openvino", "bf16")], threads=1)
+    row = entry["forms"]["openvino/bf16"]
+    assert row["images"] == 3
+    det = Detector(bundle, backend="onnxruntime", device="cpu", provenance=False)
+    crops = [det.preprocess(x) for x in imgs]
+    masks = make_masks(det.bundle.backbone.num_patches, det.bundle.k, det.bundle.mask_ratio, det.bundle.mask_seed)
+    ps = []
+    for name, prec in (("onnxruntime-cpu", "fp32"), ("openvino", "bf16")):
+        be, _ = create_backend(det.bundle, name, "cpu", prec, 1)
+        ps.append(np.array([1 / (1 + np.exp(-np.mean(be.run(c, masks).logit.astype(np.float64)))) for c in crops]))
+        be.close()
+    det.close()
+    assert row["p_abs_max"] == pytest.approx(float(np.abs(ps[1] - ps[0]).max()), abs=2e-6)
