@@ -71,12 +71,13 @@ def measure_margins(bundle: Any, images: np.ndarray, masks: Any, forms: Sequence
     from ..runtime.backends.registry import create_backend
     from ..runtime.bundle import BundleError
     from ..runtime.precision import RECHECK_SAFETY, head_sha256
+    from ..runtime.tiles import mean_logit_by_image
+
     safety = RECHECK_SAFETY if safety is None else float(safety)
     def image_p(logit: np.ndarray) -> np.ndarray:
         if owner is None:
             return p_of(logit)
-        n = int(owner.max()) + 1
-        return p_of(np.bincount(owner, np.asarray(logit, np.float64), minlength=n) / np.bincount(owner, minlength=n))
+        return p_of(mean_logit_by_image(logit, owner, int(owner.max()) + 1))
 
     ref_be, _ = create_backend(bundle, "onnxruntime-cpu", "cpu", "fp32", threads)
     p_ref = image_p(run_batches(ref_be, images, masks).logit)

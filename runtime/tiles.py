@@ -136,3 +136,11 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
 def reduce_logits(logits: np.ndarray, spec: TileSpec) -> float:
     """[T] crop logits -> the image logit (``mean_logit``: their mean, in float64)."""
     return float(np.mean(np.asarray(logits, dtype=np.float64)))
+
+
+def mean_logit_by_image(row_logits: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """[R] crop logits of many images, ``owner`` [R] the image of each row -> [n] image logits
+    (float64): each image's mean crop logit, :func:`reduce_logits`'s rule for all images at once;
+    0 for an image without rows."""
+    v = np.asarray(row_logits, dtype=np.float64)
+    return np.bincount(owner, v, minlength=n) / np.maximum(np.bincount(owner, minlength=n), 1)

@@ -89,7 +89,7 @@ def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict
 
 
 def test_photo_tiles_image_logit_is_mean_of_its_crops() -> None:
-    from cinemae.train.photo_tiles import image_logits
+    from cinemae.runtime.tiles import mean_logit_by_image as image_logits
 
     crop = np.array([1.0, 3.0, -2.0, 0.5, 0.25])
     owner = np.array([0, 0, 2, 2, 2])

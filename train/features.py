@@ -96,9 +96,9 @@ class FeatureSet:
         """[R] row logits -> [N] image logits: the mean of each image's crop logits in float64,
         the runtime's rule (``runtime.tiles.reduce_logits``, ``mean_logit``); the row's own
         logit for an untiled set."""
-        n = len(self.names)
-        v = np.asarray(row_logits, dtype=np.float64)
-        return np.bincount(self.owner, v, minlength=n) / np.maximum(np.bincount(self.owner, minlength=n), 1)
+        from ..runtime.tiles import mean_logit_by_image
+
+        return mean_logit_by_image(row_logits, self.owner, len(self.names))
 
     def concat(self, other: FeatureSet) -> FeatureSet:
         """This set followed by ``other`` (same bundle and K_max)."""

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.tiles import mean_logit_by_image
+
 log = logging.getLogger(__name__)
 DEFAULT_HELDOUT = ("Inf-imagine/Sentry", "declan-wright/Image-Dataset", "openai/dalle-2-preview",
                    "coodie/quant", "JingyunLiang/SwinIR", "CompVis/stable-diffusion")
@@ -72,10 +74,6 @@ def crop_features(det: Any, rows: list[dict[str, str]]) -> tuple[np.ndarray, np.
         owner.append(np.full(len(crops), i))
     return np.concatenate(feats), np.concatenate(stats), np.concatenate(logits), np.concatenate(owner)
 
-
-def image_logits(crop_logit: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """[R] crop logits -> [n] image logits (mean over each image's crops)."""
-    return np.bincount(owner, crop_logit, minlength=n) / np.maximum(np.bincount(owner, minlength=n), 1)
 
 
 def sig(x: np.ndarray) -> np.ndarray:
@@ -155,8 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sk = s if k else np.zeros_like(s)
             th = train_head(g[tr], sk[tr], y_img[own][tr], g[va], sk[va], y_img[own][va], fusion="add",
                             pooling=base.manifest.get("head", {}).get("pooling", "mean"), k=k, cfg=cfg)
-            lv = image_logits(head_logits(th.head, g[va], sk[va]), np.searchsorted(np.flatnonzero(is_val), own[va]),
-                              int(is_val.sum()))
+            lv = mean_logit_by_image(head_logits(th.head, g[va], sk[va]),
+                                     np.searchsorted(np.flatnonzero(is_val), own[va]), int(is_val.sum()))
             thr = threshold_at_fpr(sig(lv)[y_img[is_val] == 0], 0.05)
             heads[k] = (th, thr)
         scores: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
@@ -166,10 +164,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sc = {"cifake32": (np.array([r.score for r in plain.detect_many([x["path"] for x in sets[name]])]),
                                plain.threshold)}
             if same_backbone:  # the shipped head on the same tiles (a new backbone has no trained head)
-                sc["cifake32_tiles"] = (sig(image_logits(flog, fown, n)), base.threshold)
+                sc["cifake32_tiles"] = (sig(mean_logit_by_image(flog, fown, n)), base.threshold)
             for k, (th, thr) in heads.items():
                 sk = fs if k else np.zeros_like(fs)
-                sc[f"tiles_head_k{k}"] = (sig(image_logits(head_logits(th.head, fg, sk), fown, n)), thr)
+                sc[f"tiles_head_k{k}"] = (sig(mean_logit_by_image(head_logits(th.head, fg, sk), fown, n)), thr)
             scores[name] = sc
             y = np.array([r["label"] == "fake" for r in sets[name]]).astype(int)
             report[name] = {m: evaluate(f"{name} {m}", sets[name], p, t) for m, (p, t) in sc.items()}
