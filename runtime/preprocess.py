@@ -181,6 +181,14 @@ def decode(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT_MAX_P
     return _decode_opened(im, min_short)
 
 
+def _decode_failure(e: Exception) -> InputError:
+    """What Pillow (or the conversion after it) raised while decoding -> the item's InputError:
+    ``truncated`` for a cut-off file, ``undecodable`` otherwise."""
+    msg = str(e) or type(e).__name__
+    code = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "undecodable"
+    return InputError(code, f"cannot decode the image ({msg})")
+
+
 def _decode_opened(im, min_short: int | None) -> np.ndarray:  # noqa: ANN001 - a PIL image
     from PIL import ImageOps
 
@@ -194,9 +202,7 @@ def _decode_opened(im, min_short: int | None) -> np.ndarray:  # noqa: ANN001 - a
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001
-        msg = str(e) or type(e).__name__
-        code = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "undecodable"
-        raise InputError(code, f"cannot decode the image ({msg})") from None
+        raise _decode_failure(e) from None
 
 
 _TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # EXIF orientation -> Image.Transpose
@@ -462,9 +468,7 @@ def load_resized(src: ImageSource, img_size: int, crop_ratio: float,
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001
-        msg = str(e) or type(e).__name__
-        code = "truncated" if "truncat" in msg.lower() or isinstance(e, EOFError) else "undecodable"
-        raise InputError(code, f"cannot decode the image ({msg})") from None
+        raise _decode_failure(e) from None
     return apply_plan(rgb, plan)
 
 
