@@ -35,6 +35,8 @@ log = logging.getLogger("cinemae.benchmarks.scale_scan")  # also when run as __m
 
 
 def extract(data: Path, dest: Path, n: int) -> Path:
+    """The first n/2 images (by name) of CIFAKE test-real and test-fake under ``data``, as files
+    in dest/{real,fake}."""
     for label in ("real", "fake"):
         with tarfile.open(data / "cifake" / f"test-{label}.tar") as tf:
             members = sorted((m for m in tf.getmembers() if m.isfile()), key=lambda m: m.name)[: n // 2]

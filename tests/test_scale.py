@@ -15,13 +15,13 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cinemae.benchmarks.scale_scan import extract as extract_cifake
 from cinemae.scale.shards import TMP_GLOB, ShardError, ShardStore, chunk_id, plan_chunks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,16 +82,6 @@ def ray_env() -> dict[str, str]:
 def scan_cmd(*args: object) -> list[str]:
     return [sys.executable, "-m", "cinemae.scale.cli", *map(str, args), "--no-progress"]
 
-
-def extract_cifake(shared: Path, dest: Path, n: int) -> Path:
-    """The first n/2 images (by name) of CIFAKE test-real and test-fake, under dest/{real,fake}."""
-    for label in ("real", "fake"):
-        with tarfile.open(shared / "cifake" / f"test-{label}.tar") as tf:
-            members = sorted((m for m in tf.getmembers() if m.isfile()), key=lambda m: m.name)[: n // 2]
-            (dest / label).mkdir(parents=True, exist_ok=True)
-            for m in members:
-                (dest / label / Path(m.name).name).write_bytes(tf.extractfile(m).read())
-    return dest
 
 
 def shard_records(out: Path) -> dict[str, dict]:
