@@ -72,6 +72,34 @@ def export_stage(mae: Path, out: Path, pooling: str, k: int, data: Path = DATA, 
     return out
 
 
+def install_embedded(stage: Path, name: str, mae: Path, note: str, updates: dict[str, Any] | None = None) -> Path:
+    """Copy the built bundle ``stage`` (with the head.pt cinemae-train wrote) into
+    ``runtime/bundles/NAME`` (staged beside it, then renamed); the torch weights the graphs came
+    from (``mae``, the stage's head.pt: torch rows of cinemae-bench, re-export) go to
+    ``export/weights/NAME``, outside the torch-free runtime package, paired with the graphs by
+    sha256. The manifest gets ``updates`` and says where the weights are; verified at the end."""
+    from ..export.source_weights import install_source_weights
+    from ..runtime.bundle import Bundle, write_manifest
+
+    dst = REPO / "runtime" / "bundles" / name
+    tmp = dst.with_name(f"{name}.staging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(stage, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    install_source_weights(dst, mae, dst / "head.pt", name, note=note)
+    (dst / "head.pt").unlink()
+    m = {**Bundle(dst, verify=False).manifest, **(updates or {})}
+    m["provenance"] = {**m.get("provenance", {}), "source_weights": (
+        f"mae.pth (facebookresearch format) and head.pt, the torch weights the graphs were exported from, live "
+        f"outside this torch-free bundle: cinemae/export/weights/{name}/ (weights.json pairs them with these "
+        f"graphs by sha256), for the torch reference rows of cinemae-bench and for re-export")}
+    m.pop("files", None)
+    write_manifest(dst, m)
+    Bundle(dst)
+    return dst
+
+
 def pretraining_stages(pre: dict[str, Any]) -> list[dict[str, Any]]:
     """The pretraining stages behind a backbone, first first (a run started with ``--init`` names the
     run it continued from in ``init_from``)."""
@@ -325,27 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "cifake32_report.md").write_text(markdown(rep))
     log(f"report: {out_dir / 'cifake32_report.md'}")
     if args.install:
-        dst = REPO / "runtime" / "bundles" / "cifake32"
-        tmp = dst.with_name("cifake32.staging")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(stage, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
-        # the torch weights the graphs came from (torch rows of cinemae-bench, re-export) go to
-        # export/weights/, outside the torch-free runtime package, paired with the graphs by sha256
-        from ..export.source_weights import install_source_weights
-
-        install_source_weights(dst, args.mae, dst / "head.pt", "cifake32",
-                               note="written by train/build_default.py --install")
-        (dst / "head.pt").unlink()
-        m = dict(Bundle(dst, verify=False).manifest)
-        m.setdefault("provenance", {})["source_weights"] = (
-            "mae.pth (facebookresearch format) and head.pt, the torch weights the graphs were exported from, live "
-            "outside this torch-free bundle: cinemae/export/weights/cifake32/ (weights.json pairs them with these "
-            "graphs by sha256), for the torch reference rows of cinemae-bench and for re-export")
-        m.pop("files", None)
-        write_manifest(dst, m)
-        Bundle(dst)
+        dst = install_embedded(stage, "cifake32", Path(args.mae), note="written by train/build_default.py --install")
         log(f"installed {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.1f} MB)")
     return 0
 

@@ -292,25 +292,11 @@ PHOTO_DESCRIPTION = (
 )
 
 
-def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "photo32",
-            root: Path | None = None) -> Path:
-    """Copy a trained tiled bundle into ``runtime/bundles/NAME`` with a plain description and its
-    measured numbers in the manifest; its torch weights (``mae.pth``, ``head.pt``) go to
-    ``export/weights/NAME`` (outside the torch-free runtime package), paired with the graphs by sha256."""
-    from ..export.source_weights import install_source_weights
-    from ..runtime.bundle import Bundle, write_manifest
-
-    repo = Path(__file__).resolve().parents[1]
-    dst = (root or repo / "runtime" / "bundles") / name
-    tmp = dst.with_name(f"{name}.staging")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(bundle_dir, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    install_source_weights(dst, mae, dst / "head.pt", name, note="written by train/photo_tiles.py --install")
-    (dst / "head.pt").unlink()
-    m = dict(Bundle(dst, verify=False).manifest)
-    m["model_id"], m["model_version"] = f"cinemae-{name}", "1"
+def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "photo32") -> Path:
+    """Install a trained tiled bundle as the embedded ``NAME`` (``build_default.install_embedded``)
+    with a plain description and the report's measured numbers in its manifest."""
+    from ..runtime.bundle import Bundle
+    from .build_default import install_embedded
 
     def at(set_name: str, model: str) -> dict[str, Any]:
         mm = report[set_name][model]["metrics"]
@@ -318,25 +304,24 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
                 "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
                 "tpr_at_threshold": mm["at_threshold"]["tpr"]}
 
-    m["description"] = PHOTO_DESCRIPTION.format(
-        n=m["tiles"]["n"], b_auc=report["photos"]["tiles_head_k2"]["metrics"]["auc"],
-        b_fpr=report["photos"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"],
-        a_auc=report["heldout"]["tiles_head_k2"]["metrics"]["auc"],
-        a_fpr=report["heldout"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"])
-    m["evaluation"] = {
-        "photos_never_trained_on": {"this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
-                                    "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"]["tiles_head_k2"]},
-        "heldout_sources": {"sources": report["heldout_sources"], "this_model": at("heldout", "tiles_head_k2"),
-                            "cifake32": at("heldout", "cifake32"),
-                            "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"]},
-        "report": "benchmarks/results/photo32_report.md"}
-    m.setdefault("provenance", {})["source_weights"] = (
-        f"mae.pth and head.pt, the torch weights the graphs were exported from, live outside this torch-free "
-        f"bundle: cinemae/export/weights/{name}/ (weights.json pairs them with these graphs by sha256)")
-    m.pop("files", None)
-    write_manifest(dst, json.loads(json.dumps(m, default=float)))
-    Bundle(dst)
-    return dst
+    updates = {
+        "model_id": f"cinemae-{name}", "model_version": "1",
+        "description": PHOTO_DESCRIPTION.format(
+            n=Bundle(bundle_dir).manifest["tiles"]["n"], b_auc=report["photos"]["tiles_head_k2"]["metrics"]["auc"],
+            b_fpr=report["photos"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"],
+            a_auc=report["heldout"]["tiles_head_k2"]["metrics"]["auc"],
+            a_fpr=report["heldout"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"]),
+        "evaluation": {
+            "photos_never_trained_on": {
+                "this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
+                "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"]["tiles_head_k2"]},
+            "heldout_sources": {
+                "sources": report["heldout_sources"], "this_model": at("heldout", "tiles_head_k2"),
+                "cifake32": at("heldout", "cifake32"),
+                "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"]},
+            "report": "benchmarks/results/photo32_report.md"}}
+    return install_embedded(bundle_dir, name, mae, note="written by train/photo_tiles.py --install",
+                            updates=json.loads(json.dumps(updates, default=float)))
 
 
 def main(argv: list[str] | None = None) -> int:
