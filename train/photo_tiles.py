@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-bundle", default=None)
     ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
     ap.add_argument("--install", default=None, metavar="NAME",
-                    help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae)")
+                    help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae; "
+                         "with --train-dir also measures its reduced-precision recheck margins there)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.render:
@@ -356,12 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     if args.markdown:
         Path(args.markdown).write_text(markdown(report))
+    elif args.render:
+        print(markdown(report))
     if args.install:
         if not (args.out_bundle and args.mae):
             ap.error("--install needs --out-bundle (the trained bundle) and --mae (its backbone's weights)")
-        log.info("installed %s", install(Path(args.out_bundle), report, Path(args.mae), args.install))
-    elif args.render:
-        print(markdown(report))
+        dst = install(Path(args.out_bundle), report, Path(args.mae), args.install)
+        log.info("installed %s", dst)
+        if args.train_dir:  # the new head moves p: the recheck margins, as cinemae-train measures them
+            from ..export.recheck import margins_after_training
+
+            margins_after_training(dst, [Path(args.train_dir) / "real", Path(args.train_dir) / "fake"], log=log.info)
     return 0
 
 
