@@ -16,6 +16,12 @@ A bundle opts in through its manifest::
   is img_size (bicubic) and then tiled along its longer side. It is not padded: constant padding
   is reconstructed almost perfectly by the MAE, so it would drag the crop's LCAS statistics to
   values no training crop had; enlarging is what the untiled model does with small images.
+* ``trim_borders`` (default false): before tiling, uniform bars along the image's edges (a
+  letterbox or pillarbox: rows or columns of one colour, within :data:`TRIM_TOL`, as video
+  players and social sites add) are cut off, so the crops are taken from the picture alone and a
+  letterboxed copy is scored like the picture inside it. A bar holds no trace of whoever made the
+  picture; left in, it would take up crops (a 16:9 frame around a square photo is 44% bars).
+  Nothing is cut when the whole image is uniform.
 * ``reduce``: ``mean_logit``, the image logit is the mean of its crop logits. The mean of
   log-odds is the log of the geometric mean of the crops' odds: every crop is equal evidence,
   one odd crop moves the verdict by 1/T of its logit (a max would let a single textured crop
@@ -36,6 +42,10 @@ import numpy as np
 
 MAX_TILES = 64
 REDUCERS = ("mean_logit",)
+#: largest deviation (on [0, 1] pixels) from a bar's colour that still counts as bar: a JPEG
+#: re-encoding leaves a black bar exact except in the macroblock (16 px) holding the picture's
+#: edge, which rings and stays (a sliver of bar in the edge crops)
+TRIM_TOL = 6.0 / 255.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class TileSpec:
     scale: str | float = "native"
     seed: int = 0
     reduce: str = "mean_logit"
+    trim_borders: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> TileSpec | None:
@@ -69,10 +80,43 @@ class TileSpec:
         reduce = str(t.get("reduce", "mean_logit"))
         if reduce not in REDUCERS:
             raise ValueError(f"tiles.reduce must be one of {REDUCERS}, not {reduce!r}")
-        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce)
+        trim = t.get("trim_borders", False)
+        if not isinstance(trim, bool):
+            raise ValueError(f"tiles.trim_borders must be true or false, not {trim!r}")
+        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce, trim)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"mode": self.mode, "n": self.n, "scale": self.scale, "seed": self.seed, "reduce": self.reduce}
+        out: dict[str, Any] = {"mode": self.mode, "n": self.n, "scale": self.scale, "seed": self.seed,
+                               "reduce": self.reduce}
+        if self.trim_borders:  # absent = false: manifests written before the option stay byte-identical
+            out["trim_borders"] = True
+        return out
+
+
+def _bar_run(lines: np.ndarray, tol: float) -> int:
+    """[L, M, 3] lines (rows or columns) from an edge inwards -> how many leading lines are one
+    uniform bar: every pixel within ``tol`` of the first line's mean colour."""
+    colour = lines[0].mean(axis=0)
+    dev = np.abs(lines - colour).max(axis=(1, 2))  # [L]
+    bad = np.flatnonzero(dev > tol)
+    return int(bad[0]) if bad.size else len(lines)
+
+
+def content_box(rgb: np.ndarray, tol: float = TRIM_TOL) -> tuple[int, int, int, int]:
+    """[H, W, 3] in [0, 1] -> (top, left, bottom, right): the image without uniform bars along its
+    edges (top/bottom bars first, then left/right bars within the remaining rows). The whole image
+    when it is uniform throughout (nothing would be left)."""
+    h, w = rgb.shape[:2]
+    top = _bar_run(rgb, tol)
+    if top >= h:
+        return 0, 0, h, w
+    bottom = h - _bar_run(rgb[::-1], tol)
+    body = rgb[top:bottom].transpose(1, 0, 2)  # [W, rows, 3]: columns
+    left = _bar_run(body, tol)
+    right = w - _bar_run(body[::-1], tol)
+    if right <= left:
+        return 0, 0, h, w
+    return top, left, bottom, right
 
 
 def _positions(length: int, size: int, count: int) -> list[int]:
@@ -113,6 +157,10 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
 
     from .preprocess import InputError, normalise
 
+    oy = ox = 0
+    if spec.trim_borders:
+        oy, ox, bottom, right = content_box(rgb)
+        rgb = rgb[oy:bottom, ox:right]
     h0, w0 = rgb.shape[:2]
     f = 1.0 if spec.scale == "native" else float(spec.scale)
     h, w = max(1, round(h0 * f)), max(1, round(w0 * f))
@@ -128,8 +176,8 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
     corners = tile_boxes(h, w, img_size, spec)
     crops = np.stack([normalise(rgb[t:t + img_size, left:left + img_size]) for t, left in corners])
     sy, sx = h0 / h, w0 / w
-    boxes = [(round(left * sx), round(t * sy), round((left + img_size) * sx), round((t + img_size) * sy))
-             for t, left in corners]
+    boxes = [(ox + round(left * sx), oy + round(t * sy), ox + round((left + img_size) * sx),
+              oy + round((t + img_size) * sy)) for t, left in corners]
     return crops, boxes
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from cinemae.runtime.detector import Detector
 from cinemae.runtime.preprocess import normalise
-from cinemae.runtime.tiles import MAX_TILES, TileSpec, tile_boxes, tile_views
+from cinemae.runtime.reship import jpeg, parse_reshipping
+from cinemae.runtime.tiles import MAX_TILES, TileSpec, content_box, tile_boxes, tile_views
 
 
 def _tiled(bundle: Path, **tiles) -> Path:
@@ -72,6 +73,48 @@ def test_small_image_enlarged_not_padded() -> None:
     assert float(np.abs(crops).min()) >= 0 and np.isfinite(crops).all()
 
 
+def _picture(h: int, w: int, seed: int) -> np.ndarray:
+    """[h, w, 3] noise in [0.1, 0.9]: no picture row or column could pass for a black bar."""
+    return (_image(h, w, seed).astype(np.float32) / 255.0 * 0.8 + 0.1).astype(np.float32)
+
+
+@pytest.mark.parametrize("aspect", ["16x9", "9x16", "21x9"])
+def test_trim_borders_scores_a_letterboxed_copy_as_the_picture(aspect: str) -> None:
+    img = _picture(96, 80, 3)
+    boxed = parse_reshipping(f"letterbox:{aspect}").apply(img)
+    spec = TileSpec(mode="grid", n=16, trim_borders=True)
+    ref, ref_boxes = tile_views(img, 32, spec)
+    crops, boxes = tile_views(boxed, 32, spec)
+    np.testing.assert_array_equal(crops, ref)
+    oy, ox = (boxed.shape[0] - 96) // 2, (boxed.shape[1] - 80) // 2
+    assert boxes == [(x0 + ox, y0 + oy, x1 + ox, y1 + oy) for x0, y0, x1, y1 in ref_boxes]
+    plain = tile_views(boxed, 32, TileSpec(mode="grid", n=16))[0]  # without the option: bars are tiled
+    assert plain.shape != ref.shape or not np.array_equal(plain, ref)
+
+
+def test_trim_borders_after_a_jpeg_round_trip() -> None:
+    """Re-encoded bars ring near the picture: the cut lands within the JPEG macroblock (16 px at 4:2:0
+    chroma) that holds the picture's edge, and never inside the picture."""
+    boxed = jpeg(parse_reshipping("letterbox:16x9").apply(_picture(96, 80, 5)), 75)
+    h, w = boxed.shape[:2]
+    ox = (w - 80) // 2
+    top, left, bottom, right = content_box(boxed)
+    assert (top, bottom) == (0, h)
+    assert ox - 16 <= left <= ox and ox + 80 <= right <= ox + 96
+
+
+def test_content_box_leaves_pictures_and_uniform_images_whole() -> None:
+    img = _image(50, 70, 4).astype(np.float32) / 255.0
+    assert content_box(img) == (0, 0, 50, 70)
+    flat = np.full((40, 60, 3), 0.5, np.float32)
+    assert content_box(flat) == (0, 0, 40, 60)  # nothing would be left: not cut
+    framed = np.full((40, 60, 3), 1.0, np.float32)  # white frame on all four sides
+    framed[5:30, 10:55] = img[:25, :45]
+    assert content_box(framed) == (5, 10, 30, 55)
+    assert TileSpec.from_manifest({"tiles": {"trim_borders": True}}).trim_borders
+    assert TileSpec.from_manifest({"tiles": {}}).to_manifest().get("trim_borders") is None
+
+
 def test_scale_respects_pixel_limit(tiny_bundle_copy: Path) -> None:
     det = Detector(_tiled(tiny_bundle_copy, scale=4.0), backend="onnxruntime", device="cpu",
                    provenance=False, max_pixels=100 * 100)
@@ -82,7 +125,7 @@ def test_scale_respects_pixel_limit(tiny_bundle_copy: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"mode": "random"}, {"n": MAX_TILES + 1}, {"n": 0}, {"scale": "big"},
-                                 {"reduce": "max"}])
+                                 {"reduce": "max"}, {"trim_borders": "yes"}])
 def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict) -> None:
     with pytest.raises(ValueError, match="tiles"):
         Detector(_tiled(tiny_bundle_copy, **bad), backend="onnxruntime", device="cpu")
