@@ -1,24 +1,32 @@
-"""A photo head on native-resolution tiles of the existing 32-px backbone, evaluated leave-generators-out.
+"""A photo head on native-resolution tiles of a small MAE backbone, evaluated leave-sources-out.
 
-    python -m cinemae.train.photo_tiles --train-dir ../shared/data/photos-train \\
-        --eval-dir ../shared/data/photos --report report.json [--out-bundle DIR]
+    python -m cinemae.train.photo_tiles --mae export/weights/photo32/mae.pth \
+        --train-dir ../shared/data/photos-train --eval-dir ../shared/data/photos \
+        --tiles 64 --trim-borders --reship-augment 4 --final-fit --report report.json [--out-bundle DIR]
 
-No new pretraining (the 1.45 M-parameter cifake32 MAE is reused as it is): only the head is
-trained, on crop rows. Steps:
+Only the head is trained here (the backbone comes from ``pretrain_mae.py --images`` or a bundle),
+on crop rows. Steps:
 
 1. split photos-train by **source repository** (labels.csv's ``source``): the held-out sources'
-   reals and generators are never seen in training (``--heldout-sources``);
-2. every image -> up to ``--tiles`` 32 x 32 crops at native resolution (a grid); one row per crop
-   (pooled global feature [D], LCAS statistics [3] at K=2), labelled with its image's label;
-   crops at native resolution are 32 px whatever the image's size, so the head cannot read the
-   image size off its input (the README's shortcut: half the reals are small);
+   reals and generators are never seen by the evaluation head (``--heldout-sources``);
+2. every image -> up to ``--tiles`` 32 x 32 crops at native resolution (a grid; uniform border bars
+   cut first with ``--trim-borders``); one row per crop (pooled global feature [D], LCAS
+   statistics [3] at K=2), labelled with its image's label; crops at native resolution are 32 px
+   whatever the image's size, so the head cannot read the image size off its input (the
+   README's shortcut: half the reals are small). With ``--reship-augment N`` every training image
+   also gives the crops of N random re-shippings of itself (``train/reship_augment.py``: JPEG,
+   resize, crop, letterbox), so the head learns verdicts that survive re-delivery;
 3. a head on the training crops (K=2, and K=0 for the comparison), early-stopped on 15% of the
-   training **images** (their crops together); an image's logit is the mean of its crops';
-   threshold = 5% FPR on the validation reals (image level);
+   training **images** (their crops and views together); an image's logit is the mean of its
+   crops'; threshold = 5% FPR on the validation reals as delivered (image level);
 4. on (a) the held-out sources and (b) ``--eval-dir`` (never trained on): AUC, TPR at 5% FPR,
    FPR of reals at each model's own threshold, per generator / real source, for the new head
-   (K=2 and K=0), cifake32 as shipped (one resized view) and cifake32's head on the same tiles;
-   paired bootstrap (``train.calibrate.paired_comparison``) of each against cifake32.
+   (K=2 and K=0), cifake32 (one resized view) and, with ``--compare``, a previous report's model;
+   paired bootstrap (``train.calibrate.paired_comparison``) against each;
+5. with ``--final-fit`` the shipped head is the same recipe refit on all of photos-train (held-out
+   sources included): more generators for the model users get. It is measured on (b), which no
+   head ever saw; its (a) numbers are the evaluation head's (a head cannot be tested on its own
+   training data).
 """
 
 from __future__ import annotations
@@ -53,26 +61,104 @@ def read_labels(root: Path) -> list[dict[str, str]]:
     return rows
 
 
-def tiled_copy(bundle_root: Path, out: Path, n: int) -> Path:
-    """A copy of the bundle whose manifest asks for an n-crop native grid."""
+def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False) -> Path:
+    """A copy of the bundle whose manifest asks for an n-crop native grid (uniform border bars cut
+    first with ``trim_borders``)."""
+    from ..runtime.tiles import TileSpec
+
     shutil.copytree(bundle_root, out)
     m = json.loads((out / "cinemae.json").read_text())
-    m["tiles"] = {"mode": "grid", "n": n, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    m["tiles"] = TileSpec("grid", n, "native", 0, "mean_logit", trim_borders).to_manifest()
     (out / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
     return out
 
 
-def crop_features(det: Any, rows: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every image's crops -> (feature [R, D], stats [R, 3], logit of the bundle's head [R], image index [R])."""
-    feats, stats, logits, owner = [], [], [], []
+Features = dict[str, np.ndarray]  # feature [R, D], stats [R, 3], logit [R], owner [R] (image), view [R] (0 = original)
+
+
+def _cache_file(cache: Path, det: Any, rows: list[dict[str, str]], views: int, seed: int) -> Path:
+    """Where :func:`crop_features` keeps one set's rows: keyed by the graphs, the tiles, the images and
+    the views, so a changed backbone, tiling or augmentation never reads stale rows."""
+    import hashlib
+
+    m = det.bundle.manifest
+    key = {"files": {k: v for k, v in m.get("files", {}).items() if k in ("encoder.onnx", "decoder.onnx", "head.onnx")},
+           "tiles": m.get("tiles"), "mask": [m.get("mask_ratio"), m.get("mask_seed"), m.get("k")],
+           "paths": [r["path"] for r in rows], "views": views, "seed": seed if views else None}
+    return cache / f"crops-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
+
+
+def crop_features(det: Any, rows: list[dict[str, str]], views: int = 0, seed: int = 0,
+                  cache: Path | None = None) -> Features:
+    """Every image's crops, and with ``views`` > 0 the crops of that many random re-shippings of it
+    (:mod:`cinemae.train.reship_augment`), scored by the bundle -> rows (see :data:`Features`)."""
+    from ..runtime.preprocess import load_image
+    from ..runtime.tiles import tile_views
+    from .reship_augment import apply_view, draw_views
+
+    f = _cache_file(cache, det, rows, views, seed) if cache else None
+    if f is not None and f.exists():
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+    out: dict[str, list[np.ndarray]] = defaultdict(list)
+    s = det.bundle.backbone.img_size
     for i, r in enumerate(rows):
-        crops = det.preprocess(r["path"])
-        out = det.run_arrays(crops if crops.ndim == 4 else crops[None], want_feature=True)
-        feats.append(out.feature.astype(np.float32))
-        stats.append(out.stats.astype(np.float32))
-        logits.append(out.logit.astype(np.float64))
-        owner.append(np.full(len(crops), i))
-    return np.concatenate(feats), np.concatenate(stats), np.concatenate(logits), np.concatenate(owner)
+        rgb = load_image(r["path"], det.max_pixels, det.max_bytes, det.formats)
+        parts = [tile_views(rgb, s, det.tiles, det.max_pixels)[0]]
+        parts += [tile_views(apply_view(rgb, v, det.max_pixels), s, det.tiles, det.max_pixels)[0]
+                  for v in draw_views(views, seed, i)] if views else []
+        res = det.run_arrays(np.concatenate(parts), want_feature=True)
+        out["feature"].append(res.feature.astype(np.float32))
+        out["stats"].append(res.stats.astype(np.float32))
+        out["logit"].append(res.logit.astype(np.float64))
+        out["owner"].append(np.full(sum(len(x) for x in parts), i))
+        out["view"].append(np.repeat(np.arange(len(parts)), [len(x) for x in parts]))
+        if (i + 1) % 50 == 0:
+            log.info("  %d/%d images", i + 1, len(rows))
+    feats = {k: np.concatenate(v) for k, v in out.items()}
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp.npz")
+        np.savez(tmp, **feats)
+        tmp.replace(f)
+    return feats
+
+
+def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[int, ...], cfg: Any,
+              pooling: str) -> dict[int, tuple[Any, float]]:
+    """Heads on crop rows (every view of the non-validation images), early-stopped on the validation
+    images' rows (their views too) -> {k: (trained head, threshold)}; threshold = 5% FPR on the
+    validation reals as delivered (view 0), image logit = mean crop logit.
+    labels: [N] 1 = fake per image; is_val: [N] bool."""
+    from ..runtime.evaluation import threshold_at_fpr
+    from .head import head_logits, train_head
+
+    g, s, own, view = fs["feature"], fs["stats"], fs["owner"], fs["view"]
+    y = labels.astype(np.float32)
+    tr, va = ~is_val[own], is_val[own]
+    orig = va & (view == 0)
+    val_index = np.searchsorted(np.flatnonzero(is_val), own[orig])
+    heads = {}
+    for k in ks:
+        sk = s if k else np.zeros_like(s)
+        th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
+                        k=k, cfg=cfg)
+        lv = mean_logit_by_image(head_logits(th.head, g[orig], sk[orig]), val_index, int(is_val.sum()))
+        heads[k] = (th, threshold_at_fpr(sig(lv)[labels[is_val] == 0], 0.05))
+    return heads
+
+
+def image_scores(head: Any, fs: Features, n: int, k: int) -> np.ndarray:
+    """p per image from its original crops (view 0): sigmoid of the mean crop logit. [n]"""
+    from .head import head_logits
+
+    o = fs["view"] == 0
+    sk = fs["stats"][o] if k else np.zeros_like(fs["stats"][o])
+    return sig(mean_logit_by_image(head_logits(head, fs["feature"][o], sk), fs["owner"][o], n))
+
+
+def _concat(a: Features, b: Features, offset: int) -> Features:
+    return {k: np.concatenate([a[k], b[k] + offset if k == "owner" else b[k]]) for k in a}
 
 
 
@@ -113,9 +199,8 @@ def evaluate(name: str, rows: list[dict[str, str]], p: np.ndarray, thr: float) -
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..runtime.bundle import resolve_bundle
     from ..runtime.detector import Detector
-    from ..runtime.evaluation import threshold_at_fpr
     from .calibrate import paired_comparison
-    from .head import TrainConfig, head_logits, train_head, write_head
+    from .head import TrainConfig, write_head
 
     if args.mae:  # a pretraining run's weights: export them first (an untrained head; only the backbone is used)
         from .build_default import export_stage
@@ -134,40 +219,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     is_val = rng.random(len(train_rows)) < 0.15
     report: dict[str, Any] = {"heldout_sources": list(held), "tiles": args.tiles,
+                              "trim_borders": bool(args.trim_borders), "reship_augment": args.reship_augment,
                               "n_train_images": int((~is_val).sum()), "n_val_images": int(is_val.sum()),
                               "n_heldout": len(test_rows), "n_eval": len(eval_rows)}
+    cache = Path(args.cache) if args.cache else None
+    pooling = base.manifest.get("head", {}).get("pooling", "mean")
     with tempfile.TemporaryDirectory() as tmp:
-        tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles)
-        det = Detector(tb, backend="onnxruntime", device="cpu", provenance=False)
+        tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles, args.trim_borders)
+        det = Detector(tb, backend=args.backend, device="cpu", provenance=False)
         plain = Detector(default, backend="onnxruntime", device="cpu", provenance=False)
         sets = {"train": train_rows, "heldout": test_rows, "photos": eval_rows}
-        feats = {k: crop_features(det, v) for k, v in sets.items()}
+        views = {"train": args.reship_augment, "heldout": args.reship_augment if args.final_fit else 0, "photos": 0}
+        feats = {k: crop_features(det, v, views[k], args.seed, cache) for k, v in sets.items()}
         for k, v in feats.items():
-            log.info("%s: %d images -> %d crops", k, len(sets[k]), len(v[0]))
-        g, s, _, own = feats["train"]
-        y_img = np.array([r["label"] == "fake" for r in train_rows], dtype=np.float32)
-        tr, va = ~is_val[own], is_val[own]
+            log.info("%s: %d images -> %d crop rows (%d views each)", k, len(sets[k]), len(v["owner"]), views[k])
+        y_train = np.array([r["label"] == "fake" for r in train_rows])
         cfg = TrainConfig(epochs=args.epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=args.seed, threads=2)
-        heads = {}
-        for k in (2, 0):
-            sk = s if k else np.zeros_like(s)
-            th = train_head(g[tr], sk[tr], y_img[own][tr], g[va], sk[va], y_img[own][va], fusion="add",
-                            pooling=base.manifest.get("head", {}).get("pooling", "mean"), k=k, cfg=cfg)
-            lv = mean_logit_by_image(head_logits(th.head, g[va], sk[va]),
-                                     np.searchsorted(np.flatnonzero(is_val), own[va]), int(is_val.sum()))
-            thr = threshold_at_fpr(sig(lv)[y_img[is_val] == 0], 0.05)
-            heads[k] = (th, thr)
+        heads = fit_heads(feats["train"], y_train, is_val, (2, 0), cfg, pooling)
+        final = None
+        if args.final_fit:  # the shipped head: the same recipe on every source of photos-train
+            all_rows = train_rows + test_rows
+            is_val_all = np.random.default_rng(args.seed + 1).random(len(all_rows)) < 0.15
+            fs_all = _concat(feats["train"], feats["heldout"], len(train_rows))
+            final = fit_heads(fs_all, np.array([r["label"] == "fake" for r in all_rows]), is_val_all, (2,), cfg,
+                              pooling)[2]
+            report["final_fit"] = {"n_train_images": int((~is_val_all).sum()), "n_val_images": int(is_val_all.sum())}
         scores: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
         for name in ("heldout", "photos"):
-            fg, fs, flog, fown = feats[name]
+            fs = feats[name]
             n = len(sets[name])
             sc = {"cifake32": (np.array([r.score for r in plain.detect_many([x["path"] for x in sets[name]])]),
                                plain.threshold)}
             if same_backbone:  # the shipped head on the same tiles (a new backbone has no trained head)
-                sc["cifake32_tiles"] = (sig(mean_logit_by_image(flog, fown, n)), base.threshold)
+                o = fs["view"] == 0
+                sc["cifake32_tiles"] = (sig(mean_logit_by_image(fs["logit"][o], fs["owner"][o], n)), base.threshold)
             for k, (th, thr) in heads.items():
-                sk = fs if k else np.zeros_like(fs)
-                sc[f"tiles_head_k{k}"] = (sig(mean_logit_by_image(head_logits(th.head, fg, sk), fown, n)), thr)
+                sc[f"tiles_head_k{k}"] = (image_scores(th.head, fs, n, k), thr)
+            if final is not None and name == "photos":  # the held-out sources are in the final fit's training data
+                sc["final_k2"] = (image_scores(final[0].head, fs, n, 2), final[1])
             scores[name] = sc
             y = np.array([r["label"] == "fake" for r in sets[name]]).astype(int)
             report[name] = {m: evaluate(f"{name} {m}", sets[name], p, t) for m, (p, t) in sc.items()}
@@ -181,27 +270,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # what the LCAS statistics add: the K=2 head against the K=0 head (global feature only), paired
             report[name]["paired_k2_vs_k0"] = paired_comparison(y, *sc["tiles_head_k0"], *sc["tiles_head_k2"],
                                                                  seed=args.seed)
+            if args.compare:  # a previous report's model on the same images (paired: same order required)
+                prev = json.loads(Path(args.compare).read_text()).get(name, {})
+                if [r["path"] for r in prev.get("images", [])] == [r["path"] for r in sets[name]]:
+                    pp = prev["scores"]["tiles_head_k2"]
+                    sc_prev = (np.asarray(pp["p"]), float(pp["threshold"]))
+                    report[name]["previous"] = {"report": str(args.compare), "metrics": evaluate(
+                        f"{name} previous", sets[name], *sc_prev)["metrics"]}
+                    report[name]["scores"]["previous"] = {"p": [float(v) for v in sc_prev[0]],
+                                                          "threshold": sc_prev[1]}
+                    report[name]["paired_vs_previous"] = {
+                        m: paired_comparison(y, *sc_prev, p, t, seed=args.seed) for m, (p, t) in sc.items()
+                        if m.startswith(("tiles_head_k2", "final"))}
             for m, c in [*report[name]["paired_vs_cifake32"].items(),
                          ("k2 vs k0 (not cifake32)", report[name]["paired_k2_vs_k0"])]:
                 log.info("%s %s - cifake32: AUC %+.4f (95%% CI %+.4f..%+.4f), accuracy %+.4f (CI %+.4f..%+.4f)",
                          name, m, c["auc_diff"], *c["auc_diff_ci95"], c["accuracy_diff"], *c["accuracy_diff_ci95"])
         det.close()
         plain.close()
-        c = report["photos"]["paired_vs_cifake32"]["tiles_head_k2"]
+        shipped = "final_k2" if final is not None else "tiles_head_k2"
+        report["shipped_model"] = shipped
+        c = report["photos"]["paired_vs_cifake32"][shipped]
         report["ship"] = bool(c["auc_diff_ci95"][0] > 0)
-        log.info("ship the tiled head as the default: %s (AUC difference on photos %+.4f, CI %s)",
-                 report["ship"], c["auc_diff"], c["auc_diff_ci95"])
+        log.info("ship %s as the default: %s (AUC difference on photos vs cifake32 %+.4f, CI %s)",
+                 shipped, report["ship"], c["auc_diff"], c["auc_diff_ci95"])
         if args.report:  # first: a failure while writing the bundle must not lose the measurements
             Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
         if args.out_bundle:
-            th, thr = heads[2]
+            th, thr = final if final is not None else heads[2]
             decision = {"threshold": thr, "abstain_band": [thr, thr], "calibration": {
                 "rule": "threshold = smallest p with <= 5% false positives on the real validation images "
                         "(mean crop logit per image)"}}
             what = args.what or (f"{base.manifest.get('model_id', base.root.name)} MAE + head on "
                                  f"native {base.backbone.img_size}-px crops")
             training = {"k": 2, "what": what,
-                        "data": {"train_dir": "photos-train minus held-out sources",
+                        "data": {"train_dir": "all of photos-train (the held-out sources were held out only "
+                                              "for the evaluation head)" if final is not None else
+                                              "photos-train minus held-out sources",
                                  **{k: ({m: v for m, v in r.items() if m not in ("images", "scores")}
                                         if isinstance(r, dict) else r) for k, r in report.items()}},
                         "epochs": args.epochs, "seed": args.seed}
@@ -213,8 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 SETS = {"heldout": "(a) photos-train, held-out sources (their reals and generators never seen in training)",
         "photos": "(b) ../shared/data/photos (never trained on)"}
-MODELS = {"cifake32": "cifake32 (shipped before; one 32-px view)", "tiles_head_k2": "new, K=2",
-          "tiles_head_k0": "new, K=0 (no LCAS)", "cifake32_tiles": "cifake32 head on the tiles"}
+MODELS = {"cifake32": "cifake32 (one 32-px view)", "previous": "photo32 v1 (shipped before)",
+          "tiles_head_k2": "new, K=2", "tiles_head_k0": "new, K=0 (no LCAS)",
+          "final_k2": "new, K=2, refit on all of photos-train (shipped)",
+          "cifake32_tiles": "cifake32 head on the tiles"}
 
 
 def group_table(images: list[dict[str, str]], scores: dict[str, dict[str, Any]]) -> list[str]:
@@ -263,6 +370,7 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{a['threshold']:.4f} | {a['fpr']:.3f} | {a['tpr']:.3f} |")
         lines += ["", "Paired bootstrap (images resampled, 2000 times), difference b - a with 95% interval:", ""]
         comps = [(f"{MODELS[m]} - cifake32", c) for m, c in r.get("paired_vs_cifake32", {}).items()]
+        comps += [(f"{MODELS[m]} - {MODELS['previous']}", c) for m, c in r.get("paired_vs_previous", {}).items()]
         if "paired_k2_vs_k0" in r:
             comps.append(("new K=2 - new K=0", r["paired_k2_vs_k0"]))
         for label, c in comps:
@@ -281,22 +389,26 @@ PHOTO_DESCRIPTION = (
     "Photo model: the small MAE of cifake32 (ViT, patch 4, 128 wide, 6 blocks; decoder 96x2; pixel targets) "
     "pretrained further on native-resolution 32-px crops of real photographs (photos-train, sources held out "
     "of the evaluation excluded), with a CINEMAE head (K=2) trained on crops of real photos and of images from "
-    "several generators (photos-train minus six held-out sources). Every image is scored as up to {n} 32-px "
-    "crops taken at native resolution (a grid), and its logit is the mean of the crops' logits, so no "
-    "image is shrunk to 32 px. Measured (train/RECIPE.md, benchmarks/results/photo32_report.md): AUC {b_auc:.3f} "
-    "on ../shared/data/photos (never trained on; most of its fakes are SD 1.5 fine-tunes, a family seen in "
-    "training), real-photo false-positive rate {b_fpr:.1%} at the shipped threshold; on sources held out of "
-    "training AUC {a_auc:.3f} and real false-positive rate {a_fpr:.1%}. It is a small CPU-trained model, not "
-    "the paper's ViT-L/16 on GenImage: generators unlike its training data are detected little better than "
-    "chance. The previous CIFAKE model stays available as --bundle cifake32."
+    "several generators ({trained_on}){augment}. Every image is scored as up to {n} 32-px crops taken at native "
+    "resolution (a grid{trim}), and its logit is the mean of the crops' logits, so no image is shrunk to 32 px. "
+    "Measured (train/RECIPE.md, benchmarks/results/photo32_report.md): AUC {b_auc:.3f} on ../shared/data/photos "
+    "(never trained on; most of its fakes are SD 1.5 fine-tunes, a family seen in training), real-photo "
+    "false-positive rate {b_fpr:.1%} at the shipped threshold; on sources held out of training{a_who} AUC "
+    "{a_auc:.3f} and real false-positive rate {a_fpr:.1%}. It is a small CPU-trained model, not the paper's "
+    "ViT-L/16 on GenImage: generators unlike its training data are detected little better than chance. The "
+    "CIFAKE model stays available as --bundle cifake32."
 )
 
 
 def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "photo32") -> Path:
     """Install a trained tiled bundle as the embedded ``NAME`` (``build_default.install_embedded``)
-    with a plain description and the report's measured numbers in its manifest."""
+    with a plain description and the report's measured numbers (of the model it ships,
+    ``report["shipped_model"]``) in its manifest."""
     from ..runtime.bundle import Bundle
     from .build_default import install_embedded
+
+    shipped = report.get("shipped_model", "tiles_head_k2")
+    final = shipped == "final_k2"
 
     def at(set_name: str, model: str) -> dict[str, Any]:
         mm = report[set_name][model]["metrics"]
@@ -304,20 +416,31 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
                 "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
                 "tpr_at_threshold": mm["at_threshold"]["tpr"]}
 
+    tiles = Bundle(bundle_dir).manifest["tiles"]
+    aug = report.get("reship_augment", 0)
     updates = {
-        "model_id": f"cinemae-{name}", "model_version": "1",
+        "model_id": f"cinemae-{name}", "model_version": str(report.get("model_version", "1")),
         "description": PHOTO_DESCRIPTION.format(
-            n=Bundle(bundle_dir).manifest["tiles"]["n"], b_auc=report["photos"]["tiles_head_k2"]["metrics"]["auc"],
-            b_fpr=report["photos"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"],
+            trained_on="all of photos-train" if final else "photos-train minus six held-out sources",
+            augment=(f", each training image also seen as {aug} random re-shippings (JPEG, resize, crop, "
+                     "letterbox)") if aug else "",
+            n=tiles["n"], trim=", uniform border bars cut first" if tiles.get("trim_borders") else "",
+            b_auc=report["photos"][shipped]["metrics"]["auc"],
+            b_fpr=report["photos"][shipped]["metrics"]["at_threshold"]["fpr"],
+            a_who=" (by the same recipe trained without them)" if final else "",
             a_auc=report["heldout"]["tiles_head_k2"]["metrics"]["auc"],
             a_fpr=report["heldout"]["tiles_head_k2"]["metrics"]["at_threshold"]["fpr"]),
         "evaluation": {
             "photos_never_trained_on": {
-                "this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
-                "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"]["tiles_head_k2"]},
+                "this_model": at("photos", shipped), "cifake32": at("photos", "cifake32"),
+                "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"][shipped],
+                **({"previous": report["photos"]["previous"]["metrics"],
+                    "paired_vs_previous": report["photos"]["paired_vs_previous"][shipped]}
+                   if shipped in report["photos"].get("paired_vs_previous", {}) else {})},
             "heldout_sources": {
-                "sources": report["heldout_sources"], "this_model": at("heldout", "tiles_head_k2"),
-                "cifake32": at("heldout", "cifake32"),
+                "sources": report["heldout_sources"],
+                "model": "the same recipe without these sources" if final else "this model",
+                "this_model": at("heldout", "tiles_head_k2"), "cifake32": at("heldout", "cifake32"),
                 "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"]},
             "report": "benchmarks/results/photo32_report.md"}}
     return install_embedded(bundle_dir, name, mae, note="written by train/photo_tiles.py --install",
@@ -342,6 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", default=None)
+    ap.add_argument("--backend", default="openvino", help="runtime backend for the crop features (fp32)")
+    ap.add_argument("--trim-borders", action="store_true",
+                    help="the bundle cuts uniform border bars (letterboxes) before tiling (runtime/tiles.py)")
+    ap.add_argument("--reship-augment", type=int, default=0, metavar="N",
+                    help="also train on N random re-shippings of every training image (train/reship_augment.py)")
+    ap.add_argument("--final-fit", action="store_true",
+                    help="the bundle's head is the same recipe refit on all of photos-train, held-out sources "
+                         "included (their table (a) comes from the head trained without them)")
+    ap.add_argument("--cache", default=None, help="keep each set's crop rows here (keyed; reruns reuse them)")
+    ap.add_argument("--compare", default=None, metavar="REPORT",
+                    help="a previous report: its K=2 model's scores are paired with the new ones")
     ap.add_argument("--out-bundle", default=None)
     ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
     ap.add_argument("--install", default=None, metavar="NAME",

@@ -1,0 +1,99 @@
+"""Re-shipping augmentation for the photo head (train/reship_augment.py) and the crop rows
+photo_tiles trains on: views are seeded, within their ranges, and each view's rows are exactly the
+runtime's crops of the re-shipped image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cinemae.runtime.detector import Detector
+from cinemae.runtime.tiles import tile_views
+from cinemae.train.reship_augment import apply_view, draw_views, view_name
+
+
+def test_views_are_seeded_and_within_their_ranges() -> None:
+    a = [view_name(v) for i in range(200) for v in draw_views(3, 0, i)]
+    assert a == [view_name(v) for i in range(200) for v in draw_views(3, 0, i)]
+    assert a != [view_name(v) for i in range(200) for v in draw_views(3, 1, i)]
+    kinds = {s.split(":")[0] for name in a for s in name.split("+")}
+    assert kinds == {"jpeg", "shrink", "upscale", "crop", "letterbox"}
+    for name in a:
+        steps = name.split("+")
+        assert 1 <= len(steps) <= 2 and all(s.startswith("jpeg") for s in steps[1:])
+        kind, value = steps[0].split(":")
+        if kind == "jpeg":
+            assert 30 <= int(value) <= 95 and len(steps) == 1
+        elif kind in ("shrink", "upscale", "crop"):
+            lo, hi = {"shrink": (0.35, 0.85), "upscale": (1.25, 2.5), "crop": (0.5, 0.9)}[kind]
+            assert lo <= float(value) <= hi
+    assert sum("+" in n for n in a) > 100  # the re-encode after a resize is common, not rare
+
+
+def test_apply_view_chains_steps() -> None:
+    rgb = np.random.default_rng(0).random((60, 80, 3)).astype(np.float32)
+    view = next(v for i in range(50) for v in draw_views(2, 0, i) if view_name(v).startswith("shrink") and len(v) == 2)
+    out = apply_view(rgb, view)
+    s = view[0].value
+    assert out.shape == (round(60 * s), round(80 * s), 3) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_crop_features_rows_are_the_runtimes_crops_of_each_view(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    from cinemae.train.photo_tiles import crop_features, tiled_copy
+
+    tb = tiled_copy(tiny_bundle_copy, tmp_path / "tiled", 6, trim_borders=True)
+    assert json.loads((tb / "cinemae.json").read_text())["tiles"]["trim_borders"] is True
+    rows = []
+    for i, (h, w) in enumerate([(70, 90), (50, 40)]):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        rows.append({"path": str(p), "label": "real"})
+    with Detector(tb, backend="onnxruntime", device="cpu", provenance=False) as det:
+        fs = crop_features(det, rows, views=2, seed=5, cache=tmp_path / "cache")
+        assert set(np.unique(fs["view"])) == {0, 1, 2} and set(np.unique(fs["owner"])) == {0, 1}
+        # image 1's second view, rescored alone, gives the same rows
+        rgb = np.asarray(Image.open(rows[1]["path"]).convert("RGB"), np.float32) / 255.0
+        crops = tile_views(apply_view(rgb, draw_views(2, 5, 1)[1]), 32, det.tiles)[0]
+        want = det.run_arrays(crops, want_feature=True)
+        sel = (fs["owner"] == 1) & (fs["view"] == 2)
+        np.testing.assert_allclose(fs["feature"][sel], want.feature, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fs["logit"][sel], want.logit, rtol=1e-5, atol=1e-5)
+        # view 0 is the image as delivered: the Detector's own crops
+        np.testing.assert_allclose(fs["logit"][(fs["owner"] == 0) & (fs["view"] == 0)],
+                                   det.run_arrays(det.preprocess(rows[0]["path"])).logit, rtol=1e-5, atol=1e-5)
+        # the cache gives the same rows back without scoring; another seed is another entry
+        cached = crop_features(det, rows, views=2, seed=5, cache=tmp_path / "cache")
+        assert all(np.array_equal(cached[k], fs[k]) for k in fs)
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+        other = crop_features(det, rows, views=2, seed=6, cache=tmp_path / "cache")
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+        assert not np.array_equal(other["logit"], fs["logit"]) or not np.array_equal(other["view"], fs["view"])
+
+
+@pytest.mark.parametrize("views", [0, 3])
+def test_fit_heads_threshold_on_originals(views: int) -> None:
+    """fit_heads early-stops on every view of the validation images but sets the threshold on
+    their originals: 5% FPR of the validation reals as delivered."""
+    pytest.importorskip("torch")
+    from cinemae.runtime.evaluation import threshold_at_fpr
+    from cinemae.train.head import TrainConfig
+    from cinemae.train.photo_tiles import fit_heads, image_scores
+
+    rng = np.random.default_rng(0)
+    n, t, d = 60, 4, 16
+    labels = (np.arange(n) % 2).astype(int)
+    owner = np.repeat(np.arange(n), t * (1 + views))
+    view = np.tile(np.repeat(np.arange(1 + views), t), n)
+    feat = (rng.normal(size=(len(owner), d)) + labels[owner][:, None] * 0.8).astype(np.float32)
+    fs = {"feature": feat, "stats": rng.normal(size=(len(owner), 3)).astype(np.float32),
+          "logit": np.zeros(len(owner)), "owner": owner, "view": view}
+    is_val = np.arange(n) % 4 == 0
+    heads = fit_heads(fs, labels, is_val, (2,), TrainConfig(epochs=3, batch=64, seed=0, threads=1), "mean")
+    th, thr = heads[2]
+    p = image_scores(th.head, fs, n, 2)
+    assert p.shape == (n,) and thr == threshold_at_fpr(p[is_val & (labels == 0)], 0.05)
