@@ -113,6 +113,105 @@ def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s
     return TrainedHead(head, history, best[1], time.perf_counter() - t0)
 
 
+def _bags(owner: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows -> (bag [R]: one id per (image, view), 0..B-1; bag_owner [B]; bag_view [B])."""
+    key = owner.astype(np.int64) * (int(view.max(initial=0)) + 1) + view
+    uniq, bag = np.unique(key, return_inverse=True)
+    return bag, uniq // (int(view.max(initial=0)) + 1), uniq % (int(view.max(initial=0)) + 1)
+
+
+def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.ndarray, y_img: np.ndarray,
+                      val: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], *,
+                      fusion: str = "add", pooling: str = "mean", k: int = 2, cfg: TrainConfig | None = None,
+                      consistency: float = 1.0, images_per_batch: int = 16,
+                      log: Callable[[str], None] = _logger.info) -> TrainedHead:
+    """Train one head for a tiled bundle on what the runtime decides with: each delivered image's
+    logit, the mean of its crops' logits.
+
+    g [R, D], s [R, 3]: crop rows; owner [R]: the image of each row (index into y_img [N], 1 = AI);
+    view [R]: 0 = the image as delivered, v >= 1 = its v-th re-shipping. A *bag* is one (image,
+    view): its logit is the mean of its rows' logits. Loss per batch of images: BCE of every bag's
+    logit against its image's label, plus ``consistency`` x the variance of an image's bag logits
+    around their mean (the same picture, re-delivered, should get the same logit: the verdict
+    flips the issue measures). ``val`` = (g, s, owner, view, y_img) of the validation images; the
+    epoch with the lowest validation loss (same loss) is kept.
+    """
+    import torch
+
+    from ..export.head import CinemaeHead, HeadConfig
+
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    head = CinemaeHead(HeadConfig(embed_dim=int(g.shape[1]), fusion=fusion, pooling=pooling, k=k))
+    s_std = s.std(axis=0) if k else np.ones(3, np.float32)
+    head.set_standardisation(s.mean(axis=0), s_std, g.mean(axis=0), g.std(axis=0))
+    decay = [p for n, p in head.named_parameters() if p.ndim > 1]
+    other = [p for n, p in head.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+
+    def prepared(g_: np.ndarray, s_: np.ndarray, owner_: np.ndarray, view_: np.ndarray, y_: np.ndarray
+                 ) -> tuple[Any, ...]:
+        order = np.argsort(owner_, kind="stable")
+        g_, s_, owner_, view_ = g_[order], s_[order], owner_[order], view_[order]
+        bag, bag_owner, _ = _bags(owner_, view_)
+        starts = np.searchsorted(owner_, np.arange(len(y_) + 1))  # rows of image i: starts[i]:starts[i+1]
+        gt, st = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (g_, s_))
+        return gt, st, bag, bag_owner, starts, np.asarray(y_, np.float32)
+
+    def loss_of(data: tuple[Any, ...], images: np.ndarray) -> Any:
+        gt, st, bag, bag_owner, starts, y_ = data
+        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images])
+        b_local, b_inv = np.unique(bag[rows], return_inverse=True)
+        logit = head.forward_features(gt[rows], st[rows])[:, 0]
+        nb = len(b_local)
+        inv = torch.from_numpy(b_inv)
+        bag_logit = torch.zeros(nb).index_add(0, inv, logit) / torch.bincount(inv, minlength=nb).float()
+        owners = bag_owner[b_local]
+        yb = torch.from_numpy(y_[owners])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(bag_logit, yb)
+        o_uniq, o_inv = np.unique(owners, return_inverse=True)
+        oi = torch.from_numpy(o_inv)
+        cnt = torch.bincount(oi, minlength=len(o_uniq)).float()
+        mean = torch.zeros(len(o_uniq)).index_add(0, oi, bag_logit) / cnt
+        var = ((bag_logit - mean[oi]) ** 2).mean()
+        return bce + consistency * var, bce, var
+
+    tr = prepared(g, s, owner, view, y_img)
+    va = prepared(*val)
+    has_rows = np.flatnonzero(np.diff(tr[4]) > 0)
+    val_images = np.flatnonzero(np.diff(va[4]) > 0)
+    rng = np.random.default_rng(cfg.seed)
+    best: tuple[float, int, dict[str, Any]] | None = None
+    history = []
+    for epoch in range(cfg.epochs):
+        head.train()
+        perm = rng.permutation(has_rows)
+        tot = 0.0
+        for i in range(0, len(perm), images_per_batch):
+            loss, _, _ = loss_of(tr, perm[i:i + images_per_batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(perm[i:i + images_per_batch])
+        head.eval()
+        with torch.no_grad():
+            vl, vb, vv = (float(x) for x in loss_of(va, val_images))
+        history.append({"epoch": epoch + 1, "train_loss": tot / max(len(perm), 1), "val_loss": vl,
+                        "val_bce": vb, "val_var": vv})
+        if best is None or vl < best[0]:
+            best = (vl, epoch + 1, {k_: v.clone() for k_, v in head.state_dict().items()})
+    assert best is not None
+    head.load_state_dict(best[2])
+    head.eval()
+    h = history[best[1] - 1]
+    log(f"K={k} {fusion} (image logits, consistency {consistency:g}): best epoch {best[1]}/{cfg.epochs}, "
+        f"val loss {best[0]:.4f} (BCE {h['val_bce']:.4f}, variance {h['val_var']:.4f})")
+    return TrainedHead(head, history, best[1], time.perf_counter() - t0)
+
+
 def write_head(bundle_dir: str | os.PathLike[str], head: Any, decision: dict[str, Any],
                training: dict[str, Any], *, out: str | os.PathLike[str] | None = None,
                check_features: tuple[np.ndarray, np.ndarray] | None = None,

@@ -38,6 +38,7 @@ import logging
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False)
 Features = dict[str, np.ndarray]  # feature [R, D], stats [R, 3], logit [R], owner [R] (image), view [R] (0 = original)
 
 
-def _cache_file(cache: Path, det: Any, rows: list[dict[str, str]], views: int, seed: int) -> Path:
+def _cache_file(cache: Path, det: Any, rows: list[dict[str, str]], views: int | str, seed: int) -> Path:
     """Where :func:`crop_features` keeps one set's rows: keyed by the graphs, the tiles, the images and
     the views, so a changed backbone, tiling or augmentation never reads stale rows."""
     import hashlib
@@ -84,19 +85,25 @@ def _cache_file(cache: Path, det: Any, rows: list[dict[str, str]], views: int, s
     m = det.bundle.manifest
     key = {"files": {k: v for k, v in m.get("files", {}).items() if k in ("encoder.onnx", "decoder.onnx", "head.onnx")},
            "tiles": m.get("tiles"), "mask": [m.get("mask_ratio"), m.get("mask_seed"), m.get("k")],
-           "paths": [r["path"] for r in rows], "views": views, "seed": seed if views else None}
+           "paths": [r["path"] for r in rows], "views": views,
+           "seed": seed if isinstance(views, int) and views else None}
     return cache / f"crops-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
 
 
-def crop_features(det: Any, rows: list[dict[str, str]], views: int = 0, seed: int = 0,
+def crop_features(det: Any, rows: list[dict[str, str]], views: int | Sequence[str] = 0, seed: int = 0,
                   cache: Path | None = None) -> Features:
-    """Every image's crops, and with ``views`` > 0 the crops of that many random re-shippings of it
-    (:mod:`cinemae.train.reship_augment`), scored by the bundle -> rows (see :data:`Features`)."""
+    """Every image's crops and those of its views, scored by the bundle -> rows (see :data:`Features`).
+
+    views: an int N draws N random re-shippings per image (:mod:`cinemae.train.reship_augment`,
+    seeded by ``seed`` and the image's index); a sequence of re-shipping chains (``shrink:0.5+jpeg:75``)
+    gives every image the same fixed views, in that order (view v = the v-th chain)."""
     from ..runtime.preprocess import load_image
+    from ..runtime.reship import parse_reshipping
     from ..runtime.tiles import tile_views
     from .reship_augment import apply_view, draw_views
 
-    f = _cache_file(cache, det, rows, views, seed) if cache else None
+    fixed = None if isinstance(views, int) else [[parse_reshipping(x) for x in c.split("+")] for c in views]
+    f = _cache_file(cache, det, rows, views if fixed is None else "|".join(views), seed) if cache else None
     if f is not None and f.exists():
         with np.load(f) as z:
             return {k: z[k] for k in z.files}
@@ -104,9 +111,9 @@ def crop_features(det: Any, rows: list[dict[str, str]], views: int = 0, seed: in
     s = det.bundle.backbone.img_size
     for i, r in enumerate(rows):
         rgb = load_image(r["path"], det.max_pixels, det.max_bytes, det.formats)
+        chains = fixed if fixed is not None else (draw_views(views, seed, i) if views else [])  # type: ignore[arg-type]
         parts = [tile_views(rgb, s, det.tiles, det.max_pixels)[0]]
-        parts += [tile_views(apply_view(rgb, v, det.max_pixels), s, det.tiles, det.max_pixels)[0]
-                  for v in draw_views(views, seed, i)] if views else []
+        parts += [tile_views(apply_view(rgb, v, det.max_pixels), s, det.tiles, det.max_pixels)[0] for v in chains]
         res = det.run_arrays(np.concatenate(parts), want_feature=True)
         out["feature"].append(res.feature.astype(np.float32))
         out["stats"].append(res.stats.astype(np.float32))
@@ -125,24 +132,34 @@ def crop_features(det: Any, rows: list[dict[str, str]], views: int = 0, seed: in
 
 
 def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[int, ...], cfg: Any,
-              pooling: str) -> dict[int, tuple[Any, float]]:
+              pooling: str, consistency: float | None = None) -> dict[int, tuple[Any, float]]:
     """Heads on crop rows (every view of the non-validation images), early-stopped on the validation
     images' rows (their views too) -> {k: (trained head, threshold)}; threshold = 5% FPR on the
     validation reals as delivered (view 0), image logit = mean crop logit.
-    labels: [N] 1 = fake per image; is_val: [N] bool."""
+
+    consistency None: per-crop BCE (``train.head.train_head``, each crop labelled with its image's
+    label); a number: the image-level loss of ``train.head.train_head_images`` (BCE of each
+    delivered image's mean crop logit, plus that weight x the variance of an image's logits over
+    its views). labels: [N] 1 = fake per image; is_val: [N] bool."""
     from ..runtime.evaluation import threshold_at_fpr
-    from .head import head_logits, train_head
+    from .head import head_logits, train_head, train_head_images
 
     g, s, own, view = fs["feature"], fs["stats"], fs["owner"], fs["view"]
     y = labels.astype(np.float32)
     tr, va = ~is_val[own], is_val[own]
     orig = va & (view == 0)
-    val_index = np.searchsorted(np.flatnonzero(is_val), own[orig])
+    val_ids, tr_ids = np.flatnonzero(is_val), np.flatnonzero(~is_val)
+    val_index = np.searchsorted(val_ids, own[orig])
     heads = {}
     for k in ks:
         sk = s if k else np.zeros_like(s)
-        th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
-                        k=k, cfg=cfg)
+        if consistency is None:
+            th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
+                            k=k, cfg=cfg)
+        else:
+            th = train_head_images(g[tr], sk[tr], np.searchsorted(tr_ids, own[tr]), view[tr], y[tr_ids],
+                                   (g[va], sk[va], np.searchsorted(val_ids, own[va]), view[va], y[val_ids]),
+                                   fusion="add", pooling=pooling, k=k, cfg=cfg, consistency=consistency)
         lv = mean_logit_by_image(head_logits(th.head, g[orig], sk[orig]), val_index, int(is_val.sum()))
         heads[k] = (th, threshold_at_fpr(sig(lv)[labels[is_val] == 0], 0.05))
     return heads
@@ -209,7 +226,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = resolve_bundle(export_stage(Path(args.mae), work, pooling="mean", k=2, model_id=args.model_id))
     else:
         base = resolve_bundle(args.bundle)
-    default = resolve_bundle(None)  # the shipped model: every new head is compared with it
+    # the CIFAKE model by name: every new head is compared with it (the default bundle is a photo
+    # model since photo32 shipped; --compare pairs with that one)
+    default = resolve_bundle("cifake32")
     same_backbone = base.root.resolve() == default.root.resolve()
     rows = read_labels(Path(args.train_dir))
     held = tuple(args.heldout_sources)
@@ -220,6 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     is_val = rng.random(len(train_rows)) < 0.15
     report: dict[str, Any] = {"heldout_sources": list(held), "tiles": args.tiles,
                               "trim_borders": bool(args.trim_borders), "reship_augment": args.reship_augment,
+                              "consistency": args.consistency,
                               "n_train_images": int((~is_val).sum()), "n_val_images": int(is_val.sum()),
                               "n_heldout": len(test_rows), "n_eval": len(eval_rows)}
     cache = Path(args.cache) if args.cache else None
@@ -235,14 +255,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("%s: %d images -> %d crop rows (%d views each)", k, len(sets[k]), len(v["owner"]), views[k])
         y_train = np.array([r["label"] == "fake" for r in train_rows])
         cfg = TrainConfig(epochs=args.epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=args.seed, threads=2)
-        heads = fit_heads(feats["train"], y_train, is_val, (2, 0), cfg, pooling)
+        heads = fit_heads(feats["train"], y_train, is_val, (2, 0), cfg, pooling, args.consistency)
         final = None
         if args.final_fit:  # the shipped head: the same recipe on every source of photos-train
             all_rows = train_rows + test_rows
             is_val_all = np.random.default_rng(args.seed + 1).random(len(all_rows)) < 0.15
             fs_all = _concat(feats["train"], feats["heldout"], len(train_rows))
             final = fit_heads(fs_all, np.array([r["label"] == "fake" for r in all_rows]), is_val_all, (2,), cfg,
-                              pooling)[2]
+                              pooling, args.consistency)[2]
             report["final_fit"] = {"n_train_images": int((~is_val_all).sum()), "n_val_images": int(is_val_all.sum())}
         scores: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
         for name in ("heldout", "photos"):
@@ -473,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-fit", action="store_true",
                     help="the bundle's head is the same recipe refit on all of photos-train, held-out sources "
                          "included (their table (a) comes from the head trained without them)")
+    ap.add_argument("--consistency", type=float, default=None, metavar="W",
+                    help="train on image logits (mean crop logit of each delivered image and of each view) "
+                         "with W x the variance of an image's logits over its views (train.head.train_head_images); "
+                         "default: per-crop BCE")
     ap.add_argument("--cache", default=None, help="keep each set's crop rows here (keyed; reruns reuse them)")
     ap.add_argument("--compare", default=None, metavar="REPORT",
                     help="a previous report: its K=2 model's scores are paired with the new ones")
