@@ -22,6 +22,11 @@ A bundle opts in through its manifest::
   letterboxed copy is scored like the picture inside it. A bar holds no trace of whoever made the
   picture; left in, it would take up crops (a 16:9 frame around a square photo is 44% bars).
   Nothing is cut when the whole image is uniform.
+* ``max_side`` (default none): with ``scale`` native, an image whose longer side exceeds it is
+  first shrunk (area) to that side. A model trained on pictures delivered at most that size (the
+  photo sets here are all <= 512 px) then sees every input at the scale it learned, and a copy
+  enlarged by a site (``upscale:2``) is brought back to about the picture it was made from
+  instead of being read as a smooth, "generated-looking" image. Smaller images stay native.
 * ``reduce``: ``mean_logit``, the image logit is the mean of its crop logits. The mean of
   log-odds is the log of the geometric mean of the crops' odds: every crop is equal evidence,
   one odd crop moves the verdict by 1/T of its logit (a max would let a single textured crop
@@ -58,6 +63,7 @@ class TileSpec:
     seed: int = 0
     reduce: str = "mean_logit"
     trim_borders: bool = False
+    max_side: int | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> TileSpec | None:
@@ -83,13 +89,20 @@ class TileSpec:
         trim = t.get("trim_borders", False)
         if not isinstance(trim, bool):
             raise ValueError(f"tiles.trim_borders must be true or false, not {trim!r}")
-        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce, trim)
+        side = t.get("max_side")
+        if side is not None and not (isinstance(side, int) and not isinstance(side, bool) and side >= 32):
+            raise ValueError(f"tiles.max_side must be an integer >= 32 or absent, not {side!r}")
+        if side is not None and scale != "native":
+            raise ValueError("tiles.max_side applies to native scale only (a float scale already fixes the size)")
+        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce, trim, side)
 
     def to_manifest(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "n": self.n, "scale": self.scale, "seed": self.seed,
                                "reduce": self.reduce}
         if self.trim_borders:  # absent = false: manifests written before the option stay byte-identical
             out["trim_borders"] = True
+        if self.max_side is not None:
+            out["max_side"] = self.max_side
         return out
 
 
@@ -163,6 +176,8 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
         rgb = rgb[oy:bottom, ox:right]
     h0, w0 = rgb.shape[:2]
     f = 1.0 if spec.scale == "native" else float(spec.scale)
+    if spec.max_side is not None and max(h0, w0) > spec.max_side:
+        f = spec.max_side / max(h0, w0)
     h, w = max(1, round(h0 * f)), max(1, round(w0 * f))
     if min(h, w) < img_size:  # enlarge the shorter side to S (see the module docstring)
         g = img_size / min(h, w)

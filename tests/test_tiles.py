@@ -103,6 +103,28 @@ def test_trim_borders_after_a_jpeg_round_trip() -> None:
     assert ox - 16 <= left <= ox and ox + 80 <= right <= ox + 96
 
 
+def test_max_side_shrinks_large_images_only() -> None:
+    spec = TileSpec(mode="grid", n=64, max_side=128)
+    small = _picture(60, 40, 6)
+    crops, boxes = tile_views(small, 32, spec)  # under the cap: native, as without it
+    np.testing.assert_array_equal(crops, tile_views(small, 32, TileSpec(mode="grid", n=64))[0])
+    big = _picture(256, 128, 7)  # 2x over the cap: shrunk (area) to 128 x 64 -> a 4 x 2 grid
+    crops, boxes = tile_views(big, 32, spec)
+    assert crops.shape == (8, 3, 32, 32)
+    assert boxes[0] == (0, 0, 64, 64) and boxes[-1] == (64, 192, 128, 256)  # in the original's pixels
+    # an upscaled copy of a picture at the cap comes back to about the picture (crops within JPEG-like error)
+    spec = TileSpec(mode="grid", n=64, max_side=64)
+    up = parse_reshipping("upscale:2").apply(_picture(64, 64, 8))
+    back = tile_views(up, 32, spec)[0]
+    ref = tile_views(_picture(64, 64, 8), 32, spec)[0]
+    assert back.shape == ref.shape and float(np.abs(back - ref).mean()) < float(np.abs(ref).mean()) * 0.35
+    with pytest.raises(ValueError, match="max_side"):
+        TileSpec.from_manifest({"tiles": {"max_side": 16}})
+    with pytest.raises(ValueError, match="native"):
+        TileSpec.from_manifest({"tiles": {"max_side": 512, "scale": 0.5}})
+    assert TileSpec.from_manifest({"tiles": {"max_side": 512}}).to_manifest()["max_side"] == 512
+
+
 def test_content_box_leaves_pictures_and_uniform_images_whole() -> None:
     img = _image(50, 70, 4).astype(np.float32) / 255.0
     assert content_box(img) == (0, 0, 50, 70)
@@ -125,7 +147,8 @@ def test_scale_respects_pixel_limit(tiny_bundle_copy: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", [{"mode": "random"}, {"n": MAX_TILES + 1}, {"n": 0}, {"scale": "big"},
-                                 {"reduce": "max"}, {"trim_borders": "yes"}])
+                                 {"reduce": "max"}, {"trim_borders": "yes"},
+                                 {"max_side": 8}])
 def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict) -> None:
     with pytest.raises(ValueError, match="tiles"):
         Detector(_tiled(tiny_bundle_copy, **bad), backend="onnxruntime", device="cpu")

@@ -62,14 +62,14 @@ def read_labels(root: Path) -> list[dict[str, str]]:
     return rows
 
 
-def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False) -> Path:
+def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False, max_side: int | None = None) -> Path:
     """A copy of the bundle whose manifest asks for an n-crop native grid (uniform border bars cut
-    first with ``trim_borders``)."""
+    first with ``trim_borders``; images over ``max_side`` shrunk to it)."""
     from ..runtime.tiles import TileSpec
 
     shutil.copytree(bundle_root, out)
     m = json.loads((out / "cinemae.json").read_text())
-    m["tiles"] = TileSpec("grid", n, "native", 0, "mean_logit", trim_borders).to_manifest()
+    m["tiles"] = TileSpec("grid", n, "native", 0, "mean_logit", trim_borders, max_side).to_manifest()
     (out / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
     return out
 
@@ -238,14 +238,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     is_val = rng.random(len(train_rows)) < 0.15
     report: dict[str, Any] = {"heldout_sources": list(held), "tiles": args.tiles,
-                              "trim_borders": bool(args.trim_borders), "reship_augment": args.reship_augment,
+                              "trim_borders": bool(args.trim_borders), "max_side": args.max_side,
+                              "reship_augment": args.reship_augment,
                               "consistency": args.consistency,
                               "n_train_images": int((~is_val).sum()), "n_val_images": int(is_val.sum()),
                               "n_heldout": len(test_rows), "n_eval": len(eval_rows)}
     cache = Path(args.cache) if args.cache else None
     pooling = base.manifest.get("head", {}).get("pooling", "mean")
     with tempfile.TemporaryDirectory() as tmp:
-        tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles, args.trim_borders)
+        tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles, args.trim_borders, args.max_side)
         det = Detector(tb, backend=args.backend, device="cpu", provenance=False)
         plain = Detector(default, backend="onnxruntime", device="cpu", provenance=False)
         sets = {"train": train_rows, "heldout": test_rows, "photos": eval_rows}
@@ -488,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="openvino", help="runtime backend for the crop features (fp32)")
     ap.add_argument("--trim-borders", action="store_true",
                     help="the bundle cuts uniform border bars (letterboxes) before tiling (runtime/tiles.py)")
+    ap.add_argument("--max-side", type=int, default=None, metavar="PX",
+                    help="the bundle shrinks images whose longer side exceeds PX before tiling (runtime/tiles.py)")
     ap.add_argument("--reship-augment", type=int, default=0, metavar="N",
                     help="also train on N random re-shippings of every training image (train/reship_augment.py)")
     ap.add_argument("--final-fit", action="store_true",
