@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cinemae.runtime.detector import Detector
+from cinemae.runtime.reship import parse_reshipping
 from cinemae.runtime.tiles import tile_views
 from cinemae.train.reship_augment import apply_view, draw_views, view_name
 
@@ -70,6 +71,12 @@ def test_crop_features_rows_are_the_runtimes_crops_of_each_view(tiny_bundle_copy
         cached = crop_features(det, rows, views=2, seed=5, cache=tmp_path / "cache")
         assert all(np.array_equal(cached[k], fs[k]) for k in fs)
         assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+        # fixed chains: every image gets the same views, in order (the bench's re-shippings)
+        fixed = crop_features(det, rows, views=["jpeg:50", "shrink:0.5+jpeg:75"])
+        crops = tile_views(apply_view(rgb, [parse_reshipping("shrink:0.5"), parse_reshipping("jpeg:75")]), 32,
+                           det.tiles)[0]
+        np.testing.assert_allclose(fixed["logit"][(fixed["owner"] == 1) & (fixed["view"] == 2)],
+                                   det.run_arrays(crops).logit, rtol=1e-5, atol=1e-5)
         other = crop_features(det, rows, views=2, seed=6, cache=tmp_path / "cache")
         assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
         assert not np.array_equal(other["logit"], fs["logit"]) or not np.array_equal(other["view"], fs["view"])
