@@ -123,7 +123,7 @@ def _bags(owner: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.ndarray, y_img: np.ndarray,
                       val: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], *,
                       fusion: str = "add", pooling: str = "mean", k: int = 2, cfg: TrainConfig | None = None,
-                      consistency: float = 1.0, images_per_batch: int = 16,
+                      consistency: float = 1.0, images_per_batch: int = 16, bce: str = "image",
                       log: Callable[[str], None] = _logger.info) -> TrainedHead:
     """Train one head for a tiled bundle on what the runtime decides with: each delivered image's
     logit, the mean of its crops' logits.
@@ -131,10 +131,11 @@ def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.
     g [R, D], s [R, 3]: crop rows; owner [R]: the image of each row (index into y_img [N], 1 = AI);
     view [R]: 0 = the image as delivered, v >= 1 = its v-th re-shipping. A *bag* is one (image,
     view): its logit is the mean of its rows' logits. Loss per batch of images: BCE of every bag's
-    logit against its image's label, plus ``consistency`` x the variance of an image's bag logits
-    around their mean (the same picture, re-delivered, should get the same logit: the verdict
-    flips the issue measures). ``val`` = (g, s, owner, view, y_img) of the validation images; the
-    epoch with the lowest validation loss (same loss) is kept.
+    logit against its image's label (``bce="crop"``: of every crop's logit, as ``train_head``),
+    plus ``consistency`` x the variance of an image's bag logits around their mean (the same
+    picture, re-delivered, should get the same logit: the verdict flips the issue measures).
+    ``val`` = (g, s, owner, view, y_img) of the validation images; the epoch with the lowest
+    validation loss (same loss) is kept.
     """
     import torch
 
@@ -171,13 +172,17 @@ def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.
         bag_logit = torch.zeros(nb).index_add(0, inv, logit) / torch.bincount(inv, minlength=nb).float()
         owners = bag_owner[b_local]
         yb = torch.from_numpy(y_[owners])
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(bag_logit, yb)
+        if bce == "crop":
+            y_rows = torch.from_numpy(y_[bag_owner[bag[rows]]])
+            bce_v = torch.nn.functional.binary_cross_entropy_with_logits(logit, y_rows)
+        else:
+            bce_v = torch.nn.functional.binary_cross_entropy_with_logits(bag_logit, yb)
         o_uniq, o_inv = np.unique(owners, return_inverse=True)
         oi = torch.from_numpy(o_inv)
         cnt = torch.bincount(oi, minlength=len(o_uniq)).float()
         mean = torch.zeros(len(o_uniq)).index_add(0, oi, bag_logit) / cnt
         var = ((bag_logit - mean[oi]) ** 2).mean()
-        return bce + consistency * var, bce, var
+        return bce_v + consistency * var, bce_v, var
 
     tr = prepared(g, s, owner, view, y_img)
     va = prepared(*val)
@@ -207,7 +212,7 @@ def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.
     head.load_state_dict(best[2])
     head.eval()
     h = history[best[1] - 1]
-    log(f"K={k} {fusion} (image logits, consistency {consistency:g}): best epoch {best[1]}/{cfg.epochs}, "
+    log(f"K={k} {fusion} ({bce} BCE, consistency {consistency:g}): best epoch {best[1]}/{cfg.epochs}, "
         f"val loss {best[0]:.4f} (BCE {h['val_bce']:.4f}, variance {h['val_var']:.4f})")
     return TrainedHead(head, history, best[1], time.perf_counter() - t0)
 

@@ -132,7 +132,7 @@ def crop_features(det: Any, rows: list[dict[str, str]], views: int | Sequence[st
 
 
 def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[int, ...], cfg: Any,
-              pooling: str, consistency: float | None = None) -> dict[int, tuple[Any, float]]:
+              pooling: str, consistency: float | None = None, bce: str = "image") -> dict[int, tuple[Any, float]]:
     """Heads on crop rows (every view of the non-validation images), early-stopped on the validation
     images' rows (their views too) -> {k: (trained head, threshold)}; threshold = 5% FPR on the
     validation reals as delivered (view 0), image logit = mean crop logit.
@@ -159,7 +159,7 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
         else:
             th = train_head_images(g[tr], sk[tr], np.searchsorted(tr_ids, own[tr]), view[tr], y[tr_ids],
                                    (g[va], sk[va], np.searchsorted(val_ids, own[va]), view[va], y[val_ids]),
-                                   fusion="add", pooling=pooling, k=k, cfg=cfg, consistency=consistency)
+                                   fusion="add", pooling=pooling, k=k, cfg=cfg, consistency=consistency, bce=bce)
         lv = mean_logit_by_image(head_logits(th.head, g[orig], sk[orig]), val_index, int(is_val.sum()))
         heads[k] = (th, threshold_at_fpr(sig(lv)[labels[is_val] == 0], 0.05))
     return heads
@@ -176,6 +176,41 @@ def image_scores(head: Any, fs: Features, n: int, k: int) -> np.ndarray:
 
 def _concat(a: Features, b: Features, offset: int) -> Features:
     return {k: np.concatenate([a[k], b[k] + offset if k == "owner" else b[k]]) for k in a}
+
+
+def source_folds(sources: list[str], n_folds: int) -> np.ndarray:
+    """[N] fold of each image: whole sources per fold, largest first onto the emptiest fold."""
+    sizes: dict[str, int] = defaultdict(int)
+    for src in sources:
+        sizes[src] += 1
+    load = np.zeros(n_folds, int)
+    fold_of = {}
+    for src, c in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+        f = int(np.argmin(load))
+        fold_of[src] = f
+        load[f] += c
+    return np.array([fold_of[src] for src in sources])
+
+
+def oof_scores(fs: Features, labels: np.ndarray, folds: np.ndarray, cfg: Any, pooling: str,
+               consistency: float | None, seed: int) -> np.ndarray:
+    """Out-of-fold p [N] of every image as delivered: for each fold, the recipe of :func:`fit_heads`
+    (K=2) trained on the other folds scores this fold's images, which it never saw."""
+    p = np.zeros(len(labels))
+    for f in np.unique(folds):
+        keep_img = folds != f
+        idx = np.flatnonzero(keep_img)
+        rows = keep_img[fs["owner"]]
+        sub = {k: v[rows] for k, v in fs.items()}
+        sub["owner"] = np.searchsorted(idx, sub["owner"])
+        is_val = np.random.default_rng([seed, int(f)]).random(len(idx)) < 0.15
+        th, _ = fit_heads(sub, labels[idx], is_val, (2,), cfg, pooling, consistency)[2]
+        out = np.flatnonzero(~keep_img)
+        rows_out = (~keep_img)[fs["owner"]]
+        part = {k: v[rows_out] for k, v in fs.items()}
+        part["owner"] = np.searchsorted(out, part["owner"])
+        p[out] = image_scores(th.head, part, len(out), 2)
+    return p
 
 
 
@@ -262,9 +297,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             all_rows = train_rows + test_rows
             is_val_all = np.random.default_rng(args.seed + 1).random(len(all_rows)) < 0.15
             fs_all = _concat(feats["train"], feats["heldout"], len(train_rows))
-            final = fit_heads(fs_all, np.array([r["label"] == "fake" for r in all_rows]), is_val_all, (2,), cfg,
-                              pooling, args.consistency)[2]
-            report["final_fit"] = {"n_train_images": int((~is_val_all).sum()), "n_val_images": int(is_val_all.sum())}
+            y_all = np.array([r["label"] == "fake" for r in all_rows])
+            final = fit_heads(fs_all, y_all, is_val_all, (2,), cfg, pooling, args.consistency)[2]
+            report["final_fit"] = {"n_train_images": int((~is_val_all).sum()), "n_val_images": int(is_val_all.sum()),
+                                   "threshold_val": float(final[1])}
+            if args.oof_folds:  # threshold: every real of photos-train, scored by heads that never saw its source
+                from ..runtime.evaluation import auc, threshold_at_fpr
+
+                folds = source_folds([r["source"] for r in all_rows], args.oof_folds)
+                p_oof = oof_scores(fs_all, y_all.astype(int), folds, cfg, pooling, args.consistency, args.seed)
+                thr = threshold_at_fpr(p_oof[~y_all], 0.05)
+                final = (final[0], thr)
+                report["final_fit"]["threshold_rule"] = (
+                    f"5% FPR on the out-of-fold p of all {int((~y_all).sum())} reals of photos-train "
+                    f"({args.oof_folds} folds of whole sources: each real scored by a head that never saw its source)")
+                report["final_fit"]["threshold"] = float(thr)
+                report["final_fit"]["oof_auc_leave_sources_out"] = float(auc(y_all.astype(int), p_oof))
+                log.info("final head threshold %.4f from %d out-of-fold reals (val-split threshold %.4f); "
+                         "out-of-fold AUC (leave sources out) %.4f", thr, int((~y_all).sum()),
+                         report["final_fit"]["threshold_val"], report["final_fit"]["oof_auc_leave_sources_out"])
         scores: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
         for name in ("heldout", "photos"):
             fs = feats[name]
@@ -496,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-fit", action="store_true",
                     help="the bundle's head is the same recipe refit on all of photos-train, held-out sources "
                          "included (their table (a) comes from the head trained without them)")
+    ap.add_argument("--oof-folds", type=int, default=0, metavar="N",
+                    help="with --final-fit: set the shipped threshold at 5%% FPR on out-of-fold scores of every real "
+                         "of photos-train (N folds of whole sources) instead of the validation reals")
     ap.add_argument("--consistency", type=float, default=None, metavar="W",
                     help="train on image logits (mean crop logit of each delivered image and of each view) "
                          "with W x the variance of an image's logits over its views (train.head.train_head_images); "
