@@ -43,10 +43,14 @@ RESHIP_SET = ("upscale:2", "crop:0.6", "letterbox:16x9", "jpeg:40", "jpeg:60", "
 #: ``default``: the pair that took the embedded bundle's ai <-> real flips under every re-shipping of
 #: RESHIP_SET to 0 on ../shared/data/photos (benchmarks/results/reship_cifake32_photos.md); JPEG and
 #: downscale views change nothing there (a 32-px model never sees those artefacts). ``full`` adds them
-#: for native-resolution (tiled) bundles, whose verdicts codecs and scale can move.
+#: for native-resolution (tiled) bundles, whose verdicts codecs and scale can move. ``photo`` is
+#: ``full`` without the letterbox, for tiled bundles that cut border bars (``tiles.trim_borders``:
+#: a letterboxed view is the original again, a fifth of the cost for nothing) and with a harsher
+#: JPEG: the re-shippings that still move such a bundle are recompression, downscale and crop.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "default": ("crop:0.7", "letterbox:16x9"),
     "full": ("crop:0.7", "letterbox:16x9", "jpeg:75", "shrink:0.5"),
+    "photo": ("crop:0.7", "jpeg:60", "shrink:0.5"),
 }
 
 

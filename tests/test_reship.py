@@ -98,6 +98,7 @@ def test_parse_reshippings_and_preset() -> None:
         parse_reshipping("jpeg:50.5")
     with pytest.raises(ValueError, match="preset"):
         ReshipEnsemble.parse("nonsense")
+    assert ReshipEnsemble.parse("photo").names == ["crop:0.7", "jpeg:60", "shrink:0.5"]
     assert ReshipEnsemble.parse("none") is None and ReshipEnsemble.parse(None) is None
     assert ReshipEnsemble.parse("jpeg:60, shrink:0.5").names == ["jpeg:60", "shrink:0.5"]
 
