@@ -519,6 +519,115 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
                             updates=json.loads(json.dumps(updates, default=float)))
 
 
+def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_side: int | None,
+           version: str, backend: str = "onnxruntime") -> dict[str, Any]:
+    """Change how the embedded bundle ``NAME`` tiles an image (``trim_borders``, ``max_side``), its head
+    unchanged, and measure it again: the report's two sets are scored through the runtime (Detector,
+    fp32) with the new tiling -> a report in :func:`run`'s form, with ``previous`` = the head as
+    tiled before (the previous report's scores) and cifake32 as it was. Nothing is written here."""
+    from ..runtime.bundle import resolve_bundle
+    from ..runtime.detector import Detector
+    from .calibrate import paired_comparison
+
+    src = resolve_bundle(name)
+    report: dict[str, Any] = {k: v for k, v in previous_report.items() if k not in ("heldout", "photos", "ship")}
+    report.update({"trim_borders": trim_borders, "max_side": max_side, "model_version": version,
+                   "shipped_model": "tiles_head_k2", "retiled_from": {
+                       "tiles": src.manifest.get("tiles"), "model_version": src.manifest.get("model_version")}})
+    with tempfile.TemporaryDirectory() as tmp:
+        tb = Path(tmp) / "retiled"
+        shutil.copytree(src.root, tb)
+        m = json.loads((tb / "cinemae.json").read_text())
+        spec = {**m["tiles"], "trim_borders": trim_borders}
+        spec.pop("max_side", None)
+        if max_side is not None:
+            spec["max_side"] = max_side
+        m["tiles"] = spec
+        (tb / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
+        with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
+            for set_name in ("heldout", "photos"):
+                prev = previous_report[set_name]
+                rows = prev["images"]
+                y = np.array([r["label"] == "fake" for r in rows]).astype(int)
+                res = list(det.detect_many([r["path"] for r in rows]))
+                bad = [(r["path"], x.error) for r, x in zip(rows, res, strict=True) if x.error]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} images failed to score, e.g. {bad[0]}")
+                p_new = np.array([x.score for x in res])
+                old = prev["scores"]
+                sc = {"cifake32": (np.asarray(old["cifake32"]["p"]), old["cifake32"]["threshold"]),
+                      "previous": (np.asarray(old["tiles_head_k2"]["p"]), old["tiles_head_k2"]["threshold"]),
+                      "tiles_head_k2": (p_new, det.threshold)}
+                out = {m_: evaluate(f"{set_name} {m_}", rows, p_, t_) for m_, (p_, t_) in sc.items()}
+                out["images"] = rows
+                out["scores"] = {m_: {"p": [float(v) for v in p_], "threshold": float(t_)}
+                                 for m_, (p_, t_) in sc.items()}
+                out["paired_vs_cifake32"] = {m_: paired_comparison(y, *sc["cifake32"], *sc[m_])
+                                             for m_ in ("previous", "tiles_head_k2")}
+                out["paired_vs_previous"] = {
+                    "tiles_head_k2": paired_comparison(y, *sc["previous"], *sc["tiles_head_k2"])}
+                changed = np.flatnonzero(np.abs(p_new - sc["previous"][0]) > 1e-4)
+                out["changed_by_retiling"] = [{"path": rows[i]["path"], "p_before": float(sc["previous"][0][i]),
+                                               "p_after": float(p_new[i])} for i in changed]
+                log.info("%s: %d of %d images scored differently after retiling", set_name, len(changed), len(rows))
+                report[set_name] = out
+    report["retiled_bundle"] = m
+    return report
+
+
+def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -> Path:
+    """Write the retiled manifest (tiles, version, evaluation, description) into the embedded bundle
+    ``NAME`` (its graphs are untouched), verify it, and measure its recheck margins again."""
+    from ..runtime.bundle import Bundle, embedded_bundle_path, write_manifest
+
+    dst = embedded_bundle_path(name)
+    if dst is None:
+        raise FileNotFoundError(f"no embedded bundle {name!r}")
+    b = Bundle(dst)
+    m = dict(b.manifest)
+    m["tiles"] = report["retiled_bundle"]["tiles"]
+    m["model_version"] = str(report["model_version"])
+
+    def at(set_name: str, model: str) -> dict[str, Any]:
+        mm = report[set_name][model]["metrics"]
+        return {"n": mm["n"], "auc": mm["auc"], "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"],
+                "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
+                "tpr_at_threshold": mm["at_threshold"]["tpr"]}
+
+    ev = dict(m.get("evaluation", {}))
+    ev["photos_never_trained_on"] = {
+        "this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
+        "paired_vs_cifake32": report["photos"]["paired_vs_cifake32"]["tiles_head_k2"],
+        "before_retiling": at("photos", "previous"),
+        "paired_vs_before_retiling": report["photos"]["paired_vs_previous"]["tiles_head_k2"]}
+    ev["heldout_sources"] = {
+        **ev.get("heldout_sources", {}), "this_model": at("heldout", "tiles_head_k2"),
+        "cifake32": at("heldout", "cifake32"),
+        "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"],
+        "before_retiling": at("heldout", "previous")}
+    m["evaluation"] = json.loads(json.dumps(ev, default=float))
+    t = m["tiles"]
+    m["description"] = PHOTO_DESCRIPTION.format(
+        trained_on="photos-train minus six held-out sources", augment="", n=t["n"],
+        trim=(", uniform border bars cut first" if t.get("trim_borders") else "")
+        + (f", images over {t['max_side']} px shrunk to it" if t.get("max_side") else ""),
+        b_auc=ev["photos_never_trained_on"]["this_model"]["auc"],
+        b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who="",
+        a_auc=ev["heldout_sources"]["this_model"]["auc"],
+        a_fpr=ev["heldout_sources"]["this_model"]["fpr_real_at_threshold"])
+    m["provenance"] = {**m.get("provenance", {}), "retiled": (
+        f"model_version {m['model_version']}: the tiles entry changed from {report['retiled_from']['tiles']} by "
+        "train/photo_tiles.py --retile; graphs and head unchanged; evaluation measured again with the new tiling")}
+    m.pop("files", None)
+    write_manifest(dst, m)
+    Bundle(dst)
+    if train_dir is not None:
+        from ..export.recheck import margins_after_training
+
+        margins_after_training(dst, [train_dir / "real", train_dir / "fake"], log=log.info)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -559,11 +668,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="a previous report: its K=2 model's scores are paired with the new ones")
     ap.add_argument("--out-bundle", default=None)
     ap.add_argument("--what", default=None, help="one line for the manifest: what the backbone is")
+    ap.add_argument("--retile", default=None, metavar="NAME",
+                    help="no training: give the embedded bundle NAME the tiling of --trim-borders / --max-side, "
+                         "measure it again on the sets of --compare's report, write --report/--markdown, "
+                         "and install it as --model-version (with --train-dir: its recheck margins too)")
+    ap.add_argument("--model-version", default="2")
     ap.add_argument("--install", default=None, metavar="NAME",
                     help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae; "
                          "with --train-dir also measures its reduced-precision recheck margins there)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.retile:
+        if not args.compare:
+            ap.error("--retile needs --compare REPORT (the bundle's current report: its images and scores)")
+        report = retile(args.retile, json.loads(Path(args.compare).read_text()), args.trim_borders, args.max_side,
+                        args.model_version, args.backend)
+        if args.report:
+            Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(report))
+        dst = install_retiled(args.retile, report, Path(args.train_dir) if args.train_dir else None)
+        log.info("installed %s (model_version %s)", dst, args.model_version)
+        return 0
     if args.render:
         report = json.loads(Path(args.render).read_text())
     else:
