@@ -175,3 +175,37 @@ def test_oof_scores_come_from_heads_that_never_saw_the_fold() -> None:
           "logit": np.zeros(len(owner)), "owner": owner, "view": np.zeros(len(owner), int)}
     p = oof_scores(fs, y, folds, TrainConfig(epochs=20, batch=32, lr=3e-3, seed=0, threads=1), "mean", None, 0)
     assert p.shape == (n,) and np.isfinite(p).all() and auc(y, p) > 0.9
+
+
+def test_retile_rescores_both_sets_and_names_the_images_that_moved(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    """photo_tiles.retile: the same head with trim_borders; only the letterboxed image's p moves,
+    and the report pairs the new scores with the previous tiling's."""
+    from cinemae.runtime.reship import parse_reshipping
+    from cinemae.train.photo_tiles import retile
+
+    m = json.loads((tiny_bundle_copy / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    (tiny_bundle_copy / "cinemae.json").write_text(json.dumps(m))
+    rows = []
+    for i in range(8):
+        img = np.random.default_rng(i).integers(30, 220, (64, 48, 3), dtype=np.uint8)
+        if i == 3:  # black bars above and below: what trim_borders cuts
+            boxed = parse_reshipping("letterbox:9x16").apply(img.astype(np.float32) / 255)
+            img = (boxed * 255).round().astype(np.uint8)
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(img).save(path)
+        rows.append({"path": str(path), "label": "fake" if i % 2 else "real", "group": "g"})
+    with Detector(tiny_bundle_copy, backend="onnxruntime", device="cpu", provenance=False) as det:
+        before = [r.score for r in det.detect_many([r["path"] for r in rows])]
+        thr = det.threshold
+    prev_set = {"images": rows, "scores": {"cifake32": {"p": list(np.linspace(0.1, 0.9, 8)), "threshold": 0.5},
+                                           "tiles_head_k2": {"p": before, "threshold": thr}}}
+    rep = retile(str(tiny_bundle_copy), {"heldout_sources": [], "heldout": prev_set, "photos": prev_set},
+                 trim_borders=True, max_side=None, version="2")
+    assert rep["retiled_bundle"]["tiles"]["trim_borders"] is True and rep["model_version"] == "2"
+    for set_name in ("heldout", "photos"):
+        moved = rep[set_name]["changed_by_retiling"]
+        assert [c["path"] for c in moved] == [rows[3]["path"]]
+        assert set(rep[set_name]["paired_vs_previous"]) == {"tiles_head_k2"}
+        np.testing.assert_allclose(np.delete(rep[set_name]["scores"]["tiles_head_k2"]["p"], 3), np.delete(before, 3),
+                                   atol=1e-6)

@@ -472,6 +472,14 @@ PHOTO_DESCRIPTION = (
 )
 
 
+def manifest_metrics(report: dict[str, Any], set_name: str, model: str) -> dict[str, Any]:
+    """One model's numbers on one set of a report, as a manifest's ``evaluation`` states them."""
+    mm = report[set_name][model]["metrics"]
+    return {"n": mm["n"], "auc": mm["auc"], "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"],
+            "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
+            "tpr_at_threshold": mm["at_threshold"]["tpr"]}
+
+
 def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "photo32") -> Path:
     """Install a trained tiled bundle as the embedded ``NAME`` (``build_default.install_embedded``)
     with a plain description and the report's measured numbers (of the model it ships,
@@ -483,10 +491,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     final = shipped == "final_k2"
 
     def at(set_name: str, model: str) -> dict[str, Any]:
-        mm = report[set_name][model]["metrics"]
-        return {"n": mm["n"], "auc": mm["auc"], "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"],
-                "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
-                "tpr_at_threshold": mm["at_threshold"]["tpr"]}
+        return manifest_metrics(report, set_name, model)
 
     tiles = Bundle(bundle_dir).manifest["tiles"]
     aug = report.get("reship_augment", 0)
@@ -589,10 +594,7 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
     m["model_version"] = str(report["model_version"])
 
     def at(set_name: str, model: str) -> dict[str, Any]:
-        mm = report[set_name][model]["metrics"]
-        return {"n": mm["n"], "auc": mm["auc"], "tpr_at_5pct_fpr": mm["tpr_at_5pct_fpr"],
-                "threshold": mm["at_threshold"]["threshold"], "fpr_real_at_threshold": mm["at_threshold"]["fpr"],
-                "tpr_at_threshold": mm["at_threshold"]["tpr"]}
+        return manifest_metrics(report, set_name, model)
 
     ev = dict(m.get("evaluation", {}))
     ev["photos_never_trained_on"] = {
