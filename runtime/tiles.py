@@ -106,13 +106,18 @@ class TileSpec:
         return out
 
 
-def _bar_run(lines: np.ndarray, tol: float) -> int:
+def _bar_run(lines: np.ndarray, tol: float, block: int = 32) -> int:
     """[L, M, 3] lines (rows or columns) from an edge inwards -> how many leading lines are one
-    uniform bar: every pixel within ``tol`` of the first line's mean colour."""
+    uniform bar: every pixel within ``tol`` of the first line's mean colour. Read ``block`` lines
+    at a time and stopped at the first that is not bar, so a picture costs one block, not a copy
+    of the image."""
     colour = lines[0].mean(axis=0)
-    dev = np.abs(lines - colour).max(axis=(1, 2))  # [L]
-    bad = np.flatnonzero(dev > tol)
-    return int(bad[0]) if bad.size else len(lines)
+    for start in range(0, len(lines), block):
+        dev = np.abs(lines[start:start + block] - colour).max(axis=(1, 2))  # [<= block]
+        bad = np.flatnonzero(dev > tol)
+        if bad.size:
+            return start + int(bad[0])
+    return len(lines)
 
 
 def content_box(rgb: np.ndarray, tol: float = TRIM_TOL) -> tuple[int, int, int, int]:
