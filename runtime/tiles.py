@@ -33,7 +33,8 @@ A bundle opts in through its manifest::
   decide, and a mean of probabilities saturates). The image's (s1, s2, s3) are the mean of its
   crops' statistics (what the record shows; the head saw each crop's own).
 
-Work is bounded: at most :data:`MAX_TILES` crops per image, the decoder's pixel limit applies
+Work is bounded: at most :data:`MAX_TILES` crops and :data:`MAX_TILE_PIXELS` crop pixels per
+image, the decoder's pixel limit applies
 before tiling, and a float scale may not take the image above that limit.
 """
 
@@ -45,7 +46,10 @@ from typing import Any
 
 import numpy as np
 
-MAX_TILES = 64
+MAX_TILES = 256
+#: and at most this many crop pixels per image (n x img_size^2): 64 crops of a 224-px ViT, or 256
+#: of a 32-px model (a 512-px photo covered once); what one image may cost the backend
+MAX_TILE_PIXELS = 64 * 224 * 224
 REDUCERS = ("mean_logit",)
 #: largest deviation (on [0, 1] pixels) from a bar's colour that still counts as bar: a JPEG
 #: re-encoding leaves a black bar exact except in the macroblock (16 px) holding the picture's
@@ -80,6 +84,10 @@ class TileSpec:
         n = t.get("n", 16)
         if not isinstance(n, int) or not 1 <= n <= MAX_TILES:
             raise ValueError(f"tiles.n must be an integer in 1..{MAX_TILES}, not {n!r}")
+        size = manifest.get("backbone", {}).get("img_size") if isinstance(manifest.get("backbone"), dict) else None
+        if isinstance(size, int) and n * size * size > MAX_TILE_PIXELS:
+            raise ValueError(f"tiles.n = {n} crops of {size} px is {n * size * size} crop pixels per image, over "
+                             f"the {MAX_TILE_PIXELS} allowed; use at most {MAX_TILE_PIXELS // (size * size)} crops")
         scale = t.get("scale", "native")
         if scale != "native" and not (isinstance(scale, (int, float)) and 0.05 <= float(scale) <= 8.0):
             raise ValueError(f"tiles.scale must be 'native' or a number in 0.05..8, not {scale!r}")

@@ -154,6 +154,17 @@ def test_bad_tiles_entry_is_one_sentence_error(tiny_bundle_copy: Path, bad: dict
         Detector(_tiled(tiny_bundle_copy, **bad), backend="onnxruntime", device="cpu")
 
 
+def test_tile_pixels_bounded_by_crop_size() -> None:
+    """256 crops of a 32-px model are allowed (a 512-px photo covered once); of a 224-px ViT, only 64."""
+    from cinemae.runtime.tiles import MAX_TILE_PIXELS
+
+    assert TileSpec.from_manifest({"backbone": {"img_size": 32}, "tiles": {"n": MAX_TILES}}).n == MAX_TILES
+    assert TileSpec.from_manifest({"backbone": {"img_size": 224}, "tiles": {"n": 64}}).n == 64
+    with pytest.raises(ValueError, match="crop pixels"):
+        TileSpec.from_manifest({"backbone": {"img_size": 224}, "tiles": {"n": 65}})
+    assert MAX_TILE_PIXELS == 64 * 224 * 224
+
+
 def test_photo_tiles_image_logit_is_mean_of_its_crops() -> None:
     from cinemae.runtime.tiles import mean_logit_by_image as image_logits
 

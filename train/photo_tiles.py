@@ -525,11 +525,16 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
 
 
 def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_side: int | None,
-           version: str, backend: str = "onnxruntime") -> dict[str, Any]:
-    """Change how the embedded bundle ``NAME`` tiles an image (``trim_borders``, ``max_side``), its head
+           version: str, backend: str = "onnxruntime", n: int | None = None,
+           train_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Change how the embedded bundle ``NAME`` tiles an image (``trim_borders``, ``max_side``, and the
+    number of crops ``n`` when given), its head
     unchanged, and measure it again: the report's two sets are scored through the runtime (Detector,
     fp32) with the new tiling -> a report in :func:`run`'s form, with ``previous`` = the head as
-    tiled before (the previous report's scores) and cifake32 as it was. Nothing is written here."""
+    tiled before (the previous report's scores) and cifake32 as it was. With ``train_dir`` the
+    threshold is calibrated again by the bundle's own rule on the new tiling's scores: 5% FPR on the
+    real validation images of the training sources (:func:`run`'s split: photos-train minus the
+    report's held-out sources, ``rng(seed) < 0.15``). Nothing is written here."""
     from ..runtime.bundle import resolve_bundle
     from ..runtime.detector import Detector
     from .calibrate import paired_comparison
@@ -543,13 +548,31 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
         tb = Path(tmp) / "retiled"
         shutil.copytree(src.root, tb)
         m = json.loads((tb / "cinemae.json").read_text())
-        spec = {**m["tiles"], "trim_borders": trim_borders}
+        spec = {**m["tiles"], "trim_borders": trim_borders, **({"n": n} if n else {})}
         spec.pop("max_side", None)
         if max_side is not None:
             spec["max_side"] = max_side
         m["tiles"] = spec
+        report["tiles"] = spec["n"]
         (tb / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
         with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
+            threshold = det.threshold
+            if train_dir is not None:
+                from ..runtime.evaluation import threshold_at_fpr
+
+                rows_all = read_labels(train_dir)
+                held = tuple(previous_report["heldout_sources"])
+                train_rows = [r for r in rows_all if not r["source"].startswith(held)]
+                is_val = np.random.default_rng(seed).random(len(train_rows)) < 0.15
+                val_reals = [r["path"] for r, v in zip(train_rows, is_val, strict=True) if v and r["label"] == "real"]
+                p_val = np.array([x.score for x in det.detect_many(val_reals)])
+                threshold = threshold_at_fpr(p_val, 0.05)
+                report["threshold_recalibrated"] = {
+                    "before": float(det.threshold), "after": float(threshold), "n_val_reals": len(val_reals),
+                    "rule": "threshold = smallest p with <= 5% false positives on the real validation images "
+                            "(mean crop logit per image), with the new tiling"}
+                log.info("threshold %.4f -> %.4f (5%% FPR on %d validation reals, new tiling)", det.threshold,
+                         threshold, len(val_reals))
             for set_name in ("heldout", "photos"):
                 prev = previous_report[set_name]
                 rows = prev["images"]
@@ -562,7 +585,7 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
                 old = prev["scores"]
                 sc = {"cifake32": (np.asarray(old["cifake32"]["p"]), old["cifake32"]["threshold"]),
                       "previous": (np.asarray(old["tiles_head_k2"]["p"]), old["tiles_head_k2"]["threshold"]),
-                      "tiles_head_k2": (p_new, det.threshold)}
+                      "tiles_head_k2": (p_new, threshold)}
                 out = {m_: evaluate(f"{set_name} {m_}", rows, p_, t_) for m_, (p_, t_) in sc.items()}
                 out["images"] = rows
                 out["scores"] = {m_: {"p": [float(v) for v in p_], "threshold": float(t_)}
@@ -592,6 +615,10 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
     m = dict(b.manifest)
     m["tiles"] = report["retiled_bundle"]["tiles"]
     m["model_version"] = str(report["model_version"])
+    if "threshold_recalibrated" in report:
+        thr = report["threshold_recalibrated"]["after"]
+        m["decision"] = {**m["decision"], "threshold": thr, "abstain_band": [thr, thr],
+                         "calibration": {"rule": report["threshold_recalibrated"]["rule"]}}
 
     def at(set_name: str, model: str) -> dict[str, Any]:
         return manifest_metrics(report, set_name, model)
@@ -644,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", default=None, metavar="REPORT",
                     help="no run: write --markdown from an existing report")
     ap.add_argument("--heldout-sources", nargs="+", default=list(DEFAULT_HELDOUT))
-    ap.add_argument("--tiles", type=int, default=16)
+    ap.add_argument("--tiles", type=int, default=None, help="crops per image (default 16; with --retile: "
+                                                                "the bundle's own unless given)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", default=None)
@@ -679,12 +707,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae; "
                          "with --train-dir also measures its reduced-precision recheck margins there)")
     args = ap.parse_args(argv)
+    args.tiles_given = args.tiles is not None
+    if args.tiles is None:
+        args.tiles = 16
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.retile:
         if not args.compare:
             ap.error("--retile needs --compare REPORT (the bundle's current report: its images and scores)")
         report = retile(args.retile, json.loads(Path(args.compare).read_text()), args.trim_borders, args.max_side,
-                        args.model_version, args.backend)
+                        args.model_version, args.backend, args.tiles if args.tiles_given else None,
+                        Path(args.train_dir) if args.train_dir else None, args.seed)
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
         if args.markdown:
