@@ -676,7 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", default=None)
-    ap.add_argument("--backend", default="openvino", help="runtime backend for the crop features (fp32)")
+    ap.add_argument("--backend", default="onnxruntime",
+                    help="runtime backend for the crop features and --retile's scores (fp32; default the "
+                         "reference, ONNX Runtime, as version 1 was trained)")
     ap.add_argument("--trim-borders", action="store_true",
                     help="the bundle cuts uniform border bars (letterboxes) before tiling (runtime/tiles.py)")
     ap.add_argument("--max-side", type=int, default=None, metavar="PX",
