@@ -56,6 +56,26 @@ def head_logits(head: Any, g: np.ndarray, s: np.ndarray, batch: int = 4096) -> n
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+def _new_head(g: np.ndarray, s: np.ndarray, *, fusion: str, pooling: str, k: int, cfg: TrainConfig
+              ) -> tuple[Any, Any]:
+    """A fresh head standardised on the training rows g [N, D], s [N, 3] (torch threads and seed
+    from ``cfg`` first), and its AdamW (weight decay on matrices only) -> (head, optimiser)."""
+    import torch
+
+    from ..export.head import CinemaeHead, HeadConfig
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    head = CinemaeHead(HeadConfig(embed_dim=int(g.shape[1]), fusion=fusion, pooling=pooling, k=k))
+    s_std = s.std(axis=0) if k else np.ones(3, np.float32)  # s is identically zero at K=0
+    head.set_standardisation(s.mean(axis=0), s_std, g.mean(axis=0), g.std(axis=0))
+    decay = [p for n, p in head.named_parameters() if p.ndim > 1]
+    other = [p for n, p in head.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+    return head, opt
+
+
 def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s_val: np.ndarray,
                y_val: np.ndarray, *, fusion: str = "add", pooling: str = "cls", k: int = 2,
                cfg: TrainConfig | None = None, log: Callable[[str], None] = _logger.info) -> TrainedHead:
@@ -66,21 +86,9 @@ def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s
     """
     import torch
 
-    from ..export.head import CinemaeHead, HeadConfig
-
     cfg = cfg or TrainConfig()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    head = CinemaeHead(HeadConfig(embed_dim=int(g.shape[1]), fusion=fusion, pooling=pooling, k=k))
-    s_std = s.std(axis=0)
-    if k == 0:
-        s_std = np.ones(3, np.float32)  # s is identically zero at K=0
-    head.set_standardisation(s.mean(axis=0), s_std, g.mean(axis=0), g.std(axis=0))
-    decay = [p for n, p in head.named_parameters() if p.ndim > 1]
-    other = [p for n, p in head.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+    head, opt = _new_head(g, s, fusion=fusion, pooling=pooling, k=k, cfg=cfg)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gt, st, yt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (g, s, y))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -113,11 +121,11 @@ def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s
     return TrainedHead(head, history, best[1], time.perf_counter() - t0)
 
 
-def _bags(owner: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows -> (bag [R]: one id per (image, view), 0..B-1; bag_owner [B]; bag_view [B])."""
-    key = owner.astype(np.int64) * (int(view.max(initial=0)) + 1) + view
-    uniq, bag = np.unique(key, return_inverse=True)
-    return bag, uniq // (int(view.max(initial=0)) + 1), uniq % (int(view.max(initial=0)) + 1)
+def _bags(owner: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows -> (bag [R]: one id per (image, view), 0..B-1; bag_owner [B])."""
+    n_views = int(view.max(initial=0)) + 1
+    uniq, bag = np.unique(owner.astype(np.int64) * n_views + view, return_inverse=True)
+    return bag, uniq // n_views
 
 
 def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.ndarray, y_img: np.ndarray,
@@ -139,25 +147,15 @@ def train_head_images(g: np.ndarray, s: np.ndarray, owner: np.ndarray, view: np.
     """
     import torch
 
-    from ..export.head import CinemaeHead, HeadConfig
-
     cfg = cfg or TrainConfig()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    head = CinemaeHead(HeadConfig(embed_dim=int(g.shape[1]), fusion=fusion, pooling=pooling, k=k))
-    s_std = s.std(axis=0) if k else np.ones(3, np.float32)
-    head.set_standardisation(s.mean(axis=0), s_std, g.mean(axis=0), g.std(axis=0))
-    decay = [p for n, p in head.named_parameters() if p.ndim > 1]
-    other = [p for n, p in head.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+    head, opt = _new_head(g, s, fusion=fusion, pooling=pooling, k=k, cfg=cfg)
 
     def prepared(g_: np.ndarray, s_: np.ndarray, owner_: np.ndarray, view_: np.ndarray, y_: np.ndarray
                  ) -> tuple[Any, ...]:
         order = np.argsort(owner_, kind="stable")
         g_, s_, owner_, view_ = g_[order], s_[order], owner_[order], view_[order]
-        bag, bag_owner, _ = _bags(owner_, view_)
+        bag, bag_owner = _bags(owner_, view_)
         starts = np.searchsorted(owner_, np.arange(len(y_) + 1))  # rows of image i: starts[i]:starts[i+1]
         gt, st = (torch.from_numpy(np.ascontiguousarray(a, np.float32)) for a in (g_, s_))
         return gt, st, bag, bag_owner, starts, np.asarray(y_, np.float32)
