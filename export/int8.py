@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .recheck import p_of as _p
+from ..runtime.evaluation import probabilities as _p
 from .recheck import run_batches as _run
 
 _logger = logging.getLogger(__name__)

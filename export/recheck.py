@@ -22,15 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.evaluation import probabilities
+
 _logger = logging.getLogger(__name__)
 
 #: images a margin is measured on when a folder is given (spread over the sorted files)
 MARGIN_IMAGES = 64
-
-
-def p_of(logit: np.ndarray) -> np.ndarray:
-    """p = sigmoid(logit) in float64, same shape."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logit, dtype=np.float64)))
 
 
 def run_batches(backend: Any, images: np.ndarray, masks: Any, batch: int = 8) -> Any:
@@ -76,8 +73,8 @@ def measure_margins(bundle: Any, images: np.ndarray, masks: Any, forms: Sequence
     safety = RECHECK_SAFETY if safety is None else float(safety)
     def image_p(logit: np.ndarray) -> np.ndarray:
         if owner is None:
-            return p_of(logit)
-        return p_of(mean_logit_by_image(logit, owner, int(owner.max()) + 1))
+            return probabilities(logit)
+        return probabilities(mean_logit_by_image(logit, owner, int(owner.max()) + 1))
 
     ref_be, _ = create_backend(bundle, "onnxruntime-cpu", "cpu", "fp32", threads)
     p_ref = image_p(run_batches(ref_be, images, masks).logit)
@@ -187,5 +184,5 @@ def margins_after_training(root: str | Path, sources: Sequence[str | Path], thre
     return entry
 
 
-__all__ = ["MARGIN_IMAGES", "form_row", "image_files", "margins_after_training", "measure_margins", "p_of",
+__all__ = ["MARGIN_IMAGES", "form_row", "image_files", "margins_after_training", "measure_margins",
            "reduced_forms", "run_batches", "with_gate_rows", "write_margins"]

@@ -11,6 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Logits [...] -> p = sigmoid(logit) [...], float64 (a logit beyond float range gives 0 or 1,
+    without an overflow warning)."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC (Mann-Whitney U with mid-ranks for ties); NaN when one class is missing."""
     y = np.asarray(labels).astype(bool)

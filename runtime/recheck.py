@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .backends import create_backend
+from .evaluation import probabilities
 from .precision import edge_distance, recheck_margin
 from .tiles import reduce_logits
 
@@ -63,8 +64,7 @@ class Recheck:
             cuts = np.cumsum([bounds[j], *views[j]])
             lg = np.array([reduce_logits(np.asarray(out.logit[a:b], np.float64), tiles) if tiles is not None
                            else float(out.logit[a]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
-            with np.errstate(over="ignore"):
-                p = 1.0 / (1.0 + np.exp(-lg))
+            p = probabilities(lg)
             near[j] = bool(np.any((edge_distance(p, threshold, band) <= self.margin) & np.isfinite(lg)))
         if not near.any():
             return [False] * n

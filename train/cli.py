@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.evaluation import probabilities
 from .data import DataError, Item, gather
 
 
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     test_scores: dict[int, tuple[np.ndarray, float]] = {}  # K -> (test p [N], threshold)
     def image_p(head: Any, f: Any, k: int) -> np.ndarray:
         """[N] p per image of feature set f: sigmoid of the mean crop logit (the runtime's rule)."""
-        return 1.0 / (1.0 + np.exp(-f.image_logits(head_logits(head, f.feature, f.stats(k)))))
+        return probabilities(f.image_logits(head_logits(head, f.feature, f.stats(k))))
 
     te_items = [by_test[n] for n in te.names] if te is not None else []
     held_sources = {it.source for it in held_items}
