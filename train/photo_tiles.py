@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -44,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.evaluation import probabilities
 from ..runtime.tiles import mean_logit_by_image
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,15 @@ def read_labels(root: Path) -> list[dict[str, str]]:
             r["group"] = r.get("generator") or r.get("source") or "?"
             rows.append(r)
     return rows
+
+
+def split_sources(rows: list[dict[str, str]], held: tuple[str, ...], seed: int
+                  ) -> tuple[list[dict[str, str]], list[dict[str, str]], np.ndarray]:
+    """photos-train rows -> (training rows, held-out rows, is_val [len(training rows)]): whole sources
+    starting with ``held`` are held out; 15% of the rest (``default_rng(seed)``) validate."""
+    train_rows = [r for r in rows if not r["source"].startswith(held)]
+    test_rows = [r for r in rows if r["source"].startswith(held)]
+    return train_rows, test_rows, np.random.default_rng(seed).random(len(train_rows)) < 0.15
 
 
 def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False, max_side: int | None = None) -> Path:
@@ -82,9 +94,10 @@ def _cache_file(cache: Path, det: Any, rows: list[dict[str, str]], views: int | 
     the views, so a changed backbone, tiling or augmentation never reads stale rows."""
     import hashlib
 
-    m = det.bundle.manifest
-    key = {"files": {k: v for k, v in m.get("files", {}).items() if k in ("encoder.onnx", "decoder.onnx", "head.onnx")},
-           "tiles": m.get("tiles"), "mask": [m.get("mask_ratio"), m.get("mask_seed"), m.get("k")],
+    from .features import bundle_key
+
+    key = {"features": bundle_key(det.bundle, det.k),  # graphs, preprocessing, masks, tiles
+           "head": det.bundle.manifest.get("files", {}).get("head.onnx"),  # the rows' logit column
            "paths": [r["path"] for r in rows], "views": views,
            "seed": seed if isinstance(views, int) and views else None}
     return cache / f"crops-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
@@ -161,7 +174,7 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
                                    (g[va], sk[va], np.searchsorted(val_ids, own[va]), view[va], y[val_ids]),
                                    fusion="add", pooling=pooling, k=k, cfg=cfg, consistency=consistency, bce=bce)
         lv = mean_logit_by_image(head_logits(th.head, g[orig], sk[orig]), val_index, int(is_val.sum()))
-        heads[k] = (th, threshold_at_fpr(sig(lv)[labels[is_val] == 0], 0.05))
+        heads[k] = (th, threshold_at_fpr(probabilities(lv)[labels[is_val] == 0], 0.05))
     return heads
 
 
@@ -171,7 +184,15 @@ def image_scores(head: Any, fs: Features, n: int, k: int) -> np.ndarray:
 
     o = fs["view"] == 0
     sk = fs["stats"][o] if k else np.zeros_like(fs["stats"][o])
-    return sig(mean_logit_by_image(head_logits(head, fs["feature"][o], sk), fs["owner"][o], n))
+    return probabilities(mean_logit_by_image(head_logits(head, fs["feature"][o], sk), fs["owner"][o], n))
+
+
+def _images(fs: Features, keep: np.ndarray) -> Features:
+    """The rows of the images with ``keep`` [N] true, their owners renumbered 0..kept-1 in order."""
+    rows = keep[fs["owner"]]
+    sub = {k: v[rows] for k, v in fs.items()}
+    sub["owner"] = np.searchsorted(np.flatnonzero(keep), sub["owner"])
+    return sub
 
 
 def _concat(a: Features, b: Features, offset: int) -> Features:
@@ -198,24 +219,13 @@ def oof_scores(fs: Features, labels: np.ndarray, folds: np.ndarray, cfg: Any, po
     (K=2) trained on the other folds scores this fold's images, which it never saw."""
     p = np.zeros(len(labels))
     for f in np.unique(folds):
-        keep_img = folds != f
-        idx = np.flatnonzero(keep_img)
-        rows = keep_img[fs["owner"]]
-        sub = {k: v[rows] for k, v in fs.items()}
-        sub["owner"] = np.searchsorted(idx, sub["owner"])
+        keep = folds != f
+        idx = np.flatnonzero(keep)
         is_val = np.random.default_rng([seed, int(f)]).random(len(idx)) < 0.15
-        th, _ = fit_heads(sub, labels[idx], is_val, (2,), cfg, pooling, consistency)[2]
-        out = np.flatnonzero(~keep_img)
-        rows_out = (~keep_img)[fs["owner"]]
-        part = {k: v[rows_out] for k, v in fs.items()}
-        part["owner"] = np.searchsorted(out, part["owner"])
-        p[out] = image_scores(th.head, part, len(out), 2)
+        th, _ = fit_heads(_images(fs, keep), labels[idx], is_val, (2,), cfg, pooling, consistency)[2]
+        p[~keep] = image_scores(th.head, _images(fs, ~keep), int((~keep).sum()), 2)
     return p
 
-
-
-def sig(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def per_group(rows: list[dict[str, str]], p: np.ndarray, thr: float) -> dict[str, Any]:
@@ -267,11 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     same_backbone = base.root.resolve() == default.root.resolve()
     rows = read_labels(Path(args.train_dir))
     held = tuple(args.heldout_sources)
-    train_rows = [r for r in rows if not r["source"].startswith(held)]
-    test_rows = [r for r in rows if r["source"].startswith(held)]
+    train_rows, test_rows, is_val = split_sources(rows, held, args.seed)
     eval_rows = read_labels(Path(args.eval_dir))
-    rng = np.random.default_rng(args.seed)
-    is_val = rng.random(len(train_rows)) < 0.15
     report: dict[str, Any] = {"heldout_sources": list(held), "tiles": args.tiles,
                               "trim_borders": bool(args.trim_borders), "max_side": args.max_side,
                               "reship_augment": args.reship_augment,
@@ -316,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("final head threshold %.4f from %d out-of-fold reals (val-split threshold %.4f); "
                          "out-of-fold AUC (leave sources out) %.4f", thr, int((~y_all).sum()),
                          report["final_fit"]["threshold_val"], report["final_fit"]["oof_auc_leave_sources_out"])
-        scores: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
+        previous = json.loads(Path(args.compare).read_text()) if args.compare else None
         for name in ("heldout", "photos"):
             fs = feats[name]
             n = len(sets[name])
@@ -324,12 +331,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                plain.threshold)}
             if same_backbone:  # the shipped head on the same tiles (a new backbone has no trained head)
                 o = fs["view"] == 0
-                sc["cifake32_tiles"] = (sig(mean_logit_by_image(fs["logit"][o], fs["owner"][o], n)), base.threshold)
+                lg = mean_logit_by_image(fs["logit"][o], fs["owner"][o], n)
+                sc["cifake32_tiles"] = (probabilities(lg), base.threshold)
             for k, (th, thr) in heads.items():
                 sc[f"tiles_head_k{k}"] = (image_scores(th.head, fs, n, k), thr)
             if final is not None and name == "photos":  # the held-out sources are in the final fit's training data
                 sc["final_k2"] = (image_scores(final[0].head, fs, n, 2), final[1])
-            scores[name] = sc
             y = np.array([r["label"] == "fake" for r in sets[name]]).astype(int)
             report[name] = {m: evaluate(f"{name} {m}", sets[name], p, t) for m, (p, t) in sc.items()}
             # per-image scores, so later comparisons (another backbone, another head) can be paired
@@ -342,8 +349,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # what the LCAS statistics add: the K=2 head against the K=0 head (global feature only), paired
             report[name]["paired_k2_vs_k0"] = paired_comparison(y, *sc["tiles_head_k0"], *sc["tiles_head_k2"],
                                                                  seed=args.seed)
-            if args.compare:  # a previous report's model on the same images (paired: same order required)
-                prev = json.loads(Path(args.compare).read_text()).get(name, {})
+            if previous is not None:  # a previous report's model on the same images (paired: same order required)
+                prev = previous.get(name, {})
                 if [r["path"] for r in prev.get("images", [])] == [r["path"] for r in sets[name]]:
                     pp = prev["scores"]["tiles_head_k2"]
                     sc_prev = (np.asarray(pp["p"]), float(pp["threshold"]))
@@ -490,9 +497,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     shipped = report.get("shipped_model", "tiles_head_k2")
     final = shipped == "final_k2"
 
-    def at(set_name: str, model: str) -> dict[str, Any]:
-        return manifest_metrics(report, set_name, model)
-
+    at = functools.partial(manifest_metrics, report)
     tiles = Bundle(bundle_dir).manifest["tiles"]
     aug = report.get("reship_augment", 0)
     updates = {
@@ -537,6 +542,7 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
     report's held-out sources, ``rng(seed) < 0.15``). Nothing is written here."""
     from ..runtime.bundle import resolve_bundle
     from ..runtime.detector import Detector
+    from ..runtime.tiles import TileSpec
     from .calibrate import paired_comparison
 
     src = resolve_bundle(name)
@@ -548,22 +554,18 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
         tb = Path(tmp) / "retiled"
         shutil.copytree(src.root, tb)
         m = json.loads((tb / "cinemae.json").read_text())
-        spec = {**m["tiles"], "trim_borders": trim_borders, **({"n": n} if n else {})}
-        spec.pop("max_side", None)
-        if max_side is not None:
-            spec["max_side"] = max_side
-        m["tiles"] = spec
-        report["tiles"] = spec["n"]
+        was = TileSpec.from_manifest(m)
+        spec = dataclasses.replace(was, n=n or was.n, trim_borders=trim_borders, max_side=max_side)
+        m["tiles"] = spec.to_manifest()
+        report["tiles"] = spec.n
         (tb / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
         with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
             threshold = det.threshold
             if train_dir is not None:
                 from ..runtime.evaluation import threshold_at_fpr
 
-                rows_all = read_labels(train_dir)
-                held = tuple(previous_report["heldout_sources"])
-                train_rows = [r for r in rows_all if not r["source"].startswith(held)]
-                is_val = np.random.default_rng(seed).random(len(train_rows)) < 0.15
+                train_rows, _, is_val = split_sources(read_labels(train_dir),
+                                                      tuple(previous_report["heldout_sources"]), seed)
                 val_reals = [r["path"] for r, v in zip(train_rows, is_val, strict=True) if v and r["label"] == "real"]
                 p_val = np.array([x.score for x in det.detect_many(val_reals)])
                 threshold = threshold_at_fpr(p_val, 0.05)
@@ -620,9 +622,7 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
         m["decision"] = {**m["decision"], "threshold": thr, "abstain_band": [thr, thr],
                          "calibration": {"rule": report["threshold_recalibrated"]["rule"]}}
 
-    def at(set_name: str, model: str) -> dict[str, Any]:
-        return manifest_metrics(report, set_name, model)
-
+    at = functools.partial(manifest_metrics, report)
     ev = dict(m.get("evaluation", {}))
     ev["photos_never_trained_on"] = {
         "this_model": at("photos", "tiles_head_k2"), "cifake32": at("photos", "cifake32"),
