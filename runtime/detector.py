@@ -186,7 +186,7 @@ class Detector:
     formats:    image formats accepted (Pillow names; default preprocess.DEFAULT_FORMATS)
     require_signature: an Ed25519 public key (PEM) that must have signed the bundle's manifest
                 (default: $CINEMAE_REQUIRE_SIGNATURE when set)
-    reship:     the opt-in re-shipping ensemble: a preset name (``default``, ``light``), a
+    reship:     the opt-in re-shipping ensemble: a preset name (``default``, ``full``, ``photo``: ``ENSEMBLES``), a
                 comma-separated list or a sequence of re-shippings (``jpeg:60``, ``shrink:0.5``, ...);
                 each image is also scored as those re-encodings of itself, in the same backend call,
                 and is ``uncertain`` unless all agree (:mod:`cinemae.runtime.reship`). None: off
