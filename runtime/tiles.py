@@ -27,6 +27,12 @@ A bundle opts in through its manifest::
   photo sets here are all <= 512 px) then sees every input at the scale it learned, and a copy
   enlarged by a site (``upscale:2``) is brought back to about the picture it was made from
   instead of being read as a smooth, "generated-looking" image. Smaller images stay native.
+* ``canonical_jpeg`` (default none): an integer quality Q. After the trimming and resizing above,
+  the picture goes through one JPEG round trip at quality Q (Pillow, 4:2:0 chroma) before it is
+  cut into crops, so every input reaches the model with the same last compression. A copy a site
+  re-encoded more lightly than Q then differs from the original mostly in what Q removes anyway
+  (a JPEG re-encoded at a lower quality keeps little of the earlier, lighter one), which is what
+  makes verdicts survive re-delivery; a head must be trained on crops made this way.
 * ``reduce``: ``mean_logit``, the image logit is the mean of its crop logits. The mean of
   log-odds is the log of the geometric mean of the crops' odds: every crop is equal evidence,
   one odd crop moves the verdict by 1/T of its logit (a max would let a single textured crop
@@ -68,6 +74,7 @@ class TileSpec:
     reduce: str = "mean_logit"
     trim_borders: bool = False
     max_side: int | None = None
+    canonical_jpeg: int | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> TileSpec | None:
@@ -102,7 +109,11 @@ class TileSpec:
             raise ValueError(f"tiles.max_side must be an integer >= 32 or absent, not {side!r}")
         if side is not None and scale != "native":
             raise ValueError("tiles.max_side applies to native scale only (a float scale already fixes the size)")
-        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce, trim, side)
+        q = t.get("canonical_jpeg")
+        if q is not None and not (isinstance(q, int) and not isinstance(q, bool) and 1 <= q <= 100):
+            raise ValueError(f"tiles.canonical_jpeg must be an integer JPEG quality in 1..100 or absent, not {q!r}")
+        return cls(mode, n, scale if scale == "native" else float(scale), int(t.get("seed", 0)), reduce, trim, side,
+                   q)
 
     def to_manifest(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "n": self.n, "scale": self.scale, "seed": self.seed,
@@ -111,6 +122,8 @@ class TileSpec:
             out["trim_borders"] = True
         if self.max_side is not None:
             out["max_side"] = self.max_side
+        if self.canonical_jpeg is not None:
+            out["canonical_jpeg"] = self.canonical_jpeg
         return out
 
 
@@ -201,6 +214,10 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
     if (h, w) != (h0, w0):
         interp = cv2.INTER_AREA if h * w < h0 * w0 else cv2.INTER_CUBIC
         rgb = np.clip(cv2.resize(rgb, (w, h), interpolation=interp), 0.0, 1.0)
+    if spec.canonical_jpeg is not None:  # the same last compression for every input (module docstring)
+        from .reship import jpeg
+
+        rgb = jpeg(rgb, spec.canonical_jpeg)
     corners = tile_boxes(h, w, img_size, spec)
     crops = np.stack([normalise(rgb[t:t + img_size, left:left + img_size]) for t, left in corners])
     sy, sx = h0 / h, w0 / w

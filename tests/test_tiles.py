@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -123,6 +124,42 @@ def test_max_side_shrinks_large_images_only() -> None:
     with pytest.raises(ValueError, match="native"):
         TileSpec.from_manifest({"tiles": {"max_side": 512, "scale": 0.5}})
     assert TileSpec.from_manifest({"tiles": {"max_side": 512}}).to_manifest()["max_side"] == 512
+
+
+def test_canonical_jpeg_makes_a_lighter_re_encoding_nearly_invisible() -> None:
+    """Crops of a picture and of its q75 copy differ far less once both pass through q40 than as
+    delivered, and the round trip happens at the scale that is cut (after max_side)."""
+    pic = _picture(128, 96, 9)
+    plain, canon = TileSpec(mode="grid", n=64), TileSpec(mode="grid", n=64, canonical_jpeg=40)
+    moved = jpeg(pic, 75)
+    raw = float(np.abs(tile_views(moved, 32, plain)[0] - tile_views(pic, 32, plain)[0]).mean())
+    after = float(np.abs(tile_views(moved, 32, canon)[0] - tile_views(pic, 32, canon)[0]).mean())
+    assert after < 0.5 * raw
+    np.testing.assert_allclose(tile_views(pic, 32, canon)[0], tile_views(jpeg(pic, 40), 32, plain)[0])
+    capped = TileSpec(mode="grid", n=64, max_side=64, canonical_jpeg=40)  # shrink first, then the round trip
+    small = np.clip(cv2.resize(pic, (48, 64), interpolation=cv2.INTER_AREA), 0, 1)
+    np.testing.assert_allclose(tile_views(pic, 32, capped)[0],
+                               tile_views(jpeg(small, 40), 32, TileSpec(mode="grid", n=64))[0], atol=1e-6)
+    assert TileSpec.from_manifest({"tiles": {"canonical_jpeg": 40}}).to_manifest()["canonical_jpeg"] == 40
+    assert "canonical_jpeg" not in TileSpec.from_manifest({"tiles": {}}).to_manifest()
+    for bad in (0, 101, 50.5, True, "75"):
+        with pytest.raises(ValueError, match="canonical_jpeg"):
+            TileSpec.from_manifest({"tiles": {"canonical_jpeg": bad}})
+
+
+def test_canonical_jpeg_bundle_scores_the_re_encoded_picture(tiny_bundle_copy: Path) -> None:
+    """Through the Detector: a bundle with canonical_jpeg scores an image exactly as the same bundle
+    without it scores that image's JPEG round trip."""
+    img = _image(70, 100, 3)
+    canon = Detector(_tiled(tiny_bundle_copy, n=6, canonical_jpeg=60), backend="onnxruntime", device="cpu",
+                     provenance=False)
+    assert canon.tiles is not None and canon.tiles.canonical_jpeg == 60
+    got = canon.detect(img)
+    round_trip = np.rint(jpeg(img.astype(np.float32) / 255.0, 60) * 255.0).astype(np.uint8)
+    plain = Detector(_tiled(tiny_bundle_copy, n=6), backend="onnxruntime", device="cpu", provenance=False)
+    want = plain.detect(round_trip)
+    assert got.ok and want.ok and got.logit == pytest.approx(want.logit, abs=1e-6)
+    assert plain.detect(img).logit != pytest.approx(got.logit, abs=1e-6)
 
 
 def test_content_box_leaves_pictures_and_uniform_images_whole() -> None:

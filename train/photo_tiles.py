@@ -74,14 +74,17 @@ def split_sources(rows: list[dict[str, str]], held: tuple[str, ...], seed: int
     return train_rows, test_rows, np.random.default_rng(seed).random(len(train_rows)) < 0.15
 
 
-def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False, max_side: int | None = None) -> Path:
+def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False, max_side: int | None = None,
+               canonical_jpeg: int | None = None) -> Path:
     """A copy of the bundle whose manifest asks for an n-crop native grid (uniform border bars cut
-    first with ``trim_borders``; images over ``max_side`` shrunk to it)."""
+    first with ``trim_borders``; images over ``max_side`` shrunk to it; every picture re-encoded as
+    JPEG at quality ``canonical_jpeg`` before it is cut)."""
     from ..runtime.tiles import TileSpec
 
     shutil.copytree(bundle_root, out)
     m = json.loads((out / "cinemae.json").read_text())
-    m["tiles"] = TileSpec("grid", n, "native", 0, "mean_logit", trim_borders, max_side).to_manifest()
+    m["tiles"] = TileSpec("grid", n, "native", 0, "mean_logit", trim_borders, max_side,
+                          canonical_jpeg).to_manifest()
     (out / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
     return out
 
@@ -281,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_rows = read_labels(Path(args.eval_dir))
     report: dict[str, Any] = {"heldout_sources": list(held), "tiles": args.tiles,
                               "trim_borders": bool(args.trim_borders), "max_side": args.max_side,
+                              "canonical_jpeg": args.canonical_jpeg, "model_version": args.model_version or "1",
                               "reship_augment": args.reship_augment,
                               "consistency": args.consistency,
                               "n_train_images": int((~is_val).sum()), "n_val_images": int(is_val.sum()),
@@ -288,7 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = Path(args.cache) if args.cache else None
     pooling = base.manifest.get("head", {}).get("pooling", "mean")
     with tempfile.TemporaryDirectory() as tmp:
-        tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles, args.trim_borders, args.max_side)
+        tb = tiled_copy(base.root, Path(tmp) / "tiled", args.tiles, args.trim_borders, args.max_side,
+                        args.canonical_jpeg)
         det = Detector(tb, backend=args.backend, device="cpu", provenance=False)
         plain = Detector(default, backend="onnxruntime", device="cpu", provenance=False)
         sets = {"train": train_rows, "heldout": test_rows, "photos": eval_rows}
@@ -397,7 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 SETS = {"heldout": "(a) photos-train, held-out sources (their reals and generators never seen in training)",
         "photos": "(b) ../shared/data/photos (never trained on)"}
-MODELS = {"cifake32": "cifake32 (one 32-px view)", "previous": "photo32 v1 (shipped before)",
+MODELS = {"cifake32": "cifake32 (one 32-px view)", "previous": "the photo32 shipped before",
           "tiles_head_k2": "new, K=2", "tiles_head_k0": "new, K=0 (no LCAS)",
           "final_k2": "new, K=2, refit on all of photos-train (shipped)",
           "cifake32_tiles": "cifake32 head on the tiles"}
@@ -464,6 +469,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tiling_words(tiles: dict[str, Any]) -> str:
+    """What a manifest's ``tiles`` entry does before the grid, in words for the description."""
+    return ((", uniform border bars cut first" if tiles.get("trim_borders") else "")
+            + (f", images over {tiles['max_side']} px shrunk to it" if tiles.get("max_side") else "")
+            + (f", every picture re-encoded once as JPEG quality {tiles['canonical_jpeg']} so that the model always "
+               "sees the same last compression" if tiles.get("canonical_jpeg") else ""))
+
+
 PHOTO_DESCRIPTION = (
     "Photo model: the small MAE of cifake32 (ViT, patch 4, 128 wide, 6 blocks; decoder 96x2; pixel targets) "
     "pretrained further on native-resolution 32-px crops of real photographs (photos-train, sources held out "
@@ -506,7 +519,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
             trained_on="all of photos-train" if final else "photos-train minus six held-out sources",
             augment=(f", each training image also seen as {aug} random re-shippings (JPEG, resize, crop, "
                      "letterbox)") if aug else "",
-            n=tiles["n"], trim=", uniform border bars cut first" if tiles.get("trim_borders") else "",
+            n=tiles["n"], trim=tiling_words(tiles),
             b_auc=report["photos"][shipped]["metrics"]["auc"],
             b_fpr=report["photos"][shipped]["metrics"]["at_threshold"]["fpr"],
             a_who=" (by the same recipe trained without them)" if final else "",
@@ -531,7 +544,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
 
 def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_side: int | None,
            version: str, backend: str = "onnxruntime", n: int | None = None,
-           train_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+           train_dir: Path | None = None, seed: int = 0, canonical_jpeg: int | None = None) -> dict[str, Any]:
     """Change how the embedded bundle ``NAME`` tiles an image (``trim_borders``, ``max_side``, and the
     number of crops ``n`` when given), its head
     unchanged, and measure it again: the report's two sets are scored through the runtime (Detector,
@@ -547,7 +560,8 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
 
     src = resolve_bundle(name)
     report: dict[str, Any] = {k: v for k, v in previous_report.items() if k not in ("heldout", "photos", "ship")}
-    report.update({"trim_borders": trim_borders, "max_side": max_side, "model_version": version,
+    report.update({"trim_borders": trim_borders, "max_side": max_side, "canonical_jpeg": canonical_jpeg,
+                   "model_version": version,
                    "shipped_model": "tiles_head_k2", "retiled_from": {
                        "tiles": src.manifest.get("tiles"), "model_version": src.manifest.get("model_version")}})
     with tempfile.TemporaryDirectory() as tmp:
@@ -555,7 +569,8 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
         shutil.copytree(src.root, tb)
         m = json.loads((tb / "cinemae.json").read_text())
         was = TileSpec.from_manifest(m)
-        spec = dataclasses.replace(was, n=n or was.n, trim_borders=trim_borders, max_side=max_side)
+        spec = dataclasses.replace(was, n=n or was.n, trim_borders=trim_borders, max_side=max_side,
+                                   canonical_jpeg=canonical_jpeg)
         m["tiles"] = spec.to_manifest()
         report["tiles"] = spec.n
         (tb / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
@@ -638,8 +653,7 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
     t = m["tiles"]
     m["description"] = PHOTO_DESCRIPTION.format(
         trained_on="photos-train minus six held-out sources", augment="", n=t["n"],
-        trim=(", uniform border bars cut first" if t.get("trim_borders") else "")
-        + (f", images over {t['max_side']} px shrunk to it" if t.get("max_side") else ""),
+        trim=tiling_words(t),
         b_auc=ev["photos_never_trained_on"]["this_model"]["auc"],
         b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who="",
         a_auc=ev["heldout_sources"]["this_model"]["auc"],
@@ -683,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the bundle cuts uniform border bars (letterboxes) before tiling (runtime/tiles.py)")
     ap.add_argument("--max-side", type=int, default=None, metavar="PX",
                     help="the bundle shrinks images whose longer side exceeds PX before tiling (runtime/tiles.py)")
+    ap.add_argument("--canonical-jpeg", type=int, default=None, metavar="Q",
+                    help="the bundle re-encodes every picture once as JPEG quality Q before cutting it (after "
+                         "trimming and max_side; runtime/tiles.py), so re-compressed copies read like the original")
     ap.add_argument("--reship-augment", type=int, default=0, metavar="N",
                     help="also train on N random re-shippings of every training image (train/reship_augment.py)")
     ap.add_argument("--final-fit", action="store_true",
@@ -704,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="no training: give the embedded bundle NAME the tiling of --trim-borders / --max-side, "
                          "measure it again on the sets of --compare's report, write --report/--markdown, "
                          "and install it as --model-version (with --train-dir: its recheck margins too)")
-    ap.add_argument("--model-version", default="2")
+    ap.add_argument("--model-version", default=None,
+                    help="the manifest's model_version for the bundle written (default 1; required with --retile)")
     ap.add_argument("--install", default=None, metavar="NAME",
                     help="copy --out-bundle into runtime/bundles/NAME with the report's numbers (needs --mae; "
                          "with --train-dir also measures its reduced-precision recheck margins there)")
@@ -716,9 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.retile:
         if not args.compare:
             ap.error("--retile needs --compare REPORT (the bundle's current report: its images and scores)")
+        if not args.model_version:
+            ap.error("--retile needs --model-version (the version the retiled bundle becomes)")
         report = retile(args.retile, json.loads(Path(args.compare).read_text()), args.trim_borders, args.max_side,
                         args.model_version, args.backend, args.tiles if args.tiles_given else None,
-                        Path(args.train_dir) if args.train_dir else None, args.seed)
+                        Path(args.train_dir) if args.train_dir else None, args.seed, args.canonical_jpeg)
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
         if args.markdown:
