@@ -210,6 +210,20 @@ def test_photo_tiles_image_logit_is_mean_of_its_crops() -> None:
     np.testing.assert_allclose(image_logits(crop, owner, 3), [2.0, 0.0, (-2.0 + 0.5 + 0.25) / 3])
 
 
+def test_tiling_selection_flip_summary() -> None:
+    """Flips are verdict changes against the delivered view, per re-shipping, at the given threshold."""
+    from cinemae.train.tiling_selection import flip_summary
+
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.2, 0.4, 0.6, 0.9],    # delivered: AUC 1, one real (0.4) below 0.5
+                  [0.2, 0.6, 0.6, 0.9],    # jpeg: the second real crosses
+                  [0.1, 0.3, 0.4, 0.45]])  # shrink: both fakes cross
+    s = flip_summary(p, y, 0.5, ["jpeg:40", "shrink:0.5"])
+    assert s["auc"] == 1.0 and s["fpr"] == 0.0 and s["tpr"] == 1.0
+    assert s["flips"] == {"jpeg:40": 0.25, "shrink:0.5": 0.5}
+    assert s["mean_flip"] == 0.375 and s["max_flip"] == 0.5
+
+
 def test_photo_tiles_markdown_tables() -> None:
     from cinemae.train.calibrate import metrics, paired_comparison
     from cinemae.train.photo_tiles import markdown

@@ -1,0 +1,110 @@
+"""Compare tilings of a backbone on the selection sets only, before any is measured on (b).
+
+    python -m cinemae.train.tiling_selection --bundle runs/photo32-backbone \
+        --configs '{"v2": {"max_side": 512}, "cj75": {"max_side": 512, "canonical_jpeg": 75}}' \
+        --seeds 0 1 --cache runs/crop-cache --out selection.json
+
+For each tiling (the keys of ``tiles``: ``max_side``, ``canonical_jpeg``, ``n``; borders trimmed
+always) the training split of photos-train (minus the held-out sources, :func:`photo_tiles.split_sources`)
+is cut into crops, a head is trained by version 1's recipe (per-crop BCE, K=2) for each seed, and it
+is measured on the validation images and on (a) the held-out sources, each as delivered and re-shipped
+the eight ways of the bench (``runtime.reship.RESHIP_SET``): AUC, FPR / TPR at the head's own
+threshold (5% FPR on the validation reals), and per re-shipping the share of images whose verdict
+flips. ``../shared/data/photos`` is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.evaluation import auc, probabilities
+from ..runtime.tiles import mean_logit_by_image
+from .photo_tiles import DEFAULT_HELDOUT, Features, crop_features, fit_heads, read_labels, split_sources, tiled_copy
+
+log = logging.getLogger(__name__)
+
+
+def view_scores(head: Any, fs: Features, n: int) -> np.ndarray:
+    """p [V, n]: each image's p from each view's crops (view 0 = as delivered), K=2."""
+    from .head import head_logits
+
+    out = []
+    for v in range(int(fs["view"].max()) + 1):
+        o = fs["view"] == v
+        out.append(probabilities(mean_logit_by_image(head_logits(head, fs["feature"][o], fs["stats"][o]),
+                                                     fs["owner"][o], n)))
+    return np.array(out)
+
+
+def flip_summary(p: np.ndarray, y: np.ndarray, thr: float, names: list[str]) -> dict[str, Any]:
+    """p [1 + len(names), n], y [n] 1 = fake -> AUC, FPR / TPR at ``thr`` as delivered, and per view
+    the share of verdicts (p >= thr) that differ from the delivered one's."""
+    flips = {nm: float(((p[v + 1] >= thr) != (p[0] >= thr)).mean()) for v, nm in enumerate(names)}
+    return {"n": len(y), "auc": auc(y, p[0]), "fpr": float((p[0][y == 0] >= thr).mean()),
+            "tpr": float((p[0][y == 1] >= thr).mean()), "flips": flips,
+            "mean_flip": float(np.mean(list(flips.values()))), "max_flip": float(max(flips.values()))}
+
+
+def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], seeds: list[int],
+           cache: Path | None, backend: str = "openvino", epochs: int = 30) -> dict[str, Any]:
+    """{config/seed: {"val": flip_summary, "heldout": flip_summary, "threshold": float}}."""
+    from ..runtime.bundle import resolve_bundle
+    from ..runtime.detector import Detector
+    from ..runtime.reship import RESHIP_SET
+    from .head import TrainConfig
+
+    base = resolve_bundle(bundle)
+    train_rows, held, is_val = split_sources(read_labels(train_dir), DEFAULT_HELDOUT, 0)
+    val_rows = [r for r, v in zip(train_rows, is_val, strict=True) if v]
+
+    def labels(rows: list[dict[str, str]]) -> np.ndarray:
+        return np.array([r["label"] == "fake" for r in rows]).astype(int)
+
+    views = list(RESHIP_SET)
+    out: dict[str, Any] = {}
+    for name, c in configs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            tb = tiled_copy(base.root, Path(tmp) / "t", int(c.get("n", 64)), True, c.get("max_side"),
+                            c.get("canonical_jpeg"))
+            with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
+                fs = {"train": crop_features(det, train_rows, 0, 0, cache),
+                      "val": crop_features(det, val_rows, views, 0, cache),
+                      "heldout": crop_features(det, held, views, 0, cache)}
+        for seed in seeds:
+            cfg = TrainConfig(epochs=epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=seed, threads=2)
+            th, thr = fit_heads(fs["train"], labels(train_rows), is_val, (2,), cfg, "mean")[2]
+            r = {"config": c, "seed": seed, "threshold": float(thr),
+                 "val": flip_summary(view_scores(th.head, fs["val"], len(val_rows)), labels(val_rows), thr, views),
+                 "heldout": flip_summary(view_scores(th.head, fs["heldout"], len(held)), labels(held), thr, views)}
+            out[f"{name}/seed{seed}"] = r
+            log.info("%s seed %d: val AUC %.3f mean flip %.3f; (a) AUC %.3f mean flip %.3f", name, seed,
+                     r["val"]["auc"], r["val"]["mean_flip"], r["heldout"]["auc"], r["heldout"]["mean_flip"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", required=True, help="the backbone bundle (its head is replaced per seed)")
+    ap.add_argument("--train-dir", default="../shared/data/photos-train")
+    ap.add_argument("--configs", required=True, help='JSON {name: {"max_side": 512, "canonical_jpeg": 75, "n": 64}}')
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--backend", default="openvino")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    res = select(args.bundle, Path(args.train_dir), json.loads(args.configs), args.seeds,
+                 Path(args.cache) if args.cache else None, args.backend)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
