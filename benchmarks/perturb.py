@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.preprocess import jpeg_round_trip
 from ..runtime.reship import KINDS as RESHIP_KINDS
-from ..runtime.reship import RESHIP_SET, Reshipping, jpeg, parse_reshipping
+from ..runtime.reship import RESHIP_SET, Reshipping, parse_reshipping
 
 KINDS = ("none", "jpeg", "resize", "blur", *(k for k in RESHIP_KINDS if k != "jpeg"))
 PRESETS = {"reship": RESHIP_SET}
@@ -69,7 +70,7 @@ def _none(rgb: np.ndarray, _: float) -> np.ndarray:
 
 
 def _jpeg(rgb: np.ndarray, quality: float) -> np.ndarray:
-    return jpeg(rgb, int(quality))  # the runtime's re-shipping, one implementation
+    return jpeg_round_trip(rgb, int(quality))  # the runtime's re-shipping, one implementation
 
 
 def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:

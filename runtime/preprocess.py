@@ -39,6 +39,20 @@ class InputError(ValueError):
         self.code = code
 
 
+def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """[h, w, 3] float in [0, 1] -> the same image after a baseline JPEG round trip at ``quality``
+    (Pillow, its default 4:2:0 chroma), float32 in [0, 1]: what a site's re-encoding does
+    (``runtime.reship``), and a tiled bundle's ``canonical_jpeg``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    u8 = np.clip(np.rint(np.asarray(rgb) * 255.0), 0, 255).astype(np.uint8)
+    Image.fromarray(u8, "RGB").save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     p = Path(path)
     try:

@@ -25,13 +25,12 @@ embedded bundle is measured in ``benchmarks/results/reship_cifake32_photos.md``.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import InputError
+from .preprocess import InputError, jpeg_round_trip
 
 KINDS = ("jpeg", "shrink", "upscale", "crop", "letterbox")
 
@@ -94,23 +93,8 @@ class Reshipping:
         return _FUNCS[self.kind](rgb, self, nh, nw)
 
 
-def _to_u8(rgb: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
-
-
-def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """[h, w, 3] float in [0, 1] -> the same image after a baseline JPEG round trip at ``quality``."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(_to_u8(rgb), "RGB").save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-
 def _jpeg(rgb: np.ndarray, r: Reshipping, nh: int, nw: int) -> np.ndarray:
-    return jpeg(rgb, int(r.value))
+    return jpeg_round_trip(rgb, int(r.value))
 
 
 def _resize(rgb: np.ndarray, r: Reshipping, nh: int, nw: int) -> np.ndarray:

@@ -194,7 +194,7 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
     orientation), so a record can say which part of the picture each crop logit came from."""
     import cv2
 
-    from .preprocess import InputError, normalise
+    from .preprocess import InputError, jpeg_round_trip, normalise
 
     oy = ox = 0
     if spec.trim_borders:
@@ -215,9 +215,7 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
         interp = cv2.INTER_AREA if h * w < h0 * w0 else cv2.INTER_CUBIC
         rgb = np.clip(cv2.resize(rgb, (w, h), interpolation=interp), 0.0, 1.0)
     if spec.canonical_jpeg is not None:  # the same last compression for every input (module docstring)
-        from .reship import jpeg
-
-        rgb = jpeg(rgb, spec.canonical_jpeg)
+        rgb = jpeg_round_trip(rgb, spec.canonical_jpeg)
     corners = tile_boxes(h, w, img_size, spec)
     crops = np.stack([normalise(rgb[t:t + img_size, left:left + img_size]) for t, left in corners])
     sy, sx = h0 / h, w0 / w

@@ -209,3 +209,53 @@ def test_retile_rescores_both_sets_and_names_the_images_that_moved(tiny_bundle_c
         assert set(rep[set_name]["paired_vs_previous"]) == {"tiles_head_k2"}
         np.testing.assert_allclose(np.delete(rep[set_name]["scores"]["tiles_head_k2"]["p"], 3), np.delete(before, 3),
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("calibrate", ["val", "val+heldout"])
+def test_retile_calibrates_the_threshold_on_the_chosen_reals(tiny_bundle_copy: Path, tmp_path: Path,
+                                                              calibrate: str) -> None:
+    """photo_tiles.retile with a training directory: the threshold is 5% FPR on the validation reals
+    (``val``) or on those and the held-out sources' reals (``val+heldout``), and the report gives
+    both rules' false-positive rate on a source left out of calibration."""
+    import csv
+
+    from cinemae.runtime.evaluation import threshold_at_fpr
+    from cinemae.train.photo_tiles import read_labels, retile, split_sources
+
+    m = json.loads((tiny_bundle_copy / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    (tiny_bundle_copy / "cinemae.json").write_text(json.dumps(m))
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "generator", "source"])
+        for i in range(40):
+            label = "fake" if i % 3 == 0 else "real"
+            held = i >= 30
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(
+                tmp_path / f"im{i}.png")
+            w.writerow([f"im{i}.png", label, f"{'held' if held else 'seen'}-{label}{i % 2}",
+                        "held/repo" if held else "seen/repo"])
+    rows = read_labels(tmp_path)
+    train_rows, held_rows, is_val = split_sources(rows, ("held/",), 0)
+    val_reals = [r["path"] for r, v in zip(train_rows, is_val, strict=True) if v and r["label"] == "real"]
+    assert val_reals and len(held_rows) == 10
+    with Detector(tiny_bundle_copy, backend="onnxruntime", device="cpu", provenance=False) as det:
+        p = {r["path"]: s.score for r, s in zip(rows, det.detect_many([r["path"] for r in rows]), strict=True)}
+        thr0 = det.threshold
+    prev_set = {"images": held_rows, "scores": {
+        "cifake32": {"p": list(np.linspace(0.1, 0.9, 10)), "threshold": 0.5},
+        "tiles_head_k2": {"p": [p[r["path"]] for r in held_rows], "threshold": thr0}}}
+    rep = retile(str(tiny_bundle_copy), {"heldout_sources": ["held/"], "heldout": prev_set, "photos": prev_set},
+                 trim_borders=False, max_side=None, version="3", train_dir=tmp_path, calibrate=calibrate)
+    pool = [p[x] for x in val_reals] + ([p[r["path"]] for r in held_rows if r["label"] == "real"]
+                                        if calibrate == "val+heldout" else [])
+    cal = rep["threshold_recalibrated"]
+    assert cal["calibrate"] == calibrate and cal["n_calibration_reals"] == len(pool)
+    assert cal["after"] == pytest.approx(threshold_at_fpr(np.array(pool), 0.05), abs=1e-6)
+    assert rep["photos"]["scores"]["tiles_head_k2"]["threshold"] == pytest.approx(cal["after"])
+    assert set(cal["new_source_fpr"]) == {"val", "val+heldout"}
+    n_reals = len(val_reals) + sum(r["label"] == "real" for r in held_rows)
+    assert all(v["n"] == n_reals for v in cal["new_source_fpr"].values())
+    with pytest.raises(ValueError, match="calibrate"):
+        retile(str(tiny_bundle_copy), {"heldout_sources": [], "heldout": prev_set, "photos": prev_set},
+               trim_borders=False, max_side=None, version="3", calibrate="all")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from cinemae.runtime.detector import Detector
+from cinemae.runtime.preprocess import jpeg_round_trip as jpeg
 from cinemae.runtime.preprocess import normalise
-from cinemae.runtime.reship import jpeg, parse_reshipping
+from cinemae.runtime.reship import parse_reshipping
 from cinemae.runtime.tiles import MAX_TILES, TileSpec, content_box, tile_boxes, tile_views
 
 
@@ -222,6 +223,24 @@ def test_tiling_selection_flip_summary() -> None:
     assert s["auc"] == 1.0 and s["fpr"] == 0.0 and s["tpr"] == 1.0
     assert s["flips"] == {"jpeg:40": 0.25, "shrink:0.5": 0.5}
     assert s["mean_flip"] == 0.375 and s["max_flip"] == 0.5
+
+
+def test_new_source_fpr_leaves_each_source_out_of_calibration() -> None:
+    """A threshold calibrated without a source is tested on that source; a source outside the
+    pool is scored at the whole pool's threshold."""
+    from cinemae.train.photo_tiles import new_source_fpr
+
+    p = np.r_[np.linspace(0.0, 0.5, 20), np.linspace(0.0, 0.5, 20), np.full(5, 0.9)]
+    groups = ["a"] * 20 + ["b"] * 20 + ["web"] * 5
+    val_only = np.r_[np.ones(40, bool), np.zeros(5, bool)]
+    r = new_source_fpr(p, groups, val_only)
+    # a left out: b's 20 set the threshold above b's top score; a's top score equals it -> 1 of 20
+    assert r["per_source"]["a"] == {"n": 20, "fpr": 0.05} and r["per_source"]["b"]["fpr"] == 0.05
+    assert r["per_source"]["web"]["fpr"] == 1.0  # every web real above a threshold set on a and b
+    assert r["fpr"] == pytest.approx(7 / 45)
+    both = new_source_fpr(p, groups, np.ones(45, bool))
+    assert both["per_source"]["web"]["fpr"] == 1.0  # left out of its own calibration, web is still unseen
+    assert both["per_source"]["a"]["fpr"] == 0.0  # b + web calibrate: the threshold lands among the web scores
 
 
 def test_photo_tiles_markdown_tables() -> None:

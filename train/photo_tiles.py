@@ -542,28 +542,60 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
                             updates=json.loads(json.dumps(updates, default=float)))
 
 
+def new_source_fpr(p: np.ndarray, groups: list[str], pool: np.ndarray, target: float = 0.05) -> dict[str, Any]:
+    """How often a threshold rule flags real photos of a source it was not calibrated on.
+
+    p [N] scores of real images, groups [N] their source, pool [N] bool: the reals the rule
+    calibrates on (5% FPR). Leave one source out: for each source, the threshold from the pool
+    without that source, and the share of that source's reals at or above it (a source outside the
+    pool is simply scored at the full pool's threshold). -> {"fpr": pooled over all N, "per_source":
+    {source: {"n", "fpr"}}}."""
+    from ..runtime.evaluation import threshold_at_fpr
+
+    g = np.asarray(groups)
+    flagged = np.zeros(len(p), bool)
+    per = {}
+    for src in sorted(set(groups)):
+        mine = g == src
+        thr = threshold_at_fpr(p[pool & ~mine], target)
+        flagged[mine] = p[mine] >= thr
+        per[src] = {"n": int(mine.sum()), "fpr": float(flagged[mine].mean())}
+    return {"fpr": float(flagged.mean()), "n": len(p), "per_source": per}
+
+
 def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_side: int | None,
            version: str, backend: str = "onnxruntime", n: int | None = None,
-           train_dir: Path | None = None, seed: int = 0, canonical_jpeg: int | None = None) -> dict[str, Any]:
-    """Change how the embedded bundle ``NAME`` tiles an image (``trim_borders``, ``max_side``, and the
-    number of crops ``n`` when given), its head
-    unchanged, and measure it again: the report's two sets are scored through the runtime (Detector,
-    fp32) with the new tiling -> a report in :func:`run`'s form, with ``previous`` = the head as
-    tiled before (the previous report's scores) and cifake32 as it was. With ``train_dir`` the
-    threshold is calibrated again by the bundle's own rule on the new tiling's scores: 5% FPR on the
-    real validation images of the training sources (:func:`run`'s split: photos-train minus the
-    report's held-out sources, ``rng(seed) < 0.15``). Nothing is written here."""
+           train_dir: Path | None = None, seed: int = 0, canonical_jpeg: int | None = None,
+           calibrate: str = "val") -> dict[str, Any]:
+    """Change how the embedded bundle ``NAME`` tiles an image (``trim_borders``, ``max_side``,
+    ``canonical_jpeg``, and the number of crops ``n`` when given), its head unchanged, and measure
+    it again: the report's two sets are scored through the runtime (Detector, fp32) with the new
+    tiling -> a report in :func:`run`'s form, with ``previous`` = the bundle as it was (the previous
+    report's scores and threshold) and cifake32 as it was.
+
+    With ``train_dir`` the threshold is calibrated again at 5% FPR, on the new tiling's scores, over
+    ``calibrate``: ``val``, the real validation images of the training sources (:func:`run`'s split:
+    photos-train minus the report's held-out sources, ``rng(seed) < 0.15``), the bundle's original
+    rule; or ``val+heldout``, those and the reals of the held-out sources (a) (none of them seen by
+    the head), so the threshold holds on sources unlike the training data. Either way the report
+    gives, for both rules, the false-positive rate on a source left out of calibration
+    (:func:`new_source_fpr`), and with ``val+heldout`` the FPR of (a)'s reals is a calibration
+    number, not a test. Nothing is written here."""
     from ..runtime.bundle import resolve_bundle
     from ..runtime.detector import Detector
+    from ..runtime.evaluation import threshold_at_fpr
     from ..runtime.tiles import TileSpec
     from .calibrate import paired_comparison
 
+    if calibrate not in ("val", "val+heldout"):
+        raise ValueError(f"calibrate must be val or val+heldout, not {calibrate!r}")
     src = resolve_bundle(name)
     report: dict[str, Any] = {k: v for k, v in previous_report.items() if k not in ("heldout", "photos", "ship")}
     report.update({"trim_borders": trim_borders, "max_side": max_side, "canonical_jpeg": canonical_jpeg,
                    "model_version": version,
                    "shipped_model": "tiles_head_k2", "retiled_from": {
-                       "tiles": src.manifest.get("tiles"), "model_version": src.manifest.get("model_version")}})
+                       "tiles": src.manifest.get("tiles"), "model_version": src.manifest.get("model_version"),
+                       "threshold": src.threshold}})
     with tempfile.TemporaryDirectory() as tmp:
         tb = Path(tmp) / "retiled"
         shutil.copytree(src.root, tb)
@@ -576,33 +608,51 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
         (tb / "cinemae.json").write_text(json.dumps(m, indent=2) + "\n")
         with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
             threshold = det.threshold
-            if train_dir is not None:
-                from ..runtime.evaluation import threshold_at_fpr
-
-                train_rows, _, is_val = split_sources(read_labels(train_dir),
-                                                      tuple(previous_report["heldout_sources"]), seed)
-                val_reals = [r["path"] for r, v in zip(train_rows, is_val, strict=True) if v and r["label"] == "real"]
-                p_val = np.array([x.score for x in det.detect_many(val_reals)])
-                threshold = threshold_at_fpr(p_val, 0.05)
-                report["threshold_recalibrated"] = {
-                    "before": float(det.threshold), "after": float(threshold), "n_val_reals": len(val_reals),
-                    "rule": "threshold = smallest p with <= 5% false positives on the real validation images "
-                            "(mean crop logit per image), with the new tiling"}
-                log.info("threshold %.4f -> %.4f (5%% FPR on %d validation reals, new tiling)", det.threshold,
-                         threshold, len(val_reals))
+            p_new = {}
             for set_name in ("heldout", "photos"):
-                prev = previous_report[set_name]
-                rows = prev["images"]
-                y = np.array([r["label"] == "fake" for r in rows]).astype(int)
+                rows = previous_report[set_name]["images"]
                 res = list(det.detect_many([r["path"] for r in rows]))
                 bad = [(r["path"], x.error) for r, x in zip(rows, res, strict=True) if x.error]
                 if bad:
                     raise RuntimeError(f"{len(bad)} images failed to score, e.g. {bad[0]}")
-                p_new = np.array([x.score for x in res])
+                p_new[set_name] = np.array([x.score for x in res])
+            if train_dir is not None:
+                train_rows, _, is_val = split_sources(read_labels(train_dir),
+                                                      tuple(previous_report["heldout_sources"]), seed)
+                val_reals = [r for r, v in zip(train_rows, is_val, strict=True) if v and r["label"] == "real"]
+                p_val = np.array([x.score for x in det.detect_many([r["path"] for r in val_reals])])
+                held_rows = previous_report["heldout"]["images"]
+                held_real = np.array([r["label"] == "real" for r in held_rows])
+                p_reals = np.concatenate([p_val, p_new["heldout"][held_real]])
+                groups = [r["group"] for r in val_reals] + [r["group"] for r, k in zip(held_rows, held_real,
+                                                                                       strict=True) if k]
+                in_val = np.arange(len(p_reals)) < len(p_val)
+                pools = {"val": in_val, "val+heldout": np.ones(len(p_reals), bool)}
+                threshold = threshold_at_fpr(p_reals[pools[calibrate]], 0.05)
+                rules = {"val": "threshold = smallest p with <= 5% false positives on the real validation images "
+                                "(mean crop logit per image)",
+                         "val+heldout": "threshold = smallest p with <= 5% false positives on the real validation "
+                                        "images and the reals of the held-out sources (a), none seen by the head "
+                                        "(mean crop logit per image)"}
+                report["threshold_recalibrated"] = {
+                    "before": float(det.threshold), "after": float(threshold), "calibrate": calibrate,
+                    "n_val_reals": len(val_reals), "n_calibration_reals": int(pools[calibrate].sum()),
+                    "rule": rules[calibrate] + ", with the new tiling",
+                    "new_source_fpr": {k: new_source_fpr(p_reals, groups, v) for k, v in pools.items()}}
+                log.info("threshold %.4f -> %.4f (5%% FPR on %d reals: %s); FPR on a source left out of "
+                         "calibration: val rule %.3f, val+heldout rule %.3f", det.threshold, threshold,
+                         int(pools[calibrate].sum()), calibrate,
+                         report["threshold_recalibrated"]["new_source_fpr"]["val"]["fpr"],
+                         report["threshold_recalibrated"]["new_source_fpr"]["val+heldout"]["fpr"])
+            for set_name in ("heldout", "photos"):
+                prev = previous_report[set_name]
+                rows = prev["images"]
+                y = np.array([r["label"] == "fake" for r in rows]).astype(int)
                 old = prev["scores"]
+                previous = old.get("tiles_head_k2")
                 sc = {"cifake32": (np.asarray(old["cifake32"]["p"]), old["cifake32"]["threshold"]),
-                      "previous": (np.asarray(old["tiles_head_k2"]["p"]), old["tiles_head_k2"]["threshold"]),
-                      "tiles_head_k2": (p_new, threshold)}
+                      "previous": (np.asarray(previous["p"]), previous["threshold"]),
+                      "tiles_head_k2": (p_new[set_name], threshold)}
                 out = {m_: evaluate(f"{set_name} {m_}", rows, p_, t_) for m_, (p_, t_) in sc.items()}
                 out["images"] = rows
                 out["scores"] = {m_: {"p": [float(v) for v in p_], "threshold": float(t_)}
@@ -611,9 +661,9 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
                                              for m_ in ("previous", "tiles_head_k2")}
                 out["paired_vs_previous"] = {
                     "tiles_head_k2": paired_comparison(y, *sc["previous"], *sc["tiles_head_k2"])}
-                changed = np.flatnonzero(np.abs(p_new - sc["previous"][0]) > 1e-4)
+                changed = np.flatnonzero(np.abs(p_new[set_name] - sc["previous"][0]) > 1e-4)
                 out["changed_by_retiling"] = [{"path": rows[i]["path"], "p_before": float(sc["previous"][0][i]),
-                                               "p_after": float(p_new[i])} for i in changed]
+                                               "p_after": float(p_new[set_name][i])} for i in changed]
                 log.info("%s: %d of %d images scored differently after retiling", set_name, len(changed), len(rows))
                 report[set_name] = out
     report["retiled_bundle"] = m
@@ -649,18 +699,32 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
         "cifake32": at("heldout", "cifake32"),
         "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"],
         "before_retiling": at("heldout", "previous")}
+    cal = report.get("threshold_recalibrated", {})
+    a_who, a_fpr = "", ev["heldout_sources"]["this_model"]["fpr_real_at_threshold"]
+    if cal:
+        ev["threshold_calibration"] = {k: cal[k] for k in ("rule", "calibrate", "n_calibration_reals",
+                                                           "new_source_fpr")}
+    if cal.get("calibrate") == "val+heldout":  # (a)'s reals set the threshold: their FPR is no test
+        ev["heldout_sources"]["this_model"]["fpr_real_at_threshold_note"] = (
+            "these reals are in the threshold's calibration set; threshold_calibration.new_source_fpr is the "
+            "estimate for a source the threshold never saw")
+        a_who = " (its real false-positive rate estimated with each source left out of the threshold's calibration)"
+        a_fpr = cal["new_source_fpr"]["val+heldout"]["fpr"]
     m["evaluation"] = json.loads(json.dumps(ev, default=float))
     t = m["tiles"]
     m["description"] = PHOTO_DESCRIPTION.format(
         trained_on="photos-train minus six held-out sources", augment="", n=t["n"],
         trim=tiling_words(t),
         b_auc=ev["photos_never_trained_on"]["this_model"]["auc"],
-        b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who="",
-        a_auc=ev["heldout_sources"]["this_model"]["auc"],
-        a_fpr=ev["heldout_sources"]["this_model"]["fpr_real_at_threshold"])
-    m["provenance"] = {**m.get("provenance", {}), "retiled": (
-        f"model_version {m['model_version']}: the tiles entry changed from {report['retiled_from']['tiles']} by "
-        "train/photo_tiles.py --retile; graphs and head unchanged; evaluation measured again with the new tiling")}
+        b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who=a_who,
+        a_auc=ev["heldout_sources"]["this_model"]["auc"], a_fpr=a_fpr)
+    was = report["retiled_from"]
+    change = (f"model_version {m['model_version']} by train/photo_tiles.py --retile: tiles {was['tiles']} -> {t}"
+              + (f"; threshold {cal['before']:.4f} -> {cal['after']:.4f} ({cal['rule']})" if cal else "")
+              + "; graphs and head unchanged; evaluation measured again")
+    prov = dict(m.get("provenance", {}))
+    prov["versions"] = {**prov.get("versions", {}), m["model_version"]: change}
+    m["provenance"] = prov
     m.pop("files", None)
     write_manifest(dst, m)
     Bundle(dst)
@@ -721,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="no training: give the embedded bundle NAME the tiling of --trim-borders / --max-side, "
                          "measure it again on the sets of --compare's report, write --report/--markdown, "
                          "and install it as --model-version (with --train-dir: its recheck margins too)")
+    ap.add_argument("--calibrate", choices=("val", "val+heldout"), default="val",
+                    help="with --retile and --train-dir: the reals the threshold is set on (5%% FPR): the validation "
+                         "reals of the training sources (the original rule), or those and the held-out sources' reals")
     ap.add_argument("--model-version", default=None,
                     help="the manifest's model_version for the bundle written (default 1; required with --retile)")
     ap.add_argument("--install", default=None, metavar="NAME",
@@ -738,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--retile needs --model-version (the version the retiled bundle becomes)")
         report = retile(args.retile, json.loads(Path(args.compare).read_text()), args.trim_borders, args.max_side,
                         args.model_version, args.backend, args.tiles if args.tiles_given else None,
-                        Path(args.train_dir) if args.train_dir else None, args.seed, args.canonical_jpeg)
+                        Path(args.train_dir) if args.train_dir else None, args.seed, args.canonical_jpeg,
+                        args.calibrate)
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
         if args.markdown:
