@@ -31,7 +31,11 @@ def test_photo32_bundle_is_trained_tiled_verified_and_torch_free() -> None:
     assert b.trained and b.model_id == "cinemae-photo32" and m["head_parity"]["passed"]
     assert m["tiles"] == {"mode": "grid", "n": 256, "scale": "native", "seed": 0, "reduce": "mean_logit",
                           "trim_borders": True, "max_side": 512}
-    assert m["model_version"] == "2" and "retiled" in m["provenance"]
+    assert m["model_version"] == "3" and "3" in m["provenance"]["versions"]
+    # version 3's threshold: 5% FPR on validation and held-out-source reals, with its new-source estimate
+    cal = m["evaluation"]["threshold_calibration"]
+    assert cal["calibrate"] == "val+heldout" and cal["n_calibration_reals"] == 112
+    assert cal["new_source_fpr"]["val+heldout"]["fpr"] < cal["new_source_fpr"]["val"]["fpr"]
     assert sorted(f.name for f in PHOTO32.iterdir()) == sorted([*m["files"], "cinemae.json"]) == [
         "cinemae.json", "decoder.onnx", "encoder.onnx", "head.onnx", "parity.json"]
     assert sum(f.stat().st_size for f in PHOTO32.iterdir()) < 7_000_000
@@ -47,7 +51,8 @@ def test_photo32_bundle_is_trained_tiled_verified_and_torch_free() -> None:
 
 def test_photo32_reproduces_the_reported_scores(shared_data: Path) -> None:
     """Six images of ../shared/data/photos (both classes) and its one letterboxed real photo, through
-    Detector("photo32"): p equals the report's per-image p (the runtime's, version 2 tiling) to 1e-4."""
+    Detector("photo32"): p equals the report's per-image p (the runtime's, version 2's tiling, which
+    version 3 keeps) to 1e-4."""
     from cinemae.runtime import Detector
 
     rep = json.loads(REPORT.read_text())["photos"]
@@ -86,3 +91,22 @@ def test_photo32_source_weights_reproduce_its_graphs() -> None:
         onnx_logit = det.run_arrays(crops).logit
         ref = TorchReference(model.eval(), head.eval(), det.bundle.lam).run(crops, det.masks)
     np.testing.assert_allclose(ref.logit, onnx_logit, atol=1e-4)
+
+
+def test_readme_example_is_what_photo32_prints(shared_data: Path) -> None:
+    """The README's example output of the default model (two photos, printed by OpenVINO fp32) is
+    what the embedded model gives: the same verdicts, and scores within 1e-3 through ONNX Runtime
+    fp32; the README states the bundle's threshold."""
+    import re
+
+    from cinemae.runtime import Detector
+
+    readme = (REPO / "README.md").read_text()
+    lines = re.findall(r"^(real|ai)\s+([0-9.]+)\s.*\s(\.\./shared/data/photos/\S+)$", readme, re.M)
+    assert len(lines) == 2, lines
+    with Detector("photo32", backend="onnxruntime", device="cpu", provenance=False) as det:
+        got = det.detect_batch([str(shared_data / Path(p).relative_to("../shared/data"))
+                                for _, _, p in lines])
+    for (verdict, score, _), r in zip(lines, got, strict=True):
+        assert r.error is None and r.verdict == verdict and abs(r.score - float(score)) < 1e-3
+    assert f"{det.threshold:.4f}" in readme
