@@ -65,6 +65,11 @@ def read_labels(root: Path) -> list[dict[str, str]]:
     return rows
 
 
+def fake_labels(rows: list[dict[str, str]]) -> np.ndarray:
+    """[N] bool: True where the labels.csv row is a generated image."""
+    return np.array([r["label"] == "fake" for r in rows])
+
+
 def split_sources(rows: list[dict[str, str]], held: tuple[str, ...], seed: int
                   ) -> tuple[list[dict[str, str]], list[dict[str, str]], np.ndarray]:
     """photos-train rows -> (training rows, held-out rows, is_val [len(training rows)]): whole sources
@@ -181,11 +186,12 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
     return heads
 
 
-def image_scores(head: Any, fs: Features, n: int, k: int) -> np.ndarray:
-    """p per image from its original crops (view 0): sigmoid of the mean crop logit. [n]"""
+def image_scores(head: Any, fs: Features, n: int, k: int, view: int = 0) -> np.ndarray:
+    """p per image from the crops of one view (0 = as delivered, v = the v-th re-shipping):
+    sigmoid of the mean crop logit. [n]"""
     from .head import head_logits
 
-    o = fs["view"] == 0
+    o = fs["view"] == view
     sk = fs["stats"][o] if k else np.zeros_like(fs["stats"][o])
     return probabilities(mean_logit_by_image(head_logits(head, fs["feature"][o], sk), fs["owner"][o], n))
 
@@ -235,7 +241,7 @@ def per_group(rows: list[dict[str, str]], p: np.ndarray, thr: float) -> dict[str
     """Per generator (fakes, each against every real of the set) and per real source."""
     from ..runtime.evaluation import auc
 
-    y = np.array([r["label"] == "fake" for r in rows])
+    y = fake_labels(rows)
     out: dict[str, Any] = {}
     groups = defaultdict(list)
     for i, r in enumerate(rows):
@@ -254,7 +260,7 @@ def per_group(rows: list[dict[str, str]], p: np.ndarray, thr: float) -> dict[str
 def evaluate(name: str, rows: list[dict[str, str]], p: np.ndarray, thr: float) -> dict[str, Any]:
     from .calibrate import metrics
 
-    y = np.array([r["label"] == "fake" for r in rows]).astype(int)
+    y = fake_labels(rows).astype(int)
     m = metrics(y, p, thr)
     log.info("%s: n=%d AUC %.4f TPR@5%%FPR %.4f FPR(real)@thr %.4f TPR@thr %.4f", name, m["n"], m["auc"],
              m["tpr_at_5pct_fpr"], m["at_threshold"]["fpr"], m["at_threshold"]["tpr"])
@@ -301,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         feats = {k: crop_features(det, v, views[k], args.seed, cache) for k, v in sets.items()}
         for k, v in feats.items():
             log.info("%s: %d images -> %d crop rows (%d views each)", k, len(sets[k]), len(v["owner"]), views[k])
-        y_train = np.array([r["label"] == "fake" for r in train_rows])
+        y_train = fake_labels(train_rows)
         cfg = TrainConfig(epochs=args.epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=args.seed, threads=2)
         heads = fit_heads(feats["train"], y_train, is_val, (2, 0), cfg, pooling, args.consistency)
         final = None
@@ -309,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             all_rows = train_rows + test_rows
             is_val_all = np.random.default_rng(args.seed + 1).random(len(all_rows)) < 0.15
             fs_all = _concat(feats["train"], feats["heldout"], len(train_rows))
-            y_all = np.array([r["label"] == "fake" for r in all_rows])
+            y_all = fake_labels(all_rows)
             final = fit_heads(fs_all, y_all, is_val_all, (2,), cfg, pooling, args.consistency)[2]
             report["final_fit"] = {"n_train_images": int((~is_val_all).sum()), "n_val_images": int(is_val_all.sum()),
                                    "threshold_val": float(final[1])}
@@ -342,7 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sc[f"tiles_head_k{k}"] = (image_scores(th.head, fs, n, k), thr)
             if final is not None and name == "photos":  # the held-out sources are in the final fit's training data
                 sc["final_k2"] = (image_scores(final[0].head, fs, n, 2), final[1])
-            y = np.array([r["label"] == "fake" for r in sets[name]]).astype(int)
+            y = fake_labels(sets[name]).astype(int)
             report[name] = {m: evaluate(f"{name} {m}", sets[name], p, t) for m, (p, t) in sc.items()}
             # per-image scores, so later comparisons (another backbone, another head) can be paired
             report[name]["images"] = [{"path": r["path"], "label": r["label"], "group": r["group"]} for r in sets[name]]
@@ -414,7 +420,7 @@ def group_table(images: list[dict[str, str]], scores: dict[str, dict[str, Any]])
     from ..runtime.evaluation import auc, threshold_at_fpr
 
     models = [m for m in MODELS if m in scores]
-    y = np.array([r["label"] == "fake" for r in images])
+    y = fake_labels(images)
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, r in enumerate(images):
         groups[(r["label"], r["group"])].append(i)
@@ -647,7 +653,7 @@ def retile(name: str, previous_report: dict[str, Any], trim_borders: bool, max_s
             for set_name in ("heldout", "photos"):
                 prev = previous_report[set_name]
                 rows = prev["images"]
-                y = np.array([r["label"] == "fake" for r in rows]).astype(int)
+                y = fake_labels(rows).astype(int)
                 old = prev["scores"]
                 previous = old.get("tiles_head_k2")
                 sc = {"cifake32": (np.asarray(old["cifake32"]["p"]), old["cifake32"]["threshold"]),

@@ -24,29 +24,37 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.evaluation import auc, probabilities
-from ..runtime.tiles import mean_logit_by_image
-from .photo_tiles import DEFAULT_HELDOUT, Features, crop_features, fit_heads, read_labels, split_sources, tiled_copy
+from ..runtime.evaluation import auc
+from .photo_tiles import (
+    DEFAULT_HELDOUT,
+    Features,
+    crop_features,
+    fake_labels,
+    fit_heads,
+    image_scores,
+    read_labels,
+    split_sources,
+    tiled_copy,
+)
 
 log = logging.getLogger(__name__)
 
 
 def view_scores(head: Any, fs: Features, n: int) -> np.ndarray:
     """p [V, n]: each image's p from each view's crops (view 0 = as delivered), K=2."""
-    from .head import head_logits
-
-    out = []
-    for v in range(int(fs["view"].max()) + 1):
-        o = fs["view"] == v
-        out.append(probabilities(mean_logit_by_image(head_logits(head, fs["feature"][o], fs["stats"][o]),
-                                                     fs["owner"][o], n)))
-    return np.array(out)
+    return np.array([image_scores(head, fs, n, 2, v) for v in range(int(fs["view"].max()) + 1)])
 
 
 def flip_summary(p: np.ndarray, y: np.ndarray, thr: float, names: list[str]) -> dict[str, Any]:
     """p [1 + len(names), n], y [n] 1 = fake -> AUC, FPR / TPR at ``thr`` as delivered, and per view
-    the share of verdicts (p >= thr) that differ from the delivered one's."""
-    flips = {nm: float(((p[v + 1] >= thr) != (p[0] >= thr)).mean()) for v, nm in enumerate(names)}
+    the share of verdicts (the runtime's rule, no abstain band) that differ from the delivered one's
+    (the bench's ``flip_rates``)."""
+    from ..benchmarks.accuracy import flip_rates
+    from ..runtime.reship import decide
+
+    y = np.asarray(y).astype(int)
+    verdicts = [[decide(float(x), thr, (thr, thr)) for x in row] for row in p]
+    flips = {nm: flip_rates(verdicts[0], verdicts[v + 1], y)["all"]["rate"] for v, nm in enumerate(names)}
     return {"n": len(y), "auc": auc(y, p[0]), "fpr": float((p[0][y == 0] >= thr).mean()),
             "tpr": float((p[0][y == 1] >= thr).mean()), "flips": flips,
             "mean_flip": float(np.mean(list(flips.values()))), "max_flip": float(max(flips.values()))}
@@ -64,9 +72,6 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
     train_rows, held, is_val = split_sources(read_labels(train_dir), DEFAULT_HELDOUT, 0)
     val_rows = [r for r, v in zip(train_rows, is_val, strict=True) if v]
 
-    def labels(rows: list[dict[str, str]]) -> np.ndarray:
-        return np.array([r["label"] == "fake" for r in rows]).astype(int)
-
     views = list(RESHIP_SET)
     out: dict[str, Any] = {}
     for name, c in configs.items():
@@ -79,10 +84,10 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
                       "heldout": crop_features(det, held, views, 0, cache)}
         for seed in seeds:
             cfg = TrainConfig(epochs=epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=seed, threads=2)
-            th, thr = fit_heads(fs["train"], labels(train_rows), is_val, (2,), cfg, "mean")[2]
+            th, thr = fit_heads(fs["train"], fake_labels(train_rows), is_val, (2,), cfg, "mean")[2]
             r = {"config": c, "seed": seed, "threshold": float(thr),
-                 "val": flip_summary(view_scores(th.head, fs["val"], len(val_rows)), labels(val_rows), thr, views),
-                 "heldout": flip_summary(view_scores(th.head, fs["heldout"], len(held)), labels(held), thr, views)}
+                 "val": flip_summary(view_scores(th.head, fs["val"], len(val_rows)), fake_labels(val_rows), thr, views),
+                 "heldout": flip_summary(view_scores(th.head, fs["heldout"], len(held)), fake_labels(held), thr, views)}
             out[f"{name}/seed{seed}"] = r
             log.info("%s seed %d: val AUC %.3f mean flip %.3f; (a) AUC %.3f mean flip %.3f", name, seed,
                      r["val"]["auc"], r["val"]["mean_flip"], r["heldout"]["auc"], r["heldout"]["mean_flip"])
