@@ -186,15 +186,16 @@ def tile_boxes(h: int, w: int, img_size: int, spec: TileSpec) -> list[tuple[int,
     return [(t, left) for t in _positions(h, s, r) for left in _positions(w, s, c)]
 
 
-def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int | None = None
-               ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """[H, W, 3] float in [0, 1] -> (crops [T, 3, S, S] float32 normalised, boxes).
+def prepare_picture(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int | None = None
+                    ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """[H, W, 3] float in [0, 1] -> (the picture the crops are cut from [h, w, 3], (oy, ox, h0, w0)).
 
-    boxes: (left, top, right, bottom) of each crop in the ORIGINAL image's pixels (after EXIF
-    orientation), so a record can say which part of the picture each crop logit came from."""
+    Borders trimmed, resized for ``scale`` / ``max_side`` (the shorter side at least S), and the
+    canonical JPEG round trip: everything :func:`tile_views` does before it cuts. (oy, ox) is where
+    the trimmed picture starts in ``rgb`` and (h0, w0) its size before resizing, to map crops back."""
     import cv2
 
-    from .preprocess import InputError, jpeg_round_trip, normalise
+    from .preprocess import InputError, jpeg_round_trip
 
     oy = ox = 0
     if spec.trim_borders:
@@ -216,6 +217,19 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
         rgb = np.clip(cv2.resize(rgb, (w, h), interpolation=interp), 0.0, 1.0)
     if spec.canonical_jpeg is not None:  # the same last compression for every input (module docstring)
         rgb = jpeg_round_trip(rgb, spec.canonical_jpeg)
+    return rgb, (oy, ox, h0, w0)
+
+
+def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int | None = None
+               ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """[H, W, 3] float in [0, 1] -> (crops [T, 3, S, S] float32 normalised, boxes).
+
+    boxes: (left, top, right, bottom) of each crop in the ORIGINAL image's pixels (after EXIF
+    orientation), so a record can say which part of the picture each crop logit came from."""
+    from .preprocess import normalise
+
+    rgb, (oy, ox, h0, w0) = prepare_picture(rgb, img_size, spec, max_pixels)
+    h, w = rgb.shape[:2]
     corners = tile_boxes(h, w, img_size, spec)
     crops = np.stack([normalise(rgb[t:t + img_size, left:left + img_size]) for t, left in corners])
     sy, sx = h0 / h, w0 / w

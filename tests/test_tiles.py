@@ -13,7 +13,7 @@ from cinemae.runtime.detector import Detector
 from cinemae.runtime.preprocess import jpeg_round_trip as jpeg
 from cinemae.runtime.preprocess import normalise
 from cinemae.runtime.reship import parse_reshipping
-from cinemae.runtime.tiles import MAX_TILES, TileSpec, content_box, tile_boxes, tile_views
+from cinemae.runtime.tiles import MAX_TILES, TileSpec, content_box, prepare_picture, tile_boxes, tile_views
 
 
 def _tiled(bundle: Path, **tiles) -> Path:
@@ -125,6 +125,19 @@ def test_max_side_shrinks_large_images_only() -> None:
     with pytest.raises(ValueError, match="native"):
         TileSpec.from_manifest({"tiles": {"max_side": 512, "scale": 0.5}})
     assert TileSpec.from_manifest({"tiles": {"max_side": 512}}).to_manifest()["max_side"] == 512
+
+
+def test_tile_views_cut_the_prepared_picture() -> None:
+    # letterboxed, over max_side, canonical JPEG: the crops are windows of prepare_picture's output,
+    # and (oy, ox, h0, w0) is the trimmed picture's place and size in the input
+    boxed = parse_reshipping("letterbox:16x9").apply(_picture(200, 150, 9))
+    spec = TileSpec(mode="grid", n=16, trim_borders=True, max_side=128, canonical_jpeg=80)
+    pic, (oy, ox, h0, w0) = prepare_picture(boxed, 32, spec)
+    assert max(pic.shape[:2]) == 128 and (h0, w0) == (200, 150) and oy == 0 and ox > 0
+    crops, boxes = tile_views(boxed, 32, spec)
+    windows = [normalise(pic[t:t + 32, c:c + 32]) for t, c in tile_boxes(*pic.shape[:2], 32, spec)]
+    np.testing.assert_array_equal(crops, np.stack(windows))
+    assert all(ox <= b[0] and b[2] <= ox + w0 + 1 for b in boxes)
 
 
 def test_canonical_jpeg_makes_a_lighter_re_encoding_nearly_invisible() -> None:

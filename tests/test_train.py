@@ -729,6 +729,43 @@ def test_pretrain_on_photo_crops(tmp_path: Path) -> None:
         main(args + ["--tar", "x.tar"])
 
 
+def test_pretrain_on_reshipped_photo_crops(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cinemae.runtime.tiles import TileSpec, prepare_picture
+    from cinemae.train.pretrain_mae import PhotoCrops, main
+
+    root = _write_photo_folder(tmp_path / "photos")
+    pc = PhotoCrops(root, 32, ("held/",))
+    # share 0: every picture only prepared as the runtime's tiles (here: over max_side 64 -> shrunk)
+    same, names = pc.reshipped(np.random.default_rng(0), 0.0, 64)
+    assert names == [""] * 4 and same.names == pc.names
+    spec = TileSpec(mode="grid", n=1, trim_borders=True, max_side=64)
+    for a, b in zip(pc.images, same.images, strict=True):
+        ref = prepare_picture(a.astype(np.float32) / 255.0, 32, spec)[0]
+        assert b.dtype == np.uint8 and max(b.shape[:2]) == 64
+        np.testing.assert_array_equal(b, np.clip(np.rint(ref * 255.0), 0, 255).astype(np.uint8))
+    # share 1: every image re-shipped, seeded; the originals are untouched
+    before = [a.copy() for a in pc.images]
+    r1, n1 = pc.reshipped(np.random.default_rng(5), 1.0, 512)
+    r2, n2 = pc.reshipped(np.random.default_rng(5), 1.0, 512)
+    assert all(n1) and n1 == n2 and all(np.array_equal(a, b) for a, b in zip(r1.images, r2.images, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(pc.images, before, strict=True))
+    assert r1.sample(3, np.random.default_rng(0)).shape == (3, 3, 32, 32)
+    out = tmp_path / "run"
+    args = ["--images", str(root), "--exclude-source", "held/", "--arch", "tiny", "--out", str(out),
+            "--epochs", "2", "--batch", "4", "--crops-per-epoch", "8", "--holdout-frac", "0.3",
+            "--warmup-steps", "1", "--log-every", "0", "--threads", "1", "--reship", "0.5", "--max-side", "64"]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert all(np.isfinite(h["val_loss_reshipped"]) for h in s["history"])
+    assert s["final_val_recon_loss_reshipped"] == s["history"][-1]["val_loss_reshipped"]
+    assert "re-shipped" in s["augmentation"] and "max_side 64" in s["augmentation"]
+    with pytest.raises(SystemExit, match="needs --images"):
+        main(["--tar", "x.tar", "--arch", "tiny", "--out", str(tmp_path / "t"), "--reship", "0.5"])
+    with pytest.raises(SystemExit, match="in \\[0, 1\\]"):
+        main(args[:-4] + ["--reship", "1.5"])
+
+
 def test_pretraining_stages_follow_init_chain() -> None:
     from cinemae.train.build_default import pretraining_stages
 

@@ -131,6 +131,29 @@ class PhotoCrops:
         out.names = [n for n, k in zip(self.names, keep, strict=True) if k]
         return out
 
+    def reshipped(self, rng: np.random.Generator, share: float, max_side: int | None
+                  ) -> tuple[PhotoCrops, list[str]]:
+        """A copy in which each image, with probability ``share``, is replaced by a random re-shipping
+        of it (:func:`train.reship_augment.draw_view`: JPEG 30-95, a shrink, an upscale, a crop or a
+        letterbox, half the resizes re-encoded), and then every image is prepared as a tiled bundle
+        with ``trim_borders`` and ``max_side`` prepares it (:func:`runtime.tiles.prepare_picture`), so
+        the MAE learns the real pictures the runtime cuts its crops from after a site re-delivered them.
+        Returns the copy and each image's view name ("" = as delivered)."""
+        from ..runtime.tiles import TileSpec, prepare_picture
+        from .reship_augment import apply_view, draw_view, view_name
+
+        spec = TileSpec(mode="grid", n=1, trim_borders=True, max_side=max_side)
+        out = object.__new__(PhotoCrops)
+        out.img_size, out.names, out.images = self.img_size, self.names, []
+        names = []
+        for a in self.images:
+            rgb = a.astype(np.float32) / 255.0
+            view = draw_view(rng) if rng.random() < share else []
+            rgb, _ = prepare_picture(apply_view(rgb, view), self.img_size, spec)
+            out.images.append(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8))
+            names.append(view_name(view))
+        return out, names
+
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n random crops, images drawn in proportion to their area -> [n, 3, S, S] float32 normalised."""
         from ..runtime.preprocess import normalise
@@ -201,6 +224,11 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
     cfg = preset(args.arch)
     if cfg.norm_pix:
         raise SystemExit("this recipe is for pixel-target backbones")
+    if args.reship and not args.images:
+        raise SystemExit("--reship re-delivers photos: it needs --images")
+    if not 0.0 <= args.reship <= 1.0:
+        raise SystemExit(f"--reship is a share of the images, in [0, 1], not {args.reship}")
+    val_reship: np.ndarray | None = None
     if bool(args.tar) == bool(args.images):
         raise SystemExit("give exactly one of --tar (an archive of 32-px images) or --images (a photo folder)")
     t0 = time.time()
@@ -210,6 +238,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         hold = split_holdout(photos.names, frac=args.holdout_frac)
         photos, held = photos.subset(~hold), photos.subset(hold)
         val_x = held.fixed_crops()
+        if args.reship:  # the held-out images once re-shipped (seeded, fixed): the loss the augmentation targets
+            held_views, names = held.reshipped(np.random.default_rng(7), 1.0, args.max_side)
+            val_reship = held_views.fixed_crops()
+            log(f"held-out re-shippings: {', '.join(names)}")
         n_train = args.crops_per_epoch
         log(f"loaded in {time.time() - t0:.0f}s: {len(photos.images)} training images, {len(held.images)} held "
             f"out ({len(val_x)} fixed crops) for the reconstruction loss")
@@ -277,6 +309,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         te = time.time()
         e0 = elapsed
         order = rng.permutation(n_train) if photos is None else None
+        epoch_photos = photos
+        if photos is not None and args.reship:  # fresh re-shippings every epoch (PhotoCrops.reshipped)
+            epoch_photos, names = photos.reshipped(rng, args.reship, args.max_side)
+            log(f"epoch {epoch + 1}: {sum(bool(n) for n in names)} of {len(names)} images re-shipped")
         running, seen = 0.0, 0
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
@@ -294,7 +330,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             for g in opt.param_groups:
                 g["lr"] = lr
             if photos is not None:
-                xb = photos.sample(args.batch, rng)
+                xb = epoch_photos.sample(args.batch, rng)
             else:
                 idx = order[s * args.batch:(s + 1) * args.batch]
                 xb = train_x[idx]
@@ -319,6 +355,8 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         rec = {"epoch": epoch + 1, "steps": (s + 1) if not stop else s, "images": seen,
                "train_loss": running / max(1, seen), "val_loss": val, "seconds": time.time() - te,
                "lr_end": lr}
+        if val_reship is not None:
+            rec["val_loss_reshipped"] = evaluate(model, val_reship, n_keep)
         history.append(rec)
         log(json.dumps(rec))
         save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -337,10 +375,14 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                "excluded_sources": list(args.exclude_source or ()),
                "crops": None if photos is None else f"random native {cfg.img_size}-px crops, "
                                                     f"{args.crops_per_epoch} per epoch, area-weighted",
-               "augmentation": "random horizontal flip",
+               "augmentation": "random horizontal flip" + (
+                   f"; each epoch {args.reship:.0%} of the images re-shipped at random (train.reship_augment), "
+                   f"every image trimmed and shrunk to max_side {args.max_side} as the runtime's tiles"
+                   if args.reship else ""),
                "init_from": init_from, "history": history,
                "final_val_recon_loss": history[-1]["val_loss"] if history else None,
                "final_train_recon_loss": history[-1]["train_loss"] if history else None,
+               "final_val_recon_loss_reshipped": history[-1].get("val_loss_reshipped") if history else None,
                "params": int(sum(p.numel() for p in model.parameters()))}
     # the backbone alone, in the facebookresearch layout ({'model': state_dict}), for cinemae-export
     save_checkpoint(out / "mae.pth", {"model": model.state_dict(), "config": cfg.to_dict(),
@@ -359,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--crops-per-epoch", type=int, default=20480, help="with --images: crops per epoch")
     ap.add_argument("--holdout-frac", type=float, default=0.05,
                     help="with --images: share of the images held out (crc32 of the path) for the reported loss")
+    ap.add_argument("--reship", type=float, default=0.0,
+                    help="with --images: share of the images replaced every epoch by a random re-shipping "
+                         "(JPEG, resize, crop, letterbox; train.reship_augment), all prepared as tiles with "
+                         "trim_borders and --max-side")
+    ap.add_argument("--max-side", type=int, default=512, help="with --reship: the tiles' max_side")
     ap.add_argument("--arch", default="vit-mini-32", help="backbone preset (cinemae.export.model.PRESETS)")
     ap.add_argument("--out", required=True, help="run directory (checkpoint, mae.pth, summary.json)")
     ap.add_argument("--epochs", type=int, default=8)
