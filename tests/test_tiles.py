@@ -238,6 +238,25 @@ def test_tiling_selection_flip_summary() -> None:
     assert s["mean_flip"] == 0.375 and s["max_flip"] == 0.5
 
 
+def test_tiling_selection_logit_shift_is_threshold_free() -> None:
+    """The median |logit change| per re-shipping over the spread of the delivered logits: a uniform
+    shift of d logits reads d / std, and scaling every logit (what moving a threshold cannot undo,
+    and a sharper head does) leaves it unchanged."""
+    from cinemae.train.tiling_selection import logit_shift
+
+    z = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    p = sig(np.stack([z, z + 0.5, z, -z]))
+    r = logit_shift(p, ["up", "none", "mirror"])
+    assert r["logit_spread"] == pytest.approx(np.std(z), rel=1e-5)
+    per = r["median_shift_over_spread"]
+    assert per["up"] == pytest.approx(0.5 / np.std(z), rel=1e-4) and per["none"] == pytest.approx(0, abs=1e-6)
+    assert per["mirror"] == pytest.approx(2.0 / np.std(z), rel=1e-4)  # |2z|: median 2
+    assert r["mean"] == pytest.approx(np.mean(list(per.values())))
+    r3 = logit_shift(sig(3 * np.log(p / (1 - p))), ["up", "none", "mirror"])
+    assert r3["median_shift_over_spread"]["up"] == pytest.approx(per["up"], rel=1e-3)
+
+
 def test_new_source_fpr_leaves_each_source_out_of_calibration() -> None:
     """A threshold calibrated without a source is tested on that source; a source outside the
     pool is scored at the whole pool's threshold."""

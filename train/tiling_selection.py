@@ -10,7 +10,10 @@ is cut into crops, a head is trained by version 1's recipe (per-crop BCE, K=2) f
 is measured on the validation images and on (a) the held-out sources, each as delivered and re-shipped
 the eight ways of the bench (``runtime.reship.RESHIP_SET``): AUC, FPR / TPR at the head's own
 threshold (5% FPR on the validation reals), and per re-shipping the share of images whose verdict
-flips. ``../shared/data/photos`` is never read here.
+flips; the same at version 3's threshold rule (5% FPR on the validation and (a) reals together,
+``at_val_heldout``), and, free of any threshold, how far re-shipping moves the logits
+(:func:`logit_shift`); run it once per backbone to compare backbones.
+``../shared/data/photos`` is never read here.
 """
 
 from __future__ import annotations
@@ -60,11 +63,22 @@ def flip_summary(p: np.ndarray, y: np.ndarray, thr: float, names: list[str]) -> 
             "mean_flip": float(np.mean(list(flips.values()))), "max_flip": float(max(flips.values()))}
 
 
+def logit_shift(p: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """p [1 + len(names), n] -> per re-shipping the median over images of |logit change| divided by
+    the standard deviation of the delivered logits: how far re-delivery moves a verdict's evidence,
+    as a share of what separates images, whatever the threshold (and its mean over re-shippings)."""
+    lg = np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1 - 1e-7))
+    spread = float(np.std(lg[0]))
+    per = {nm: float(np.median(np.abs(lg[v + 1] - lg[0])) / spread) for v, nm in enumerate(names)}
+    return {"logit_spread": spread, "median_shift_over_spread": per, "mean": float(np.mean(list(per.values())))}
+
+
 def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], seeds: list[int],
            cache: Path | None, backend: str = "openvino", epochs: int = 30) -> dict[str, Any]:
     """{config/seed: {"val": flip_summary, "heldout": flip_summary, "threshold": float}}."""
     from ..runtime.bundle import resolve_bundle
     from ..runtime.detector import Detector
+    from ..runtime.evaluation import threshold_at_fpr
     from ..runtime.reship import RESHIP_SET
     from .head import TrainConfig
 
@@ -85,12 +99,20 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
         for seed in seeds:
             cfg = TrainConfig(epochs=epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=seed, threads=2)
             th, thr = fit_heads(fs["train"], fake_labels(train_rows), is_val, (2,), cfg, "mean")[2]
+            pv, ph = view_scores(th.head, fs["val"], len(val_rows)), view_scores(th.head, fs["heldout"], len(held))
+            yv, yh = fake_labels(val_rows), fake_labels(held)
+            thr_vh = threshold_at_fpr(np.concatenate([pv[0][~yv], ph[0][~yh]]), 0.05)
             r = {"config": c, "seed": seed, "threshold": float(thr),
-                 "val": flip_summary(view_scores(th.head, fs["val"], len(val_rows)), fake_labels(val_rows), thr, views),
-                 "heldout": flip_summary(view_scores(th.head, fs["heldout"], len(held)), fake_labels(held), thr, views)}
+                 "val": flip_summary(pv, yv, thr, views), "heldout": flip_summary(ph, yh, thr, views),
+                 "at_val_heldout": {"threshold": float(thr_vh), "val": flip_summary(pv, yv, thr_vh, views),
+                                    "heldout": flip_summary(ph, yh, thr_vh, views)},
+                 "logit_shift": logit_shift(np.concatenate([pv, ph], axis=1), views)}
             out[f"{name}/seed{seed}"] = r
-            log.info("%s seed %d: val AUC %.3f mean flip %.3f; (a) AUC %.3f mean flip %.3f", name, seed,
-                     r["val"]["auc"], r["val"]["mean_flip"], r["heldout"]["auc"], r["heldout"]["mean_flip"])
+            log.info("%s seed %d: val AUC %.3f mean flip %.3f; (a) AUC %.3f mean flip %.3f; at version 3's "
+                     "threshold rule %.3f / %.3f; logit shift / spread %.3f", name, seed,
+                     r["val"]["auc"], r["val"]["mean_flip"], r["heldout"]["auc"], r["heldout"]["mean_flip"],
+                     r["at_val_heldout"]["val"]["mean_flip"], r["at_val_heldout"]["heldout"]["mean_flip"],
+                     r["logit_shift"]["mean"])
     return out
 
 
