@@ -486,8 +486,8 @@ def tiling_words(tiles: dict[str, Any]) -> str:
 PHOTO_DESCRIPTION = (
     "Photo model: the small MAE of cifake32 (ViT, patch 4, 128 wide, 6 blocks; decoder 96x2; pixel targets) "
     "pretrained further on native-resolution 32-px crops of real photographs (photos-train, sources held out "
-    "of the evaluation excluded), with a CINEMAE head (K=2) trained on crops of real photos and of images from "
-    "several generators ({trained_on}){augment}. Every image is scored as up to {n} 32-px crops taken at native "
+    "of the evaluation excluded){pretrain}, with a CINEMAE head (K=2) trained on crops of real photos and of images "
+    "from several generators ({trained_on}){augment}. Every image is scored as up to {n} 32-px crops taken at native "
     "resolution (a grid{trim}), and its logit is the mean of the crops' logits, so no image is shrunk to 32 px. "
     "Measured (train/RECIPE.md, benchmarks/results/photo32_report.md): AUC {b_auc:.3f} on ../shared/data/photos "
     "(never trained on; most of its fakes are SD 1.5 fine-tunes, a family seen in training), real-photo "
@@ -496,6 +496,14 @@ PHOTO_DESCRIPTION = (
     "ViT-L/16 on GenImage: generators unlike its training data are detected little better than chance. The "
     "CIFAKE model stays available as --bundle cifake32."
 )
+
+
+def pretraining_words(manifest: dict[str, Any]) -> str:
+    """How the backbone's last pretraining stage saw its photos, in words for the description
+    (``pretrain_mae --reship``: a share of the reals re-delivered every epoch)."""
+    aug = manifest.get("provenance", {}).get("backbone_pretraining", {}).get("augmentation", "")
+    return (", in the last stage half of them re-delivered at random every epoch (JPEG 30-95, resized, cropped "
+            "or letterboxed) so that it learns real photos as sites pass them on" if "re-shipped" in aug else "")
 
 
 def manifest_metrics(report: dict[str, Any], set_name: str, model: str) -> dict[str, Any]:
@@ -510,7 +518,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     """Install a trained tiled bundle as the embedded ``NAME`` (``build_default.install_embedded``)
     with a plain description and the report's measured numbers (of the model it ships,
     ``report["shipped_model"]``) in its manifest."""
-    from ..runtime.bundle import Bundle
+    from ..runtime.bundle import Bundle, embedded_bundle_path
     from .build_default import install_embedded
 
     shipped = report.get("shipped_model", "tiles_head_k2")
@@ -522,6 +530,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     updates = {
         "model_id": f"cinemae-{name}", "model_version": str(report.get("model_version", "1")),
         "description": PHOTO_DESCRIPTION.format(
+            pretrain=pretraining_words(Bundle(bundle_dir).manifest),
             trained_on="all of photos-train" if final else "photos-train minus six held-out sources",
             augment=(f", each training image also seen as {aug} random re-shippings (JPEG, resize, crop, "
                      "letterbox)") if aug else "",
@@ -544,6 +553,13 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
                 "this_model": at("heldout", "tiles_head_k2"), "cifake32": at("heldout", "cifake32"),
                 "paired_vs_cifake32": report["heldout"]["paired_vs_cifake32"]["tiles_head_k2"]},
             "report": "benchmarks/results/photo32_report.md"}}
+    old = embedded_bundle_path(name)
+    versions = dict(Bundle(old, verify=False).manifest.get("provenance", {}).get("versions", {})) if old else {}
+    if versions:  # a new model under a name that had others: their history stays in the manifest
+        v, stage = updates["model_version"], Bundle(bundle_dir).manifest
+        versions[v] = (f"model_version {v} by train/photo_tiles.py --install: new backbone weights, graphs and "
+                       f"head, tiles {tiles}; evaluation measured again")
+        updates["provenance"] = {**stage.get("provenance", {}), "versions": versions}
     return install_embedded(bundle_dir, name, mae, note="written by train/photo_tiles.py --install",
                             updates=json.loads(json.dumps(updates, default=float)))
 
@@ -719,7 +735,7 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
     m["evaluation"] = json.loads(json.dumps(ev, default=float))
     t = m["tiles"]
     m["description"] = PHOTO_DESCRIPTION.format(
-        trained_on="photos-train minus six held-out sources", augment="", n=t["n"],
+        pretrain=pretraining_words(m), trained_on="photos-train minus six held-out sources", augment="", n=t["n"],
         trim=tiling_words(t),
         b_auc=ev["photos_never_trained_on"]["this_model"]["auc"],
         b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who=a_who,
@@ -729,7 +745,11 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
               + (f"; threshold {cal['before']:.4f} -> {cal['after']:.4f} ({cal['rule']})" if cal else "")
               + "; graphs and head unchanged; evaluation measured again")
     prov = dict(m.get("provenance", {}))
-    prov["versions"] = {**prov.get("versions", {}), m["model_version"]: change}
+    versions = dict(prov.get("versions", {}))
+    v = m["model_version"]
+    if v == str(was["model_version"]) and v in versions:  # retiled as the version just installed: one line
+        change = f"{versions[v]}; then {change.replace(f'model_version {v} by ', '', 1)}"
+    prov["versions"] = {**versions, v: change}
     m["provenance"] = prov
     m.pop("files", None)
     write_manifest(dst, m)
