@@ -39,6 +39,11 @@ class InputError(ValueError):
         self.code = code
 
 
+def to_u8(rgb: np.ndarray) -> np.ndarray:
+    """[h, w, 3] float in [0, 1] -> uint8 [h, w, 3], rounded to the nearest level and clipped."""
+    return np.clip(np.rint(np.asarray(rgb) * 255.0), 0, 255).astype(np.uint8)
+
+
 def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
     """[h, w, 3] float in [0, 1] -> the same image after a baseline JPEG round trip at ``quality``
     (Pillow, its default 4:2:0 chroma), float32 in [0, 1]: what a site's re-encoding does
@@ -46,8 +51,7 @@ def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
     from PIL import Image
 
     buf = io.BytesIO()
-    u8 = np.clip(np.rint(np.asarray(rgb) * 255.0), 0, 255).astype(np.uint8)
-    Image.fromarray(u8, "RGB").save(buf, format="JPEG", quality=int(quality))
+    Image.fromarray(to_u8(rgb), "RGB").save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     with Image.open(buf) as im:
         return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0

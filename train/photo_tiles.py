@@ -525,12 +525,13 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     final = shipped == "final_k2"
 
     at = functools.partial(manifest_metrics, report)
-    tiles = Bundle(bundle_dir).manifest["tiles"]
+    stage = Bundle(bundle_dir).manifest
+    tiles = stage["tiles"]
     aug = report.get("reship_augment", 0)
     updates = {
         "model_id": f"cinemae-{name}", "model_version": str(report.get("model_version", "1")),
         "description": PHOTO_DESCRIPTION.format(
-            pretrain=pretraining_words(Bundle(bundle_dir).manifest),
+            pretrain=pretraining_words(stage),
             trained_on="all of photos-train" if final else "photos-train minus six held-out sources",
             augment=(f", each training image also seen as {aug} random re-shippings (JPEG, resize, crop, "
                      "letterbox)") if aug else "",
@@ -556,7 +557,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     old = embedded_bundle_path(name)
     versions = dict(Bundle(old, verify=False).manifest.get("provenance", {}).get("versions", {})) if old else {}
     if versions:  # a new model under a name that had others: their history stays in the manifest
-        v, stage = updates["model_version"], Bundle(bundle_dir).manifest
+        v = updates["model_version"]
         versions[v] = (f"model_version {v} by train/photo_tiles.py --install: new backbone weights, graphs and "
                        f"head, tiles {tiles}; evaluation measured again")
         updates["provenance"] = {**stage.get("provenance", {}), "versions": versions}
@@ -741,15 +742,14 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
         b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who=a_who,
         a_auc=ev["heldout_sources"]["this_model"]["auc"], a_fpr=a_fpr)
     was = report["retiled_from"]
-    change = (f"model_version {m['model_version']} by train/photo_tiles.py --retile: tiles {was['tiles']} -> {t}"
-              + (f"; threshold {cal['before']:.4f} -> {cal['after']:.4f} ({cal['rule']})" if cal else "")
-              + "; graphs and head unchanged; evaluation measured again")
+    what = (f"train/photo_tiles.py --retile: tiles {was['tiles']} -> {t}"
+            + (f"; threshold {cal['before']:.4f} -> {cal['after']:.4f} ({cal['rule']})" if cal else "")
+            + "; graphs and head unchanged; evaluation measured again")
     prov = dict(m.get("provenance", {}))
     versions = dict(prov.get("versions", {}))
     v = m["model_version"]
-    if v == str(was["model_version"]) and v in versions:  # retiled as the version just installed: one line
-        change = f"{versions[v]}; then {change.replace(f'model_version {v} by ', '', 1)}"
-    prov["versions"] = {**versions, v: change}
+    continued = v == str(was["model_version"]) and v in versions  # retiled as the version just installed
+    prov["versions"] = {**versions, v: f"{versions[v]}; then {what}" if continued else f"model_version {v} by {what}"}
     m["provenance"] = prov
     m.pop("files", None)
     write_manifest(dst, m)

@@ -95,7 +95,7 @@ class PhotoCrops:
                  log: Any = _logger.info) -> None:
         import csv
 
-        from ..runtime.preprocess import InputError, load_image
+        from ..runtime.preprocess import InputError, load_image, to_u8
 
         self.img_size = img_size
         self.images: list[np.ndarray] = []
@@ -115,7 +115,7 @@ class PhotoCrops:
             if min(rgb.shape[:2]) < img_size:
                 small += 1  # no native crop exists; enlarging would teach the MAE resampled pixels
                 continue
-            self.images.append(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8))
+            self.images.append(to_u8(rgb))
             self.names.append(r["path"])
         if not self.images:
             raise SystemExit(f"{root}: no real image of at least {img_size} px")
@@ -139,6 +139,7 @@ class PhotoCrops:
         with ``trim_borders`` and ``max_side`` prepares it (:func:`runtime.tiles.prepare_picture`), so
         the MAE learns the real pictures the runtime cuts its crops from after a site re-delivered them.
         Returns the copy and each image's view name ("" = as delivered)."""
+        from ..runtime.preprocess import to_u8
         from ..runtime.tiles import TileSpec, prepare_picture
         from .reship_augment import apply_view, draw_view, view_name
 
@@ -150,7 +151,7 @@ class PhotoCrops:
             rgb = a.astype(np.float32) / 255.0
             view = draw_view(rng) if rng.random() < share else []
             rgb, _ = prepare_picture(apply_view(rgb, view), self.img_size, spec)
-            out.images.append(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8))
+            out.images.append(to_u8(rgb))
             names.append(view_name(view))
         return out, names
 
