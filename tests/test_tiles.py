@@ -257,6 +257,47 @@ def test_tiling_selection_logit_shift_is_threshold_free() -> None:
     assert r3["median_shift_over_spread"]["up"] == pytest.approx(per["up"], rel=1e-3)
 
 
+def test_stability_probes_quality_offset_and_class_shift() -> None:
+    """a = 0 is the bundle as it is (the plain flips); a = 1 subtracts exactly the reals' median shift,
+    so reals shifted uniformly flip back to none while fakes shifted less fall below the threshold."""
+    from cinemae.train.stability_probes import class_shift, quality_offset
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    l0 = np.array([-1.0, -0.5, -0.2, 0.1, 0.5, 0.9, 1.5, 2.0])
+    L = np.stack([l0, l0 + np.where(y == 0, 0.6, 0.1)])  # jpeg:40: reals +0.6, fakes +0.1
+    cs = class_shift(L, y, ["jpeg:40"])
+    assert cs["jpeg:40"]["real"]["median"] == pytest.approx(0.6)
+    assert cs["jpeg:40"]["fake"]["median"] == pytest.approx(0.1)
+    q = quality_offset(L, y, ["jpeg:40"], thr=0.3, shares=(0.0, 1.0))
+    assert q["0"]["jpeg:40"]["real"] == 0.5 and q["0"]["jpeg:40"]["fake"] == 0.0  # -0.2, 0.1 cross 0.3
+    assert q["1"]["jpeg:40"]["offset"] == pytest.approx(0.6)
+    assert q["1"]["jpeg:40"]["real"] == 0.0 and q["1"]["jpeg:40"]["fake"] == 0.25  # 0.5 + 0.1 - 0.6 < 0.3
+
+
+def test_stability_probes_ensemble_rules() -> None:
+    """``agree`` is the runtime's rule (any disagreeing view -> uncertain); ``majority`` decides 3-1
+    and abstains on 2-2; flips count against the clean ensemble verdict, hard ones only ai <-> real."""
+    from cinemae.train.stability_probes import ensemble_rules, majority_verdict
+
+    assert list(majority_verdict(np.array([["ai", "ai"], ["ai", "real"], ["real", "real"], ["ai", "ai"]]))) == \
+        ["ai", "uncertain"]
+    names = ["v1", "v2", "jpeg:40", "jpeg:40+v1", "jpeg:40+v2"]
+    y = np.array([0, 1, 1])
+    #            image0 image1 image2
+    L = np.array([[-1.0, 1.0, 0.2],   # clean original
+                  [-1.0, 1.0, -0.5],  # clean v1
+                  [-1.0, 1.0, 0.5],   # clean v2
+                  [-1.0, -1.0, 0.2],  # jpeg:40 original: image1 flips to real
+                  [-1.0, -1.0, -0.5],
+                  [-1.0, -1.0, 0.5]])
+    r = ensemble_rules(L, y, names, thr=0.0, under=["jpeg:40"], views=["v1", "v2"])
+    a, m = r["agree"], r["majority"]
+    assert a["clean_uncertain"] == pytest.approx(1 / 3) and a["under"]["jpeg:40"]["hard"] == 1
+    assert m["clean_uncertain"] == 0
+    assert m["under"]["jpeg:40"] == {"flipped": 1, "hard": 1, "rate": pytest.approx(1 / 3), "uncertain": 0.0}
+    assert r["agree_offset_pooled"]["offsets"] == {"v1": 0.0, "v2": 0.0}  # medians of (0, 0, -0.7) and (0, 0, 0.3)
+
+
 def test_new_source_fpr_leaves_each_source_out_of_calibration() -> None:
     """A threshold calibrated without a source is tested on that source; a source outside the
     pool is scored at the whole pool's threshold."""

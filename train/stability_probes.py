@@ -1,0 +1,225 @@
+"""Why verdicts flip, and four cheap levers against it, on a shipped tiled bundle (train/RECIPE.md section 7).
+
+    python -m cinemae.train.stability_probes --bundle photo32 --cache runs/crop-cache \
+        --out benchmarks/results/photo32_stability_probes.json
+
+Selection sets only: the validation images of photos-train's training sources and (a) the held-out
+sources (:func:`photo_tiles.split_sources`); ``../shared/data/photos`` is never read. The bundle's own
+graphs and head score a ``--tiles``-crop copy of its tiling (``trim_borders``, ``max_side`` 512) of
+every image as delivered and re-shipped; image logit = mean crop logit; verdicts at the bundle's
+threshold unless said otherwise. Reported:
+
+- ``class_shift``: per re-shipping, the median and quartiles of the image-logit change, reals and fakes apart;
+- ``quality_offset``: the verdict flips if a known JPEG quality's median real shift, times a, were subtracted
+  (the upper bound of a quality-aware offset: the quality is given, not estimated);
+- ``reductions``: other reductions of the crop logits than the mean (threshold at 5% FPR on these reals each);
+- ``ensemble_rules``: the re-shipping ensemble (original + ``--ensemble`` views) under its rule
+  (:func:`runtime.reship.ensemble_verdict`), with per-view offsets, and by majority (``uncertain`` on a tie),
+  each image and each re-shipping of it scored with its own views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..benchmarks.accuracy import flip_rates
+from ..runtime.evaluation import auc, threshold_at_fpr
+from ..runtime.reship import ENSEMBLES, ensemble_verdict
+from ..runtime.tiles import mean_logit_by_image
+from .photo_tiles import DEFAULT_HELDOUT, Features, crop_features, fake_labels, read_labels, split_sources, tiled_copy
+
+log = logging.getLogger(__name__)
+
+#: re-shippings of the class-shift, offset and reduction probes (a JPEG ladder, the half-size copy, the crop)
+SHIFT_VIEWS = ("jpeg:40", "jpeg:60", "jpeg:75", "jpeg:85", "jpeg:95", "shrink:0.5", "crop:0.6")
+#: re-shippings the ensemble rules are measured under (the bench's, less the two that flip ~nothing here)
+ENSEMBLE_UNDER = ("upscale:2", "crop:0.6", "jpeg:40", "jpeg:60", "jpeg:75", "shrink:0.5")
+
+REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
+    "mean": lambda x: float(np.mean(x)),
+    "median": lambda x: float(np.median(x)),
+    "trimmed_mean_20": lambda x: float(np.mean(np.sort(x)[len(x) // 5: len(x) - len(x) // 5])),
+    "clip_2": lambda x: float(np.mean(np.clip(x, -2, 2))),
+    "clip_1": lambda x: float(np.mean(np.clip(x, -1, 1))),
+    "quantile_75": lambda x: float(np.percentile(x, 75)),
+    "quantile_25": lambda x: float(np.percentile(x, 25)),
+    "share_positive": lambda x: float(np.mean(x > 0)),
+}
+
+
+def image_logits(fs: Features, n: int, reduce: Callable[[np.ndarray], float] | None = None) -> np.ndarray:
+    """Crop rows -> [V, n] image logits per view (view 0 = as delivered); ``reduce`` None = the mean."""
+    views = int(fs["view"].max()) + 1
+    if reduce is None:
+        return np.array([mean_logit_by_image(fs["logit"][fs["view"] == v], fs["owner"][fs["view"] == v], n)
+                         for v in range(views)])
+    out = np.zeros((views, n))
+    for v in range(views):
+        sel = fs["view"] == v
+        lg, own = fs["logit"][sel], fs["owner"][sel]
+        order = np.argsort(own, kind="stable")
+        for i, part in enumerate(np.split(lg[order], np.cumsum(np.bincount(own, minlength=n))[:-1])):
+            out[v, i] = reduce(part) if len(part) else 0.0
+    return out
+
+
+def verdicts(logits: np.ndarray, thr: float) -> np.ndarray:
+    """[...] logits -> "ai" / "real" at logit threshold ``thr`` (the runtime's rule, no abstain band)."""
+    return np.where(np.asarray(logits) >= thr, "ai", "real")
+
+
+def class_shift(L: np.ndarray, y: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """L [1 + len(names), n] -> per re-shipping and class the median and quartiles of the logit change."""
+    out: dict[str, Any] = {"logit_spread": float(np.std(L[0]))}
+    for v, nm in enumerate(names):
+        d = L[v + 1] - L[0]
+        out[nm] = {c: {"median": float(np.median(d[y == k])), "q25": float(np.percentile(d[y == k], 25)),
+                       "q75": float(np.percentile(d[y == k], 75))} for k, c in ((0, "real"), (1, "fake"))}
+    return out
+
+
+def quality_offset(L: np.ndarray, y: np.ndarray, names: Sequence[str], thr: float,
+                   shares: Sequence[float] = (0.0, 0.5, 0.75, 1.0)) -> dict[str, Any]:
+    """Flip rates (all / real / fake) under each ``jpeg:Q`` view when a x the reals' median shift at Q
+    is subtracted from that view's logits (a = 0: the bundle as it is)."""
+    base = verdicts(L[0], thr)
+    out: dict[str, Any] = {}
+    for a in shares:
+        row = {}
+        for v, nm in enumerate(names):
+            if not nm.startswith("jpeg:"):
+                continue
+            off = a * float(np.median((L[v + 1] - L[0])[y == 0]))
+            f = flip_rates(base, verdicts(L[v + 1] - off, thr), y)
+            row[nm] = {"offset": off, **{g: f[g]["rate"] for g in ("all", "real", "fake")}}
+        out[f"{a:g}"] = row
+    return out
+
+
+def reductions(fs: Features, y: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Per crop-logit reduction: AUC and TPR as delivered and the flip rate per re-shipping, the
+    threshold at 5% FPR on these reals (each reduction its own)."""
+    out: dict[str, Any] = {}
+    for nm, fn in REDUCTIONS.items():
+        L = image_logits(fs, len(y), fn)
+        thr = threshold_at_fpr(L[0][y == 0], 0.05)
+        base = verdicts(L[0], thr)
+        flips = {v: flip_rates(base, verdicts(L[i + 1], thr), y)["all"]["rate"] for i, v in enumerate(names)}
+        out[nm] = {"auc": auc(y, L[0]), "tpr": float(np.mean(L[0][y == 1] >= thr)),
+                   "mean_flip": float(np.mean(list(flips.values()))), "flips": flips}
+    return out
+
+
+def majority_verdict(members: np.ndarray) -> np.ndarray:
+    """[M, n] member verdicts ("ai"/"real") -> the majority per image; ``uncertain`` on a tie."""
+    ai = (members == "ai").sum(0)
+    return np.where(2 * ai > len(members), "ai", np.where(2 * ai < len(members), "real", "uncertain"))
+
+
+def ensemble_rules(L: np.ndarray, y: np.ndarray, names: Sequence[str], thr: float, under: Sequence[str],
+                   views: Sequence[str]) -> dict[str, Any]:
+    """L [1 + len(names), n], names holding ``views``, each of ``under`` and every ``R+view`` chain ->
+    per rule: clean ``uncertain`` share and decided accuracy, per re-shipping the flip (any change) and
+    hard-flip (ai <-> real) counts against the clean ensemble verdict, and their totals."""
+    ix = {nm: i + 1 for i, nm in enumerate(names)}
+    ix["none"] = 0
+
+    def members(r: str) -> np.ndarray:  # [1 + len(views), n]: the (re-shipped) image, then its views
+        first = L[ix[r]]
+        return np.array([first] + [L[ix[v]] if r == "none" else L[ix[f"{r}+{v}"]] for v in views])
+
+    clean = members("none")
+    pooled = {v: float(np.median(clean[j + 1] - clean[0])) for j, v in enumerate(views)}
+    reals = {v: float(np.median((clean[j + 1] - clean[0])[y == 0])) for j, v in enumerate(views)}
+
+    def agree(off: dict[str, float]) -> Callable[[np.ndarray], np.ndarray]:
+        def rule(m: np.ndarray) -> np.ndarray:
+            vs = [verdicts(m[j + 1] - off[v], thr) for j, v in enumerate(views)]
+            o = verdicts(m[0], thr)
+            return np.array([ensemble_verdict(o[i], [x[i] for x in vs]) for i in range(m.shape[1])])
+        return rule
+
+    rules: dict[str, tuple[Callable[[np.ndarray], np.ndarray], dict[str, float] | None]] = {
+        "agree": (agree(dict.fromkeys(views, 0.0)), None),
+        "agree_offset_pooled": (agree(pooled), pooled),
+        "agree_offset_reals": (agree(reals), reals),
+        "majority": (lambda m: majority_verdict(verdicts(m, thr)), None),
+    }
+    out: dict[str, Any] = {}
+    for nm, (rule, off) in rules.items():
+        v0 = rule(clean)
+        dec = v0 != "uncertain"
+        per = {}
+        for r in under:
+            v = rule(members(r))
+            f = flip_rates(v0, v, y)["all"]
+            per[r] = {"flipped": f["flipped"], "hard": f["hard"], "rate": f["rate"],
+                      "uncertain": float(np.mean(v == "uncertain"))}
+        out[nm] = {"offsets": off, "clean_uncertain": float(np.mean(~dec)),
+                   "clean_decided_accuracy": float(np.mean((v0[dec] == "ai") == (y[dec] == 1))),
+                   "mean_flip": float(np.mean([p["rate"] for p in per.values()])),
+                   "hard_total": int(sum(p["hard"] for p in per.values())),
+                   "pairs": int(len(y) * len(under)), "under": per}
+    return out
+
+
+def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, backend: str = "openvino",
+          ensemble: str = "photo") -> dict[str, Any]:
+    """Every probe above on the selection sets -> one JSON-able record."""
+    from ..runtime.bundle import resolve_bundle
+    from ..runtime.detector import Detector
+
+    base = resolve_bundle(bundle)
+    threshold = float(base.manifest["decision"]["threshold"])
+    thr = float(np.log(threshold / (1 - threshold)))
+    train_rows, held, is_val = split_sources(read_labels(train_dir), DEFAULT_HELDOUT, 0)
+    rows = [r for r, v in zip(train_rows, is_val, strict=True) if v] + held
+    y = fake_labels(rows).astype(int)
+    views = ENSEMBLES[ensemble]
+    chains = list(views) + [c for r in ENSEMBLE_UNDER for c in [r] + [f"{r}+{v}" for v in views]]
+    with tempfile.TemporaryDirectory() as tmp:
+        tb = tiled_copy(base.root, Path(tmp) / "t", tiles, True, 512, None)
+        with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
+            fs_shift = crop_features(det, rows, list(SHIFT_VIEWS), 0, cache)
+            fs_ens = crop_features(det, rows, chains, 0, cache)
+    L = image_logits(fs_shift, len(rows))
+    res = {"bundle": bundle, "threshold": threshold, "tiles": tiles, "backend": backend,
+           "images": {"validation": int(sum(is_val)), "heldout": len(held), "real": int((y == 0).sum()),
+                      "fake": int((y == 1).sum())},
+           "as_delivered": {"auc": auc(y, L[0]), "fpr": float(np.mean(L[0][y == 0] >= thr)),
+                            "tpr": float(np.mean(L[0][y == 1] >= thr))},
+           "class_shift": class_shift(L, y, SHIFT_VIEWS),
+           "quality_offset": quality_offset(L, y, SHIFT_VIEWS, thr),
+           "reductions": reductions(fs_shift, y, SHIFT_VIEWS),
+           "ensemble": {"views": list(views), "under": list(ENSEMBLE_UNDER)},
+           "ensemble_rules": ensemble_rules(image_logits(fs_ens, len(rows)), y, chains, thr, ENSEMBLE_UNDER, views)}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", default="photo32", help="a tiled bundle (its graphs, head and threshold)")
+    ap.add_argument("--train-dir", default="../shared/data/photos-train")
+    ap.add_argument("--cache", default=None, help="crop-row cache folder (photo_tiles.crop_features)")
+    ap.add_argument("--tiles", type=int, default=64)
+    ap.add_argument("--backend", default="openvino")
+    ap.add_argument("--ensemble", default="photo", choices=sorted(ENSEMBLES))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    res = probe(args.bundle, Path(args.train_dir), Path(args.cache) if args.cache else None, args.tiles,
+                args.backend, args.ensemble)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
