@@ -784,3 +784,53 @@ def test_pretraining_stages_follow_init_chain() -> None:
     assert [s["final_val_recon_loss"] for s in stages] == [0.5, 0.4, 0.3]
     assert [s["lr"] for s in stages] == [1e-3, 5e-4, None] and all(tuple(s) == fields for s in stages)
     assert pretraining_stages({}) == [] and pretraining_stages({"init_from": None, "steps": 1})[0]["steps"] == 1
+
+
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+def test_pretrain_device_and_autocast(tmp_path: Path, autocast: str) -> None:
+    """--autocast bf16 trains (a finite, float32 held-out loss) and is recorded with the device; the
+    checkpoint's tensors are float32 on the CPU either way."""
+    torch = pytest.importorskip("torch")
+    from cinemae.train.pretrain_mae import main
+
+    tar = _write_tar(tmp_path / "real.tar", 0, 24)
+    out = tmp_path / autocast
+    assert main(["--tar", str(tar), "--arch", "tiny", "--out", str(out), "--epochs", "2", "--batch", "8",
+                 "--warmup-steps", "2", "--log-every", "0", "--threads", "1", "--autocast", autocast]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["device"] == "cpu" and s["autocast"] == autocast and s["crops_per_second"] > 0
+    assert np.isfinite(s["final_val_recon_loss"]) and s["history"][0]["train_loss"] > 0
+    sd = torch.load(out / "mae.pth", weights_only=False)["model"]
+    assert all(v.device.type == "cpu" and (not v.is_floating_point() or v.dtype == torch.float32) for v in sd.values())
+
+
+def test_pretrain_refuses_a_missing_device(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from cinemae.train.pretrain_mae import main
+
+    tar = _write_tar(tmp_path / "real.tar", 0, 8)
+    base = ["--tar", str(tar), "--arch", "tiny", "--out", str(tmp_path / "r"), "--epochs", "1", "--batch", "4"]
+    with pytest.raises(SystemExit, match="not a torch device"):
+        main(base + ["--device", "gpu0"])
+    with pytest.raises(SystemExit, match="runs on cpu or cuda"):
+        main(base + ["--device", "meta"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            main(base + ["--device", "cuda"])
+    assert not (tmp_path / "r" / "mae.pth").exists()
+
+
+@pytest.mark.gpu
+def test_pretrain_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
+    """Unverified here (no GPU): a bf16 run on cuda writes a CPU checkpoint that --init reads on the CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    from cinemae.train.pretrain_mae import main
+
+    tar = _write_tar(tmp_path / "real.tar", 0, 24)
+    common = ["--tar", str(tar), "--arch", "tiny", "--epochs", "1", "--batch", "8", "--warmup-steps", "2",
+              "--log-every", "0", "--threads", "1"]
+    assert main(common + ["--out", str(tmp_path / "g"), "--device", "cuda", "--autocast", "bf16"]) == 0
+    assert json.loads((tmp_path / "g" / "summary.json").read_text())["device"].startswith("cuda")
+    assert main(common + ["--out", str(tmp_path / "c"), "--lr", "0", "--init", str(tmp_path / "g" / "mae.pth")]) == 0

@@ -18,6 +18,11 @@ Every step draws fresh random img_size x img_size crops at native resolution (no
 runtime's native tiles see the pixels the same way), with random horizontal flips; an "epoch" is
 ``--crops-per-epoch`` crops. The reconstruction loss is reported on fixed crops (a seeded grid,
 ``runtime.tiles``) of the real images held out by crc32 of their path.
+
+``--device cuda`` trains on a GPU (crops are still cut on the CPU, then copied); ``--autocast bf16``
+runs the forward pass in bfloat16 (weights, AdamW state and the reported held-out loss stay
+float32). Checkpoints are written with CPU tensors, so a run made on a GPU loads anywhere; the
+summary records the device, the autocast and the crops per second.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def mae_loss(model: Any, imgs: Any, ids_keep: Any, ids_restore: Any, mask: Any) 
     tokens = model.forward_encoder(imgs, ids_keep)  # [B, 1+n, D]
     pred = model.forward_decoder(tokens, ids_restore)  # [B, L, P*P*3]
     target = model.targets(imgs)
-    loss = ((pred - target) ** 2).mean(dim=-1)  # [B, L]
+    loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, L], float32 under autocast too
     return (loss * mask).sum() / mask.sum()
 
 
@@ -190,16 +195,18 @@ def split_holdout(names: list[str], frac: float = 0.02) -> np.ndarray:
 
 
 def evaluate(model: Any, images: np.ndarray, n_keep: int, seed: int = 123, batch: int = 512) -> float:
-    """Masked-patch MSE on ``images`` [N, 3, H, W] with fixed random masks."""
+    """Masked-patch MSE on ``images`` [N, 3, H, W] with fixed random masks (drawn on the CPU, so the
+    same masks on any device), in float32 whatever the training's autocast: comparable across runs."""
     import torch
 
+    dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     tot, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i:i + batch])
-            keep, restore, mask = random_masks(len(x), model.cfg.num_patches, n_keep, gen)
+            x = torch.from_numpy(images[i:i + batch]).to(dev)
+            keep, restore, mask = (t.to(dev) for t in random_masks(len(x), model.cfg.num_patches, n_keep, gen))
             tot += float(mae_loss(model, x, keep, restore, mask)) * len(x)
             n += len(x)
     model.train()
@@ -212,10 +219,41 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def cpu_state(model: Any) -> dict[str, Any]:
+    """The model's state dict on the CPU: checkpoints written on a GPU load anywhere."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def training_device(name: str, autocast: str) -> tuple[Any, Any]:
+    """``--device`` / ``--autocast`` -> (torch.device, a context-manager factory for the forward pass).
+    Raises SystemExit with one sentence when the device is not there or the combination is not offered."""
+    import contextlib
+
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name!r}: this recipe runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this torch build sees no CUDA GPU "
+                         f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if autocast == "none":
+        return dev, contextlib.nullcontext
+    if autocast != "bf16":
+        raise SystemExit(f"--autocast {autocast!r}: none or bf16")
+    return dev, lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
 def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the summary written to ``OUT/summary.json``."""
     import torch
 
+    from ..benchmarks.environment import cpu_name
     from ..export.model import MaskedAutoencoderViT, preset
     from ..runtime.masks import n_keep_for
 
@@ -262,8 +300,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         log(f"loaded {len(images)} images in {time.time() - t0:.0f}s: {len(train_x)} train, "
             f"{len(val_x)} held out for the reconstruction loss")
 
+    device, autocast = training_device(getattr(args, "device", "cpu"), getattr(args, "autocast", "none"))
     torch.manual_seed(args.seed)
     model = MaskedAutoencoderViT(cfg)
+    model.to(device)  # before the optimiser: its state lives beside the parameters
     n_keep = n_keep_for(cfg.num_patches, args.mask_ratio)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -282,7 +322,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
     init_from: dict[str, Any] | None = None
     if getattr(args, "init", None) and not (args.resume and ckpt.is_file()):
         # a further stage: the weights of an earlier run, a fresh optimiser and a fresh schedule
-        src = torch.load(args.init, map_location="cpu", weights_only=False)
+        src = torch.load(args.init, map_location="cpu", weights_only=False)  # copied onto the device below
         # keys added to MAEConfig since the checkpoint was written take their defaults
         if src.get("config") and {**cfg.to_dict(), **src["config"]} != cfg.to_dict():
             raise SystemExit(f"--init {args.init} holds a different backbone ({src['config']}) than --arch {args.arch}")
@@ -337,13 +377,15 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                 xb = train_x[idx]
                 flip = rng.random(len(idx)) < 0.5
                 xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
-            x = torch.from_numpy(np.ascontiguousarray(xb))
-            keep, restore, mask = random_masks(len(x), cfg.num_patches, n_keep, gen)
-            loss = mae_loss(model, x, keep, restore, mask)
+            x = torch.from_numpy(np.ascontiguousarray(xb)).to(device, non_blocking=True)
+            keep, restore, mask = (t.to(device, non_blocking=True)
+                                   for t in random_masks(len(x), cfg.num_patches, n_keep, gen))
+            with autocast():
+                loss = mae_loss(model, x, keep, restore, mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss.detach()) * len(x)
+            running += float(loss.detach()) * len(x)  # a sync per step: what the log and history report
             seen += len(x)
             if args.log_every and (s + 1) % args.log_every == 0:
                 log(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {running / seen:.4f} "
@@ -360,7 +402,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             rec["val_loss_reshipped"] = evaluate(model, val_reship, n_keep)
         history.append(rec)
         log(json.dumps(rec))
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_checkpoint(ckpt, {"model": cpu_state(model), "optimizer": opt.state_dict(),
                                "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
                                "elapsed": elapsed, "stopped": stop, "args": vars(args),
                                "init_from": init_from})
@@ -369,6 +411,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                "warmup_steps": warmup, "time_budget_min": args.time_budget_min,
                "steps": int(sum(h["steps"] for h in history)), "train_seconds": round(elapsed, 1),
                "mask_ratio": args.mask_ratio, "threads": args.threads,
+               "device": str(device), "autocast": getattr(args, "autocast", "none"),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+               # crops trained on per second of training (held-out evaluations not counted)
+               "crops_per_second": round(sum(h["images"] for h in history) / elapsed, 1) if elapsed > 0 else None,
                "train_images": int(n_train if photos is None else len(photos.images)),
                "holdout_images": int(len(val_x) if photos is None else len(held.images)),
                "holdout_crops": None if photos is None else int(len(val_x)),
@@ -386,7 +432,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                "final_val_recon_loss_reshipped": history[-1].get("val_loss_reshipped") if history else None,
                "params": int(sum(p.numel() for p in model.parameters()))}
     # the backbone alone, in the facebookresearch layout ({'model': state_dict}), for cinemae-export
-    save_checkpoint(out / "mae.pth", {"model": model.state_dict(), "config": cfg.to_dict(),
+    save_checkpoint(out / "mae.pth", {"model": cpu_state(model), "config": cfg.to_dict(),
                                       "summary": {k: v for k, v in summary.items() if k != "history"}})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -417,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda or cuda:N (the model, optimiser and batches live there; crops are cut on the CPU)")
+    ap.add_argument("--autocast", default="none", choices=("none", "bf16"),
+                    help="bf16: the forward pass under torch.autocast (AMX on this CPU, tensor cores on a GPU); "
+                         "weights, optimiser and the reported held-out loss stay float32")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images (smoke runs)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, default=None,
