@@ -5,14 +5,16 @@
         --seeds 0 1 --cache runs/crop-cache --out selection.json
 
 For each tiling (the keys of ``tiles``: ``max_side``, ``canonical_jpeg``, ``n``; borders trimmed
-always) the training split of photos-train (minus the held-out sources, :func:`photo_tiles.split_sources`)
-is cut into crops, a head is trained by version 1's recipe (per-crop BCE, K=2) for each seed, and it
-is measured on the validation images and on (a) the held-out sources, each as delivered and re-shipped
-the eight ways of the bench (``runtime.reship.RESHIP_SET``): AUC, FPR / TPR at the head's own
-threshold (5% FPR on the validation reals), and per re-shipping the share of images whose verdict
-flips; the same at version 3's threshold rule (5% FPR on the validation and (a) reals together,
-``at_val_heldout``), and, free of any threshold, how far re-shipping moves the logits
-(:func:`logit_shift`); run it once per backbone to compare backbones.
+always; ``augment`` N: the head also trains on N seeded random re-shippings of every training image,
+as ``photo_tiles --reship-augment``) the training split of photos-train (minus the held-out sources,
+:func:`photo_tiles.split_sources`) is cut into crops, a head is trained by version 1's recipe
+(per-crop BCE, K=2) for each seed, and it is measured on the validation images and on (a) the
+held-out sources, each as delivered and re-shipped the eight ways of the bench
+(``runtime.reship.RESHIP_SET``): AUC, FPR / TPR at the head's own threshold (5% FPR on the
+validation reals), and per re-shipping the share of images whose verdict flips; the same at
+version 3's threshold rule (5% FPR on the validation and (a) reals together, ``at_val_heldout``),
+and, free of any threshold, how far re-shipping moves the logits (:func:`logit_shift`); run it once
+per backbone to compare backbones.
 ``../shared/data/photos`` is never read here.
 """
 
@@ -93,7 +95,7 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
             tb = tiled_copy(base.root, Path(tmp) / "t", int(c.get("n", 64)), True, c.get("max_side"),
                             c.get("canonical_jpeg"))
             with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
-                fs = {"train": crop_features(det, train_rows, 0, 0, cache),
+                fs = {"train": crop_features(det, train_rows, int(c.get("augment", 0)), 0, cache),
                       "val": crop_features(det, val_rows, views, 0, cache),
                       "heldout": crop_features(det, held, views, 0, cache)}
         for seed in seeds:
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", required=True, help="the backbone bundle (its head is replaced per seed)")
     ap.add_argument("--train-dir", default="../shared/data/photos-train")
-    ap.add_argument("--configs", required=True, help='JSON {name: {"max_side": 512, "canonical_jpeg": 75, "n": 64}}')
+    ap.add_argument("--configs", required=True,
+                    help='JSON {name: {"max_side": 512, "canonical_jpeg": 75, "n": 64, "augment": 4}}')
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--cache", default=None)
     ap.add_argument("--backend", default="openvino")
