@@ -274,6 +274,27 @@ def test_stability_probes_quality_offset_and_class_shift() -> None:
     assert q["1"]["jpeg:40"]["real"] == 0.0 and q["1"]["jpeg:40"]["fake"] == 0.25  # 0.5 + 0.1 - 0.6 < 0.3
 
 
+def test_stability_probes_reductions_group_rows_by_image_and_view() -> None:
+    """Rows in any order: every reduction sees exactly its image's crops of one view, and the mean
+    reduction is the runtime's mean crop logit."""
+    from cinemae.train.stability_probes import REDUCTIONS, image_logits
+
+    rng = np.random.default_rng(0)
+    owner = np.repeat([0, 1, 2, 0, 1, 2], [3, 4, 5, 3, 4, 5])
+    view = np.repeat([0, 0, 0, 1, 1, 1], [3, 4, 5, 3, 4, 5])
+    logit = rng.normal(size=len(owner))
+    perm = rng.permutation(len(owner))
+    fs = {"logit": logit[perm], "owner": owner[perm], "view": view[perm]}
+    mean = image_logits(fs, 3)
+    assert mean.shape == (2, 3)
+    np.testing.assert_allclose(image_logits(fs, 3, REDUCTIONS["mean"]), mean)
+    med = image_logits(fs, 3, REDUCTIONS["median"])
+    for v in (0, 1):
+        for i in range(3):
+            part = logit[(owner == i) & (view == v)]
+            assert mean[v, i] == pytest.approx(part.mean()) and med[v, i] == pytest.approx(np.median(part))
+
+
 def test_stability_probes_ensemble_rules() -> None:
     """``agree`` is the runtime's rule (any disagreeing view -> uncertain); ``majority`` decides 3-1
     and abstains on 2-2; flips count against the clean ensemble verdict, hard ones only ai <-> real."""
