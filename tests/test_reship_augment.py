@@ -106,6 +106,66 @@ def test_fit_heads_threshold_on_originals(views: int) -> None:
     assert p.shape == (n,) and thr == threshold_at_fpr(p[is_val & (labels == 0)], 0.05)
 
 
+def test_shift_directions_find_the_reshipping_shift() -> None:
+    """shift_directions recovers the direction along which views move the (standardised) feature,
+    uses only the kept images, and ignores a class difference that views do not change."""
+    from cinemae.train.photo_tiles import shift_directions
+
+    rng = np.random.default_rng(2)
+    n, t, v, d = 40, 5, 3, 12
+    owner = np.repeat(np.arange(n), t * v)
+    view = np.tile(np.repeat(np.arange(v), t), n)
+    g = rng.normal(size=(len(owner), d))
+    g[:, 0] += 3.0 * (np.arange(n) % 2)[owner]       # the label: constant across an image's views
+    g[:, 3] += 2.5 * view * rng.uniform(0.5, 1.5, n)[owner]  # the re-shipping artefact
+    fs = {"feature": g.astype(np.float32), "owner": owner, "view": view}
+    keep = np.arange(n) < 30
+    u = shift_directions(fs, keep, np.zeros(d), np.ones(d), 2)
+    assert u.shape == (2, d) and np.allclose(u @ u.T, np.eye(2), atol=1e-5)
+    assert abs(u[0, 3]) > 0.99 and abs(u[0, 0]) < 0.1
+    # standardisation is applied first: a unit change of scale along dimension 3 keeps the direction
+    u2 = shift_directions(fs, keep, np.zeros(d), np.full(d, 2.0), 1)
+    assert abs(u2[0, 3]) > 0.99
+    # images left out do not count: only they carry a shift along dimension 5 -> not found
+    g2 = g.copy()
+    g2[:, 5] += 50.0 * view * (np.arange(n) >= 30)[owner]
+    u3 = shift_directions({**fs, "feature": g2.astype(np.float32)}, keep, np.zeros(d), np.ones(d), 1)
+    assert abs(u3[0, 5]) < 0.1
+    with pytest.raises(ValueError, match="no re-shipped views"):
+        shift_directions({**fs, "view": np.zeros_like(view)}, keep, np.zeros(d), np.ones(d), 1)
+
+
+def test_blind_head_cannot_read_the_blind_directions() -> None:
+    """A head trained with blind directions gives the same logit whatever is added along them
+    (in the standardised space), still learns the label, and a head without them does read them."""
+    pytest.importorskip("torch")
+    from cinemae.train.head import TrainConfig, head_logits, train_head
+
+    rng = np.random.default_rng(3)
+    n, d = 600, 8
+    y = (np.arange(n) % 2).astype(np.float32)
+    g = rng.normal(size=(n, d)).astype(np.float32)
+    g[:, 0] += 2.0 * y          # label evidence the head may use
+    g[:, 1] += 2.0 * y          # label evidence along the blind direction
+    s = rng.normal(size=(n, 3)).astype(np.float32)
+    u = np.zeros((1, d), np.float32)
+    u[0, 1] = 1.0
+    cfg = TrainConfig(epochs=8, batch=64, seed=0, threads=1)
+    blind = train_head(g[:500], s[:500], y[:500], g[500:], s[500:], y[500:], fusion="add", pooling="mean",
+                       k=2, cfg=cfg, blind=u).head
+    free = train_head(g[:500], s[:500], y[:500], g[500:], s[500:], y[500:], fusion="add", pooling="mean",
+                      k=2, cfg=cfg).head
+    moved = g[500:].copy()
+    moved[:, 1] += 5.0 * float(blind.g_std[1])  # five standard deviations along the blind direction
+    assert np.allclose(head_logits(blind, g[500:], s[500:]), head_logits(blind, moved, s[500:]), atol=1e-4)
+    assert not np.allclose(head_logits(free, g[500:], s[500:]), head_logits(free, moved, s[500:]), atol=1e-2)
+    lv = head_logits(blind, g[500:], s[500:])
+    assert ((lv > 0) == (y[500:] == 1)).mean() > 0.7  # Bayes accuracy on dimension 0 alone: 0.84
+    with pytest.raises(ValueError, match="fusion='add'"):
+        train_head(g[:500], s[:500], y[:500], g[500:], s[500:], y[500:], fusion="concat", pooling="mean",
+                   k=2, cfg=cfg, blind=u)
+
+
 def test_train_head_images_learns_image_logits_and_consistency() -> None:
     """The image-level loss: each delivered image's mean crop logit is trained, and a consistency
     weight pulls an image's views together (lower spread of logits across views)."""

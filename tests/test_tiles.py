@@ -426,3 +426,33 @@ def test_recheck_margins_of_a_tiled_bundle_are_per_image(tiny_bundle_copy: Path)
         be.close()
     det.close()
     assert row["p_abs_max"] == pytest.approx(float(np.abs(ps[1] - ps[0]).max()), abs=2e-6)
+
+
+def test_stability_probes_attribution_splits_the_shift_between_the_head_inputs() -> None:
+    """A view that changes only g moves the logit through g alone (the stats part is 0 and ``both`` is
+    ``global``); a view that also changes an image's crop count leaves that image out; non-JPEG views
+    are skipped (their crops do not correspond)."""
+    pytest.importorskip("torch")
+    from cinemae.train.head import TrainConfig, head_logits, train_head
+    from cinemae.train.stability_probes import attribution
+
+    rng = np.random.default_rng(4)
+    n, t, d = 6, 4, 8
+    y = np.array([0, 0, 0, 1, 1, 1])
+    g0 = rng.normal(size=(n * t, d)).astype(np.float32) + y.repeat(t)[:, None]
+    s0 = rng.normal(size=(n * t, 3)).astype(np.float32)
+    head = train_head(g0, s0, y.repeat(t).astype(np.float32), g0, s0, y.repeat(t).astype(np.float32),
+                      fusion="add", pooling="mean", k=2, cfg=TrainConfig(epochs=2, batch=8, threads=1)).head
+    own0 = np.arange(n).repeat(t)
+    g1 = g0 + 0.7  # jpeg:40 moves g only
+    keep1 = own0 != 5  # ... and image 5 loses a crop
+    fs = {"feature": np.concatenate([g0, g1[keep1], g0]), "stats": np.concatenate([s0, s0[keep1], s0 + 1]),
+          "owner": np.concatenate([own0, own0[keep1], own0]),
+          "view": np.repeat([0, 1, 2], [n * t, keep1.sum(), n * t])}
+    fs["logit"] = head_logits(head, fs["feature"], fs["stats"]).astype(np.float64)
+    r = attribution(fs, head, y, ["jpeg:40", "shrink:0.5"])
+    assert r["max_abs_vs_runtime"] < 1e-5 and "shrink:0.5" not in r
+    a = r["jpeg:40"]
+    assert a["images"] == 5
+    assert a["stats"] == {"real": 0.0, "fake": 0.0} and a["both"] == pytest.approx(a["global"])
+    assert a["stat_change_over_spread"] == [0.0, 0.0, 0.0]

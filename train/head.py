@@ -76,19 +76,45 @@ def _new_head(g: np.ndarray, s: np.ndarray, *, fusion: str, pooling: str, k: int
     return head, opt
 
 
+def blind_projector(head: Any, blind: np.ndarray | None) -> Callable[[], None]:
+    """A function that keeps the head's classifier blind to ``blind`` [k, D] (orthonormal rows, in
+    the head's standardised feature space): it sets the first classifier Linear's weight W to W P,
+    P = I - U^T U. The classifier reads h = g_std + delta (``fusion="add"``), so the head then computes
+    classifier(P h) while its graph keeps its form: nothing along U reaches the verdict."""
+    import torch
+
+    if blind is None or not len(blind):
+        return lambda: None
+    if head.cfg.fusion != "add":
+        raise ValueError(f"blind directions need fusion='add', got {head.cfg.fusion!r}")
+    u = torch.as_tensor(np.asarray(blind, np.float32))
+    p = torch.eye(u.shape[1]) - u.T @ u
+    lin = head.classifier[0]
+
+    def project() -> None:
+        with torch.no_grad():
+            lin.weight.copy_(lin.weight @ p)
+    return project
+
+
 def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s_val: np.ndarray,
                y_val: np.ndarray, *, fusion: str = "add", pooling: str = "cls", k: int = 2,
-               cfg: TrainConfig | None = None, log: Callable[[str], None] = _logger.info) -> TrainedHead:
+               cfg: TrainConfig | None = None, log: Callable[[str], None] = _logger.info,
+               blind: np.ndarray | None = None) -> TrainedHead:
     """Train one head for K=k.
 
     g: [N, D] pooled global features, s: [N, 3] statistics, y: [N] labels (1 = AI-generated);
-    the ``_val`` arrays are the validation split used for model choice.
+    the ``_val`` arrays are the validation split used for model choice. blind: [k, D] orthonormal
+    directions of the standardised g (``g_mean``/``g_std`` of these rows) the classifier must not
+    read (:func:`blind_projector`, applied at initialisation and after every step).
     """
     import torch
 
     cfg = cfg or TrainConfig()
     t0 = time.perf_counter()
     head, opt = _new_head(g, s, fusion=fusion, pooling=pooling, k=k, cfg=cfg)
+    project = blind_projector(head, blind)
+    project()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gt, st, yt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (g, s, y))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -105,6 +131,7 @@ def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            project()
             tot += float(loss.detach()) * len(idx)
         lv = head_logits(head, g_val, s_val)
         val_loss = float(np.mean(np.logaddexp(0, lv) - y_val * lv)) if len(lv) else float("nan")

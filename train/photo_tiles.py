@@ -152,8 +152,32 @@ def crop_features(det: Any, rows: list[dict[str, str]], views: int | Sequence[st
     return feats
 
 
+def shift_directions(fs: Features, keep: np.ndarray, g_mean: np.ndarray, g_std: np.ndarray, k: int) -> np.ndarray:
+    """The k directions along which re-shipping moves the pooled global feature most -> U [k, D]
+    (orthonormal rows), in the space standardised by ``g_mean`` / ``g_std`` [D].
+
+    fs: crop rows with re-shipped views (view 0 = as delivered); keep: [N] bool, the images used
+    (training images only). Each image and view v > 0 gives one shift, the mean over its crops of
+    the standardised feature of view v minus that of view 0 (crops need not correspond: a crop or a
+    half-size copy has other crops); U = the top right singular vectors of those shifts (uncentred:
+    the mean shift is part of what re-shipping does)."""
+    z = (fs["feature"].astype(np.float64) - g_mean) / g_std
+    own, view = fs["owner"], fs["view"]
+    n, views = int(own.max()) + 1, int(view.max()) + 1
+    key = own * views + view
+    cnt = np.bincount(key, minlength=n * views)
+    mean = np.stack([np.bincount(key, weights=z[:, j], minlength=n * views) for j in range(z.shape[1])], 1)
+    mean = (mean / np.maximum(cnt, 1)[:, None]).reshape(n, views, -1)
+    ok = (cnt.reshape(n, views) > 0) & keep[:, None]
+    shifts = (mean[:, 1:] - mean[:, :1])[ok[:, 1:] & ok[:, :1]]
+    if not len(shifts):
+        raise ValueError("no re-shipped views of the kept images to estimate shift directions from")
+    return np.linalg.svd(shifts, full_matrices=False)[2][:k].astype(np.float32)
+
+
 def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[int, ...], cfg: Any,
-              pooling: str, consistency: float | None = None, bce: str = "image") -> dict[int, tuple[Any, float]]:
+              pooling: str, consistency: float | None = None, bce: str = "image",
+              blind: tuple[Features, int] | None = None) -> dict[int, tuple[Any, float]]:
     """Heads on crop rows (every view of the non-validation images), early-stopped on the validation
     images' rows (their views too) -> {k: (trained head, threshold)}; threshold = 5% FPR on the
     validation reals as delivered (view 0), image logit = mean crop logit.
@@ -161,7 +185,11 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
     consistency None: per-crop BCE (``train.head.train_head``, each crop labelled with its image's
     label); a number: the image-level loss of ``train.head.train_head_images`` (BCE of each
     delivered image's mean crop logit, plus that weight x the variance of an image's logits over
-    its views). labels: [N] 1 = fake per image; is_val: [N] bool."""
+    its views). labels: [N] 1 = fake per image; is_val: [N] bool.
+
+    blind (fs_views, k): per-crop BCE heads whose classifier cannot read the k directions along which
+    re-shipping moves the global feature (:func:`shift_directions` on ``fs_views``, rows of the same
+    images with re-shipped views, the validation images left out; ``train.head.blind_projector``)."""
     from ..runtime.evaluation import threshold_at_fpr
     from .head import head_logits, train_head, train_head_images
 
@@ -174,9 +202,15 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
     heads = {}
     for k in ks:
         sk = s if k else np.zeros_like(s)
+        u = None
+        if blind is not None:
+            if consistency is not None:
+                raise ValueError("blind directions are for per-crop BCE heads (consistency None)")
+            gm, gs = g[tr].mean(axis=0), np.maximum(g[tr].std(axis=0), 1e-6)  # the head's own standardisation
+            u = shift_directions(blind[0], ~is_val, gm, gs, blind[1])
         if consistency is None:
             th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
-                            k=k, cfg=cfg)
+                            k=k, cfg=cfg, blind=u)
         else:
             th = train_head_images(g[tr], sk[tr], np.searchsorted(tr_ids, own[tr]), view[tr], y[tr_ids],
                                    (g[va], sk[va], np.searchsorted(val_ids, own[va]), view[va], y[val_ids]),

@@ -13,6 +13,9 @@ threshold unless said otherwise. Reported:
 - ``quality_offset``: the verdict flips if a known JPEG quality's median real shift, times a, were subtracted
   (the upper bound of a quality-aware offset: the quality is given, not estimated);
 - ``reductions``: other reductions of the crop logits than the mean (threshold at 5% FPR on these reals each);
+- ``attribution``: under each ``jpeg:Q`` (same size, so the crops correspond one to one), the image-logit
+  change when only the pooled global feature is re-shipped and when only the three LCAS statistics are
+  (the head's torch weights, ``--head``, checked against the runtime's logits);
 - ``ensemble_rules``: the re-shipping ensemble (original + ``--ensemble`` views) under its rule
   (:func:`runtime.reship.ensemble_verdict`), with per-view offsets, and by majority (``uncertain`` on a tie),
   each image and each re-shipping of it scored with its own views.
@@ -118,6 +121,42 @@ def reductions(fs: Features, y: np.ndarray, names: Sequence[str]) -> dict[str, A
     return out
 
 
+def attribution(fs: Features, head: Any, y: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Which input of the head carries the logit shift under recompression: per ``jpeg:Q`` view (crops
+    at the same places as the original's; images whose crop count changed are left out), the median
+    change of the image logit, reals and fakes apart, with both inputs re-shipped (``both``), only
+    the pooled global feature g (``global``) or only the statistics (``stats``); and the median
+    change of each statistic against its spread. fs: rows with view 0 = as delivered."""
+    from .head import head_logits
+
+    n = len(y)
+    g, s, own, view = fs["feature"], fs["stats"], fs["owner"], fs["view"]
+    o = view == 0
+    base = mean_logit_by_image(head_logits(head, g[o], s[o]), own[o], n)
+    out: dict[str, Any] = {"max_abs_vs_runtime": float(np.max(np.abs(
+        base - mean_logit_by_image(fs["logit"][o], own[o], n))))}
+    counts0 = np.bincount(own[o], minlength=n)
+    for v, nm in enumerate(names, start=1):
+        if not nm.startswith("jpeg:"):
+            continue
+        m = view == v
+        same = np.bincount(own[m], minlength=n) == counts0
+        mm, oo = m & same[own], o & same[own]
+        ok = np.flatnonzero(same)
+
+        def change(gg: np.ndarray, ss: np.ndarray, mm: np.ndarray = mm, ok: np.ndarray = ok) -> np.ndarray:
+            return mean_logit_by_image(head_logits(head, gg, ss), own[mm], n)[ok] - base[ok]
+
+        parts = {"both": change(g[mm], s[mm]), "global": change(g[mm], s[oo]), "stats": change(g[oo], s[mm])}
+        yy = y[ok]
+        ds = np.abs(s[mm] - s[oo])
+        out[nm] = {"images": int(len(ok)),
+                   **{k: {"real": float(np.median(d[yy == 0])), "fake": float(np.median(d[yy == 1]))}
+                      for k, d in parts.items()},
+                   "stat_change_over_spread": (np.median(ds, 0) / s[o].std(0)).tolist()}
+    return out
+
+
 def majority_verdict(members: np.ndarray) -> np.ndarray:
     """[M, n] member verdicts ("ai"/"real") -> the majority per image; ``uncertain`` on a tie."""
     ai = (members == "ai").sum(0)
@@ -172,8 +211,9 @@ def ensemble_rules(L: np.ndarray, y: np.ndarray, names: Sequence[str], thr: floa
 
 
 def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, backend: str = "openvino",
-          ensemble: str = "photo") -> dict[str, Any]:
-    """Every probe above on the selection sets -> one JSON-able record."""
+          ensemble: str = "photo", head: Path | None = None) -> dict[str, Any]:
+    """Every probe above on the selection sets -> one JSON-able record (``attribution`` only with
+    ``head``, the bundle head's torch weights, ``export/weights/NAME/head.pt``)."""
     from ..runtime.bundle import resolve_bundle
     from ..runtime.detector import Detector
 
@@ -199,9 +239,16 @@ def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, bac
            "class_shift": class_shift(L, y, SHIFT_VIEWS),
            "quality_offset": quality_offset(L, y, SHIFT_VIEWS, thr),
            "reductions": reductions(fs_shift, y, SHIFT_VIEWS),
+           "attribution": attribution(fs_shift, _load_head(head), y, SHIFT_VIEWS) if head else None,
            "ensemble": {"views": list(views), "under": list(ENSEMBLE_UNDER)},
            "ensemble_rules": ensemble_rules(image_logits(fs_ens, len(rows)), y, chains, thr, ENSEMBLE_UNDER, views)}
     return res
+
+
+def _load_head(path: Path) -> Any:
+    from ..export.head import load_head
+
+    return load_head(str(path))[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", type=int, default=64)
     ap.add_argument("--backend", default="openvino")
     ap.add_argument("--ensemble", default="photo", choices=sorted(ENSEMBLES))
+    ap.add_argument("--head", default=None,
+                    help="the bundle head's torch weights for the attribution probe (default: "
+                         "export/weights/BUNDLE/head.pt when the bundle is named and the file exists)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    head = Path(args.head) if args.head else Path(__file__).parents[1] / "export" / "weights" / args.bundle / "head.pt"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = probe(args.bundle, Path(args.train_dir), Path(args.cache) if args.cache else None, args.tiles,
-                args.backend, args.ensemble)
+                args.backend, args.ensemble, head if head.is_file() else None)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
