@@ -19,6 +19,13 @@ runtime's native tiles see the pixels the same way), with random horizontal flip
 ``--crops-per-epoch`` crops. The reconstruction loss is reported on fixed crops (a seeded grid,
 ``runtime.tiles``) of the real images held out by crc32 of their path.
 
+``--invariance W`` adds W x :func:`invariance_loss`: every epoch each training photo gets a JPEG
+copy at a random quality (30-95), and every step ``--invariance-batch`` crops are cut at the same
+places from photos and copies; the pooled feature a CINEMAE head reads (mean of the final-norm
+patch tokens, unmasked) of the recompressed crops is pulled onto that of the clean ones (no
+gradient through the clean side), against the feature's spread. With ``--images`` the same measure
+on fixed held-out pairs is reported every epoch (``val_invariance``), trained with it or not.
+
 ``--device cuda`` trains on a GPU (crops are still cut on the CPU, then copied); ``--autocast bf16``
 runs the forward pass in bfloat16 (weights, AdamW state and the reported held-out loss stay
 float32). Checkpoints are written with CPU tensors, so a run made on a GPU loads anywhere; the
@@ -64,6 +71,28 @@ def mae_loss(model: Any, imgs: Any, ids_keep: Any, ids_restore: Any, mask: Any) 
     target = model.targets(imgs)
     loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, L], float32 under autocast too
     return (loss * mask).sum() / mask.sum()
+
+
+def pooled_feature(model: Any, imgs: Any) -> Any:
+    """What a CINEMAE head reads: the mean of the final-norm patch tokens of the unmasked image.
+    imgs [B, 3, H, W] -> [B, D]."""
+    import torch
+
+    keep = torch.arange(model.cfg.num_patches, device=imgs.device).expand(len(imgs), -1)
+    return model.forward_encoder(imgs, keep)[:, 1:, :].mean(dim=1)
+
+
+def invariance_loss(model: Any, clean: Any, recompressed: Any) -> Any:
+    """How far recompression moves the pooled feature, against its spread: the mean over feature
+    dimensions of (z' - sg(z))^2 / (batch variance of sg(z) + 1e-6), z = :func:`pooled_feature` of
+    the clean crops (no gradient: the clean representation is the anchor the MAE loss trains),
+    z' = that of the same crops recompressed. clean, recompressed [B, 3, H, W] -> scalar."""
+    import torch
+
+    with torch.no_grad():
+        z = pooled_feature(model, clean).float()
+    z2 = pooled_feature(model, recompressed).float()
+    return (((z2 - z) ** 2) / (z.var(dim=0, unbiased=False) + 1e-6)).mean()
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
@@ -160,23 +189,44 @@ class PhotoCrops:
             names.append(view_name(view))
         return out, names
 
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """n random crops, images drawn in proportion to their area -> [n, 3, S, S] float32 normalised."""
+    def jpeg_copy(self, rng: np.random.Generator, lo: int = 30, hi: int = 95) -> tuple[PhotoCrops, list[int]]:
+        """Every image after one JPEG round trip at a uniform random quality in [lo, hi] (same size,
+        so a crop of the copy is the same crop recompressed, with the whole picture's 8x8 block grid
+        as a site's re-encoding leaves it) -> (the copy, the qualities)."""
+        from ..runtime.preprocess import jpeg_round_trip, to_u8
+
+        out = object.__new__(PhotoCrops)
+        out.img_size, out.names, out.images = self.img_size, self.names, []
+        qs = [int(q) for q in rng.integers(lo, hi + 1, len(self.images))]
+        for a, q in zip(self.images, qs, strict=True):
+            out.images.append(to_u8(jpeg_round_trip(a.astype(np.float32) / 255.0, q)))
+        return out, qs
+
+    def sample(self, n: int, rng: np.random.Generator, pair: PhotoCrops | None = None
+               ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """n random crops, images drawn in proportion to their area -> [n, 3, S, S] float32 normalised;
+        with ``pair`` (a same-size copy, :meth:`jpeg_copy`) also the crops of the copy at the same
+        places and flips -> (crops, paired crops)."""
         from ..runtime.preprocess import normalise
 
         s = self.img_size
         area = np.array([a.shape[0] * a.shape[1] for a in self.images], dtype=np.float64)
         which = rng.choice(len(self.images), size=n, p=area / area.sum())
         out = np.empty((n, 3, s, s), np.float32)
+        out2 = np.empty((n, 3, s, s), np.float32) if pair is not None else None
         for j, i in enumerate(which):
             a = self.images[i]
             t = int(rng.integers(0, a.shape[0] - s + 1))
             left = int(rng.integers(0, a.shape[1] - s + 1))
-            crop = a[t:t + s, left:left + s].astype(np.float32) / 255.0
-            if rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            out[j] = normalise(np.ascontiguousarray(crop))
-        return out
+            flip = rng.random() < 0.5
+            for src, dst in ((a, out), (pair.images[i] if pair is not None else None, out2)):
+                if src is None or dst is None:
+                    continue
+                crop = src[t:t + s, left:left + s].astype(np.float32) / 255.0
+                if flip:
+                    crop = crop[:, ::-1]
+                dst[j] = normalise(np.ascontiguousarray(crop))
+        return out if out2 is None else (out, out2)
 
     def fixed_crops(self, per_image: int = 16) -> np.ndarray:
         """A seeded grid of crops of every image (runtime.tiles) -> [M, 3, S, S] (the held-out set)."""
@@ -192,6 +242,21 @@ def split_holdout(names: list[str], frac: float = 0.02) -> np.ndarray:
     import zlib
 
     return np.array([(zlib.crc32(n.encode()) % 1000) < frac * 1000 for n in names])
+
+
+def evaluate_invariance(model: Any, clean: np.ndarray, recompressed: np.ndarray, batch: int = 512) -> float:
+    """:func:`invariance_loss` over fixed held-out crop pairs (float32, eval mode) [M, 3, S, S] each."""
+    import torch
+
+    model.eval()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        z = torch.cat([pooled_feature(model, torch.from_numpy(clean[i:i + batch]).to(dev)).float()
+                       for i in range(0, len(clean), batch)])
+        z2 = torch.cat([pooled_feature(model, torch.from_numpy(recompressed[i:i + batch]).to(dev)).float()
+                        for i in range(0, len(recompressed), batch)])
+    model.train()
+    return float((((z2 - z) ** 2) / (z.var(dim=0, unbiased=False) + 1e-6)).mean())
 
 
 def evaluate(model: Any, images: np.ndarray, n_keep: int, seed: int = 123, batch: int = 512) -> float:
@@ -268,6 +333,9 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
     if not 0.0 <= args.reship <= 1.0:
         raise SystemExit(f"--reship is a share of the images, in [0, 1], not {args.reship}")
     val_reship: np.ndarray | None = None
+    val_inv: tuple[np.ndarray, np.ndarray] | None = None
+    if getattr(args, "invariance", 0.0) and not args.images:
+        raise SystemExit("--invariance pairs photo crops with their JPEG copies: it needs --images")
     if bool(args.tar) == bool(args.images):
         raise SystemExit("give exactly one of --tar (an archive of 32-px images) or --images (a photo folder)")
     t0 = time.time()
@@ -281,6 +349,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             held_views, names = held.reshipped(np.random.default_rng(7), 1.0, args.max_side)
             val_reship = held_views.fixed_crops()
             log(f"held-out re-shippings: {', '.join(names)}")
+        # fixed crop pairs of the held-out images and their seeded JPEG copies: how far recompression
+        # moves the pooled feature the head reads (reported every epoch; trained with --invariance)
+        held_jpeg, _ = held.jpeg_copy(np.random.default_rng(11))
+        val_inv = (val_x, held_jpeg.fixed_crops())
         n_train = args.crops_per_epoch
         log(f"loaded in {time.time() - t0:.0f}s: {len(photos.images)} training images, {len(held.images)} held "
             f"out ({len(val_x)} fixed crops) for the reconstruction loss")
@@ -340,6 +412,8 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         log(f"resumed from {ckpt} after epoch {start_epoch}")
     budget = args.time_budget_min * 60.0 if args.time_budget_min else None
     elapsed = st.get("elapsed", 0.0) if args.resume and ckpt.is_file() else 0.0  # training seconds so far
+    inv_w = float(getattr(args, "invariance", 0.0))
+    init_inv = evaluate_invariance(model, *val_inv) if val_inv is not None and init_from and not history else None
     gen = torch.Generator().manual_seed(args.seed + 1000 * start_epoch)
     rng = np.random.default_rng(args.seed + 1000 * start_epoch)
     model.train()
@@ -354,7 +428,8 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         if photos is not None and args.reship:  # fresh re-shippings every epoch (PhotoCrops.reshipped)
             epoch_photos, names = photos.reshipped(rng, args.reship, args.max_side)
             log(f"epoch {epoch + 1}: {sum(bool(n) for n in names)} of {len(names)} images re-shipped")
-        running, seen = 0.0, 0
+        epoch_jpeg = epoch_photos.jpeg_copy(rng)[0] if inv_w and epoch_photos is not None else None
+        running, seen, running_inv = 0.0, 0, 0.0
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
             if budget is not None:
@@ -382,8 +457,14 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                                    for t in random_masks(len(x), cfg.num_patches, n_keep, gen))
             with autocast():
                 loss = mae_loss(model, x, keep, restore, mask)
+                total_loss = loss
+                if epoch_jpeg is not None:  # --invariance: the same crops recompressed, pulled onto the clean ones
+                    pa, pb = epoch_photos.sample(args.invariance_batch, rng, pair=epoch_jpeg)
+                    inv = invariance_loss(model, torch.from_numpy(pa).to(device), torch.from_numpy(pb).to(device))
+                    running_inv += float(inv.detach()) * len(x)
+                    total_loss = loss + inv_w * inv
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total_loss.backward()
             opt.step()
             running += float(loss.detach()) * len(x)  # a sync per step: what the log and history report
             seen += len(x)
@@ -398,6 +479,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         rec = {"epoch": epoch + 1, "steps": (s + 1) if not stop else s, "images": seen,
                "train_loss": running / max(1, seen), "val_loss": val, "seconds": time.time() - te,
                "lr_end": lr}
+        if inv_w:
+            rec["train_invariance"] = running_inv / max(1, seen)
+        if val_inv is not None:
+            rec["val_invariance"] = evaluate_invariance(model, *val_inv)
         if val_reship is not None:
             rec["val_loss_reshipped"] = evaluate(model, val_reship, n_keep)
         history.append(rec)
@@ -426,10 +511,13 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                    f"; each epoch {args.reship:.0%} of the images re-shipped at random (train.reship_augment), "
                    f"every image trimmed and shrunk to max_side {args.max_side} as the runtime's tiles"
                    if args.reship else ""),
+               "invariance": {"weight": inv_w, "batch": args.invariance_batch, "jpeg_quality": [30, 95],
+                              "init_val_invariance": init_inv} if inv_w else None,
                "init_from": init_from, "history": history,
                "final_val_recon_loss": history[-1]["val_loss"] if history else None,
                "final_train_recon_loss": history[-1]["train_loss"] if history else None,
                "final_val_recon_loss_reshipped": history[-1].get("val_loss_reshipped") if history else None,
+               "final_val_invariance": history[-1].get("val_invariance") if history else None,
                "params": int(sum(p.numel() for p in model.parameters()))}
     # the backbone alone, in the facebookresearch layout ({'model': state_dict}), for cinemae-export
     save_checkpoint(out / "mae.pth", {"model": cpu_state(model), "config": cfg.to_dict(),
@@ -453,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(JPEG, resize, crop, letterbox; train.reship_augment), all prepared as tiles with "
                          "trim_borders and --max-side")
     ap.add_argument("--max-side", type=int, default=512, help="with --reship: the tiles' max_side")
+    ap.add_argument("--invariance", type=float, default=0.0,
+                    help="with --images: weight of a term pulling the pooled feature of recompressed crops "
+                         "(every image's JPEG copy at a random quality 30-95 each epoch) onto that of the "
+                         "same clean crops (invariance_loss); 0 = off")
+    ap.add_argument("--invariance-batch", type=int, default=64, help="crop pairs per step for --invariance")
     ap.add_argument("--arch", default="vit-mini-32", help="backbone preset (cinemae.export.model.PRESETS)")
     ap.add_argument("--out", required=True, help="run directory (checkpoint, mae.pth, summary.json)")
     ap.add_argument("--epochs", type=int, default=8)
