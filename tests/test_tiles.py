@@ -456,3 +456,26 @@ def test_stability_probes_attribution_splits_the_shift_between_the_head_inputs()
     assert a["images"] == 5
     assert a["stats"] == {"real": 0.0, "fake": 0.0} and a["both"] == pytest.approx(a["global"])
     assert a["stat_change_over_spread"] == [0.0, 0.0, 0.0]
+
+
+def test_stability_probes_view_mean_scores_each_copy_with_its_own_members() -> None:
+    """view_mean averages an image's logit with its views' (a re-shipped copy with the views of the
+    copy), thresholds at 5% FPR on the reals, and with no members is the image's own logit."""
+    from cinemae.train.stability_probes import threshold_flips, view_mean
+
+    names = ["v1", "jpeg:40", "jpeg:40+v1"]
+    y = np.array([0] * 20 + [1] * 20)
+    rng = np.random.default_rng(5)
+    l0 = rng.normal(size=40) + y
+    v1 = l0 - 0.5
+    j40 = l0 + np.where(y == 0, 1.0, 0.0)  # recompression moves only the reals
+    j40v1 = v1 + 0.2                       # the copy's view moves little
+    L = np.stack([l0, v1, j40, j40v1])
+    r = view_mean(L, y, names, ["jpeg:40"], {"alone": (), "with v1": ("v1",)})
+    assert r["alone"] == {"members": [], **threshold_flips(np.stack([l0, j40]), y, ["jpeg:40"])}
+    assert r["with v1"] == {"members": ["v1"],
+                            **threshold_flips(np.stack([(l0 + v1) / 2, (j40 + j40v1) / 2]), y, ["jpeg:40"])}
+    t = threshold_flips(np.stack([l0, j40]), y, ["jpeg:40"], val=np.arange(40) % 2 == 0)
+    assert 0 < t["flips"]["jpeg:40"] <= 0.5 and t["mean_flip"] == t["max_flip"] == t["flips"]["jpeg:40"]
+    assert t["logit_shift"] == pytest.approx(np.median(np.abs(j40 - l0)) / np.std(l0))
+    assert 0.5 < t["auc"] <= 1 and "val_auc" in t

@@ -16,6 +16,10 @@ threshold unless said otherwise. Reported:
 - ``attribution``: under each ``jpeg:Q`` (same size, so the crops correspond one to one), the image-logit
   change when only the pooled global feature is re-shipped and when only the three LCAS statistics are
   (the head's torch weights, ``--head``, checked against the runtime's logits);
+- ``view_mean``: one verdict from the mean of the ensemble members' logits (the image and its views, or
+  a subset), threshold at 5% FPR on these reals, against the image's own logit at the same rule;
+- ``fusion``: the bundle's logit plus a whole-image model's (``--companion``, cifake32: one 32-px view,
+  blind to JPEG and scale), each over its spread, threshold at 5% FPR on these reals, against the bundle alone;
 - ``ensemble_rules``: the re-shipping ensemble (original + ``--ensemble`` views) under its rule
   (:func:`runtime.reship.ensemble_verdict`), with per-view offsets, and by majority (``uncertain`` on a tie),
   each image and each re-shipping of it scored with its own views.
@@ -35,7 +39,7 @@ import numpy as np
 
 from ..benchmarks.accuracy import flip_rates
 from ..runtime.evaluation import auc, threshold_at_fpr
-from ..runtime.reship import ENSEMBLES, ensemble_verdict
+from ..runtime.reship import ENSEMBLES, RESHIP_SET, ensemble_verdict
 from ..runtime.tiles import mean_logit_by_image
 from .photo_tiles import DEFAULT_HELDOUT, Features, crop_features, fake_labels, read_labels, split_sources, tiled_copy
 
@@ -157,6 +161,56 @@ def attribution(fs: Features, head: Any, y: np.ndarray, names: Sequence[str]) ->
     return out
 
 
+def threshold_flips(L: np.ndarray, y: np.ndarray, names: Sequence[str], val: np.ndarray | None = None
+                    ) -> dict[str, Any]:
+    """L [1 + len(names), n] image logits (row 0 as delivered) -> AUC (also on the ``val`` images),
+    TPR and per re-shipping the flip share at the threshold of 5% FPR on these reals, and the logit
+    shift (median |change| over the delivered logits' spread)."""
+    thr = threshold_at_fpr(L[0][y == 0], 0.05)
+    base = verdicts(L[0], thr)
+    flips = {nm: flip_rates(base, verdicts(L[i + 1], thr), y)["all"]["rate"] for i, nm in enumerate(names)}
+    out = {"auc": auc(y, L[0]), "tpr": float(np.mean(L[0][y == 1] >= thr)),
+           "mean_flip": float(np.mean(list(flips.values()))), "max_flip": float(max(flips.values())),
+           "flips": flips, "logit_shift": float(np.mean([np.median(np.abs(L[i + 1] - L[0]))
+                                                         for i in range(len(names))]) / np.std(L[0]))}
+    if val is not None:
+        out["val_auc"] = auc(y[val], L[0][val])
+    return out
+
+
+def view_mean(L: np.ndarray, y: np.ndarray, names: Sequence[str], under: Sequence[str],
+              member_sets: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """L as :func:`ensemble_rules` takes it -> per member set (views added to the image; () = the image
+    alone) :func:`threshold_flips` of the mean of the members' logits, each image and each re-shipping
+    of it with its own members."""
+    ix = {nm: i + 1 for i, nm in enumerate(names)}
+    ix["none"] = 0
+
+    def score(r: str, members: Sequence[str]) -> np.ndarray:
+        rows = [L[ix[r]]] + [L[ix[v]] if r == "none" else L[ix[f"{r}+{v}"]] for v in members]
+        return np.mean(rows, axis=0)
+
+    return {nm: {"members": list(m), **threshold_flips(np.array([score(r, m) for r in ("none", *under)]), y, under)}
+            for nm, m in member_sets.items()}
+
+
+def companion_logits(rows: list[dict[str, str]], names: Sequence[str], bundle: str, backend: str) -> np.ndarray:
+    """Logits [1 + len(names), n] of another bundle on every image as delivered and re-shipped."""
+    from ..runtime.detector import Detector
+    from ..runtime.preprocess import load_image
+    from ..runtime.reship import parse_reshipping
+    from .reship_augment import apply_view
+
+    out = np.zeros((1 + len(names), len(rows)))
+    with Detector(bundle, backend=backend, device="cpu", provenance=False) as det:
+        for i, r in enumerate(rows):
+            rgb = load_image(r["path"], det.max_pixels, det.max_bytes, det.formats)
+            for v, c in enumerate([None, *names]):
+                im = rgb if c is None else apply_view(rgb, [parse_reshipping(x) for x in c.split("+")], det.max_pixels)
+                out[v, i] = det.detect(im).logit
+    return out
+
+
 def majority_verdict(members: np.ndarray) -> np.ndarray:
     """[M, n] member verdicts ("ai"/"real") -> the majority per image; ``uncertain`` on a tie."""
     ai = (members == "ai").sum(0)
@@ -211,7 +265,7 @@ def ensemble_rules(L: np.ndarray, y: np.ndarray, names: Sequence[str], thr: floa
 
 
 def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, backend: str = "openvino",
-          ensemble: str = "photo", head: Path | None = None) -> dict[str, Any]:
+          ensemble: str = "photo", head: Path | None = None, companion: str | None = "cifake32") -> dict[str, Any]:
     """Every probe above on the selection sets -> one JSON-able record (``attribution`` only with
     ``head``, the bundle head's torch weights, ``export/weights/NAME/head.pt``)."""
     from ..runtime.bundle import resolve_bundle
@@ -230,7 +284,21 @@ def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, bac
         with Detector(tb, backend=backend, device="cpu", provenance=False) as det:
             fs_shift = crop_features(det, rows, list(SHIFT_VIEWS), 0, cache)
             fs_ens = crop_features(det, rows, chains, 0, cache)
+            # the val and (a) sets apart, as tiling_selection keys its cached rows
+            fs_all = [crop_features(det, part, list(RESHIP_SET), 0, cache)
+                      for part in (rows[:int(sum(is_val))], held)] if companion else None
     L = image_logits(fs_shift, len(rows))
+    L_ens = image_logits(fs_ens, len(rows))
+    val = np.arange(len(rows)) < int(sum(is_val))
+    fused = None
+    if companion and fs_all is not None:
+        lp = np.concatenate([image_logits(f, m) for f, m in zip(fs_all, (int(sum(is_val)), len(held)), strict=True)],
+                            axis=1)
+        lc = companion_logits(rows, RESHIP_SET, companion, "onnxruntime")
+        fused = {"companion": companion, "rule": "bundle logit / its spread + companion logit / its spread",
+                 "bundle": threshold_flips(lp, y, RESHIP_SET, val),
+                 "companion_alone": threshold_flips(lc, y, RESHIP_SET, val),
+                 "fused": threshold_flips(lp / np.std(lp[0]) + lc / np.std(lc[0]), y, RESHIP_SET, val)}
     res = {"bundle": bundle, "threshold": threshold, "tiles": tiles, "backend": backend,
            "images": {"validation": int(sum(is_val)), "heldout": len(held), "real": int((y == 0).sum()),
                       "fake": int((y == 1).sum())},
@@ -241,7 +309,11 @@ def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, bac
            "reductions": reductions(fs_shift, y, SHIFT_VIEWS),
            "attribution": attribution(fs_shift, _load_head(head), y, SHIFT_VIEWS) if head else None,
            "ensemble": {"views": list(views), "under": list(ENSEMBLE_UNDER)},
-           "ensemble_rules": ensemble_rules(image_logits(fs_ens, len(rows)), y, chains, thr, ENSEMBLE_UNDER, views)}
+           "view_mean": view_mean(L_ens, y, chains, ENSEMBLE_UNDER,
+                                  {"image alone": (), "image + " + " + ".join(views): views,
+                                   "image + jpeg:60 + shrink:0.5": ("jpeg:60", "shrink:0.5")}),
+           "fusion": fused,
+           "ensemble_rules": ensemble_rules(L_ens, y, chains, thr, ENSEMBLE_UNDER, views)}
     return res
 
 
@@ -259,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", type=int, default=64)
     ap.add_argument("--backend", default="openvino")
     ap.add_argument("--ensemble", default="photo", choices=sorted(ENSEMBLES))
+    ap.add_argument("--companion", default="cifake32",
+                    help="a whole-image bundle for the fusion probe ('' = skip it)")
     ap.add_argument("--head", default=None,
                     help="the bundle head's torch weights for the attribution probe (default: "
                          "export/weights/BUNDLE/head.pt when the bundle is named and the file exists)")
@@ -267,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     head = Path(args.head) if args.head else Path(__file__).parents[1] / "export" / "weights" / args.bundle / "head.pt"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = probe(args.bundle, Path(args.train_dir), Path(args.cache) if args.cache else None, args.tiles,
-                args.backend, args.ensemble, head if head.is_file() else None)
+                args.backend, args.ensemble, head if head.is_file() else None, args.companion or None)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
