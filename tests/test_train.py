@@ -754,7 +754,7 @@ def test_pretrain_invariance_pairs_and_loss(tmp_path: Path) -> None:
     x, x2 = torch.from_numpy(a2), torch.from_numpy(b2)
     assert float(invariance_loss(model, x, x).detach()) == pytest.approx(0.0, abs=1e-9)
     loss = invariance_loss(model, x, x2)
-    assert float(loss) > 0
+    assert float(loss.detach()) > 0
     loss.backward()
     assert model.patch_embed.proj.weight.grad is not None and model.patch_embed.proj.weight.grad.abs().sum() > 0
     out = tmp_path / "run"
@@ -772,6 +772,11 @@ def test_pretrain_invariance_pairs_and_loss(tmp_path: Path) -> None:
     s_b = json.loads((tmp_path / "b" / "summary.json").read_text())
     # lr 0: the weights stay those of --init, so the held-out measure before and after agree
     assert s_b["invariance"]["init_val_invariance"] == pytest.approx(s_b["final_val_invariance"], rel=1e-5)
+    # a resumed run keeps the starting point's measure (from the checkpoint)
+    assert main(args[:-4] + ["--out", str(tmp_path / "b"), "--init", str(out / "mae.pth"), "--lr", "0",
+                             "--invariance", "1", "--resume"]) == 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["invariance"]["init_val_invariance"] == \
+        s_b["invariance"]["init_val_invariance"]
     tar = _write_tar(tmp_path / "real.tar", 0, 8)
     with pytest.raises(SystemExit, match="needs --images"):
         main(["--tar", str(tar), "--arch", "tiny", "--out", str(tmp_path / "c"), "--invariance", "1"])

@@ -413,7 +413,9 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
     budget = args.time_budget_min * 60.0 if args.time_budget_min else None
     elapsed = st.get("elapsed", 0.0) if args.resume and ckpt.is_file() else 0.0  # training seconds so far
     inv_w = float(getattr(args, "invariance", 0.0))
-    init_inv = evaluate_invariance(model, *val_inv) if val_inv is not None and init_from and not history else None
+    # the held-out invariance of the weights this stage started from (kept in the checkpoint for a resume)
+    init_inv = st.get("init_val_invariance") if history else (
+        evaluate_invariance(model, *val_inv) if val_inv is not None and init_from else None)
     gen = torch.Generator().manual_seed(args.seed + 1000 * start_epoch)
     rng = np.random.default_rng(args.seed + 1000 * start_epoch)
     model.train()
@@ -490,7 +492,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         save_checkpoint(ckpt, {"model": cpu_state(model), "optimizer": opt.state_dict(),
                                "epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
                                "elapsed": elapsed, "stopped": stop, "args": vars(args),
-                               "init_from": init_from})
+                               "init_from": init_from, "init_val_invariance": init_inv})
     summary = {"arch": args.arch, "config": cfg.to_dict(), "seed": args.seed, "epochs": args.epochs,
                "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay,
                "warmup_steps": warmup, "time_budget_min": args.time_budget_min,
