@@ -163,7 +163,7 @@ def shift_directions(fs: Features, keep: np.ndarray, g_mean: np.ndarray, g_std: 
     the mean shift is part of what re-shipping does)."""
     z = (fs["feature"].astype(np.float64) - g_mean) / g_std
     own, view = fs["owner"], fs["view"]
-    n, views = int(own.max()) + 1, int(view.max()) + 1
+    n, views = len(keep), int(view.max()) + 1  # keep has one entry per image, with rows or not
     key = own * views + view
     cnt = np.bincount(key, minlength=n * views)
     mean = np.stack([np.bincount(key, weights=z[:, j], minlength=n * views) for j in range(z.shape[1])], 1)
