@@ -119,11 +119,10 @@ def crop_features(det: Any, rows: list[dict[str, str]], views: int | Sequence[st
     seeded by ``seed`` and the image's index); a sequence of re-shipping chains (``shrink:0.5+jpeg:75``)
     gives every image the same fixed views, in that order (view v = the v-th chain)."""
     from ..runtime.preprocess import load_image
-    from ..runtime.reship import parse_reshipping
     from ..runtime.tiles import tile_views
-    from .reship_augment import apply_view, draw_views
+    from .reship_augment import apply_view, draw_views, parse_view
 
-    fixed = None if isinstance(views, int) else [[parse_reshipping(x) for x in c.split("+")] for c in views]
+    fixed = None if isinstance(views, int) else [parse_view(c) for c in views]
     f = _cache_file(cache, det, rows, views if fixed is None else "|".join(views), seed) if cache else None
     if f is not None and f.exists():
         with np.load(f) as z:

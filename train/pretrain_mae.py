@@ -82,6 +82,13 @@ def pooled_feature(model: Any, imgs: Any) -> Any:
     return model.forward_encoder(imgs, keep)[:, 1:, :].mean(dim=1)
 
 
+def shift_over_spread(z: Any, z2: Any) -> Any:
+    """Pooled features [B, D] of clean crops and of the same crops recompressed -> the mean over
+    dimensions of (z2 - z)^2 / (batch variance of z + 1e-6): the measure :func:`invariance_loss`
+    trains and :func:`evaluate_invariance` reports."""
+    return (((z2 - z) ** 2) / (z.var(dim=0, unbiased=False) + 1e-6)).mean()
+
+
 def invariance_loss(model: Any, clean: Any, recompressed: Any) -> Any:
     """How far recompression moves the pooled feature, against its spread: the mean over feature
     dimensions of (z' - sg(z))^2 / (batch variance of sg(z) + 1e-6), z = :func:`pooled_feature` of
@@ -91,8 +98,7 @@ def invariance_loss(model: Any, clean: Any, recompressed: Any) -> Any:
 
     with torch.no_grad():
         z = pooled_feature(model, clean).float()
-    z2 = pooled_feature(model, recompressed).float()
-    return (((z2 - z) ** 2) / (z.var(dim=0, unbiased=False) + 1e-6)).mean()
+    return shift_over_spread(z, pooled_feature(model, recompressed).float())
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
@@ -120,6 +126,10 @@ def load_images(tar: Path, limit: int | None = None, log: Any = _logger.info) ->
     if bad:
         log(f"{tar}: skipped {bad} undecodable members")
     return np.stack(arrays), names
+
+
+#: the JPEG qualities (uniform, inclusive) of --invariance's recompressed copies
+INVARIANCE_JPEG = (30, 95)
 
 
 class PhotoCrops:
@@ -189,7 +199,8 @@ class PhotoCrops:
             names.append(view_name(view))
         return out, names
 
-    def jpeg_copy(self, rng: np.random.Generator, lo: int = 30, hi: int = 95) -> tuple[PhotoCrops, list[int]]:
+    def jpeg_copy(self, rng: np.random.Generator, lo: int = INVARIANCE_JPEG[0], hi: int = INVARIANCE_JPEG[1]
+                  ) -> tuple[PhotoCrops, list[int]]:
         """Every image after one JPEG round trip at a uniform random quality in [lo, hi] (same size,
         so a crop of the copy is the same crop recompressed, with the whole picture's 8x8 block grid
         as a site's re-encoding leaves it) -> (the copy, the qualities)."""
@@ -219,13 +230,14 @@ class PhotoCrops:
             t = int(rng.integers(0, a.shape[0] - s + 1))
             left = int(rng.integers(0, a.shape[1] - s + 1))
             flip = rng.random() < 0.5
-            for src, dst in ((a, out), (pair.images[i] if pair is not None else None, out2)):
-                if src is None or dst is None:
-                    continue
+
+            def cut(src: np.ndarray, t: int = t, left: int = left, flip: bool = flip) -> np.ndarray:
                 crop = src[t:t + s, left:left + s].astype(np.float32) / 255.0
-                if flip:
-                    crop = crop[:, ::-1]
-                dst[j] = normalise(np.ascontiguousarray(crop))
+                return normalise(np.ascontiguousarray(crop[:, ::-1] if flip else crop))
+
+            out[j] = cut(a)
+            if pair is not None and out2 is not None:
+                out2[j] = cut(pair.images[i])
         return out if out2 is None else (out, out2)
 
     def fixed_crops(self, per_image: int = 16) -> np.ndarray:
@@ -256,7 +268,7 @@ def evaluate_invariance(model: Any, clean: np.ndarray, recompressed: np.ndarray,
         z2 = torch.cat([pooled_feature(model, torch.from_numpy(recompressed[i:i + batch]).to(dev)).float()
                         for i in range(0, len(recompressed), batch)])
     model.train()
-    return float((((z2 - z) ** 2) / (z.var(dim=0, unbiased=False) + 1e-6)).mean())
+    return float(shift_over_spread(z, z2))
 
 
 def evaluate(model: Any, images: np.ndarray, n_keep: int, seed: int = 123, batch: int = 512) -> float:
@@ -513,7 +525,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                    f"; each epoch {args.reship:.0%} of the images re-shipped at random (train.reship_augment), "
                    f"every image trimmed and shrunk to max_side {args.max_side} as the runtime's tiles"
                    if args.reship else ""),
-               "invariance": {"weight": inv_w, "batch": args.invariance_batch, "jpeg_quality": [30, 95],
+               "invariance": {"weight": inv_w, "batch": args.invariance_batch, "jpeg_quality": list(INVARIANCE_JPEG),
                               "init_val_invariance": init_inv} if inv_w else None,
                "init_from": init_from, "history": history,
                "final_val_recon_loss": history[-1]["val_loss"] if history else None,

@@ -55,3 +55,8 @@ def apply_view(rgb: np.ndarray, view: list[Reshipping], max_pixels: int | None =
 def view_name(view: list[Reshipping]) -> str:
     """``shrink:0.5+jpeg:75``: how a view is named in logs and reports."""
     return "+".join(r.name for r in view)
+
+
+def parse_view(name: str) -> list[Reshipping]:
+    """``shrink:0.5+jpeg:75`` -> the view's steps, in order (the inverse of :func:`view_name`)."""
+    return [parse_reshipping(x) for x in name.split("+")]

@@ -116,12 +116,8 @@ def reductions(fs: Features, y: np.ndarray, names: Sequence[str]) -> dict[str, A
     threshold at 5% FPR on these reals (each reduction its own)."""
     out: dict[str, Any] = {}
     for nm, fn in REDUCTIONS.items():
-        L = image_logits(fs, len(y), fn)
-        thr = threshold_at_fpr(L[0][y == 0], 0.05)
-        base = verdicts(L[0], thr)
-        flips = {v: flip_rates(base, verdicts(L[i + 1], thr), y)["all"]["rate"] for i, v in enumerate(names)}
-        out[nm] = {"auc": auc(y, L[0]), "tpr": float(np.mean(L[0][y == 1] >= thr)),
-                   "mean_flip": float(np.mean(list(flips.values()))), "flips": flips}
+        r = threshold_flips(image_logits(fs, len(y), fn), y, names)
+        out[nm] = {k: r[k] for k in ("auc", "tpr", "mean_flip", "flips")}
     return out
 
 
@@ -198,15 +194,14 @@ def companion_logits(rows: list[dict[str, str]], names: Sequence[str], bundle: s
     """Logits [1 + len(names), n] of another bundle on every image as delivered and re-shipped."""
     from ..runtime.detector import Detector
     from ..runtime.preprocess import load_image
-    from ..runtime.reship import parse_reshipping
-    from .reship_augment import apply_view
+    from .reship_augment import apply_view, parse_view
 
     out = np.zeros((1 + len(names), len(rows)))
     with Detector(bundle, backend=backend, device="cpu", provenance=False) as det:
         for i, r in enumerate(rows):
             rgb = load_image(r["path"], det.max_pixels, det.max_bytes, det.formats)
             for v, c in enumerate([None, *names]):
-                im = rgb if c is None else apply_view(rgb, [parse_reshipping(x) for x in c.split("+")], det.max_pixels)
+                im = rgb if c is None else apply_view(rgb, parse_view(c), det.max_pixels)
                 out[v, i] = det.detect(im).logit
     return out
 
@@ -277,6 +272,7 @@ def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, bac
     train_rows, held, is_val = split_sources(read_labels(train_dir), DEFAULT_HELDOUT, 0)
     rows = [r for r, v in zip(train_rows, is_val, strict=True) if v] + held
     y = fake_labels(rows).astype(int)
+    n_val = int(sum(is_val))
     views = ENSEMBLES[ensemble]
     chains = list(views) + [c for r in ENSEMBLE_UNDER for c in [r] + [f"{r}+{v}" for v in views]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -286,21 +282,20 @@ def probe(bundle: str, train_dir: Path, cache: Path | None, tiles: int = 64, bac
             fs_ens = crop_features(det, rows, chains, 0, cache)
             # the val and (a) sets apart, as tiling_selection keys its cached rows
             fs_all = [crop_features(det, part, list(RESHIP_SET), 0, cache)
-                      for part in (rows[:int(sum(is_val))], held)] if companion else None
+                      for part in (rows[:n_val], held)] if companion else None
     L = image_logits(fs_shift, len(rows))
     L_ens = image_logits(fs_ens, len(rows))
-    val = np.arange(len(rows)) < int(sum(is_val))
+    val = np.arange(len(rows)) < n_val
     fused = None
     if companion and fs_all is not None:
-        lp = np.concatenate([image_logits(f, m) for f, m in zip(fs_all, (int(sum(is_val)), len(held)), strict=True)],
-                            axis=1)
+        lp = np.concatenate([image_logits(f, m) for f, m in zip(fs_all, (n_val, len(held)), strict=True)], axis=1)
         lc = companion_logits(rows, RESHIP_SET, companion, "onnxruntime")
         fused = {"companion": companion, "rule": "bundle logit / its spread + companion logit / its spread",
                  "bundle": threshold_flips(lp, y, RESHIP_SET, val),
                  "companion_alone": threshold_flips(lc, y, RESHIP_SET, val),
                  "fused": threshold_flips(lp / np.std(lp[0]) + lc / np.std(lc[0]), y, RESHIP_SET, val)}
     res = {"bundle": bundle, "threshold": threshold, "tiles": tiles, "backend": backend,
-           "images": {"validation": int(sum(is_val)), "heldout": len(held), "real": int((y == 0).sum()),
+           "images": {"validation": n_val, "heldout": len(held), "real": int((y == 0).sum()),
                       "fake": int((y == 1).sum())},
            "as_delivered": {"auc": auc(y, L[0]), "fpr": float(np.mean(L[0][y == 0] >= thr)),
                             "tpr": float(np.mean(L[0][y == 1] >= thr))},
