@@ -111,6 +111,9 @@ PRESETS: dict[str, MAEConfig] = {
                              decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
     "vit-micro-32": MAEConfig(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
                               decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
+    # the micro backbone at twice the depth: grown from a depth-6 run (pretrain_mae --grow-depth)
+    "vit-micro-32-d12": MAEConfig(img_size=32, patch_size=4, embed_dim=128, depth=12, num_heads=4,
+                                  decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
 }
 
 

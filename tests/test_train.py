@@ -3,6 +3,7 @@ into a bundle, and a pretraining smoke run. CPU-only, tiny models, synthetic ima
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -676,6 +677,56 @@ def test_pretrain_further_stage_from_init(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="different backbone"):
         other = common[:2] + ["--arch", "vit-micro-32"] + common[4:]
         main(other + ["--out", str(tmp_path / "c"), "--init", str(first)])
+
+
+@pytest.mark.parametrize("depth", [4, 6])
+def test_grow_depth_keeps_the_function(depth: int) -> None:
+    torch = pytest.importorskip("torch")
+    from cinemae.export.model import MaskedAutoencoderViT, preset
+    from cinemae.train.pretrain_mae import grow_depth, random_masks
+
+    torch.manual_seed(0)
+    src = MaskedAutoencoderViT(preset("tiny")).eval()  # depth 2
+    cfg = dataclasses.replace(preset("tiny"), depth=depth)
+    grown = MaskedAutoencoderViT(cfg).eval()
+    grown.load_state_dict(grow_depth(src.state_dict(), 2, depth), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    ids_keep, ids_restore, _ = random_masks(4, 64, 16, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = src.forward_encoder(x, ids_keep), grown.forward_encoder(x, ids_keep)
+        assert torch.equal(a, b)
+        assert torch.equal(src.forward_decoder(a, ids_restore), grown.forward_decoder(b, ids_restore))
+    # the inserted blocks are copies with zero output projections, so gradients reach them
+    r = depth // 2
+    assert torch.equal(grown.blocks[1].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert not grown.blocks[1].mlp.fc2.weight.any() and not grown.blocks[r - 1].attn.proj.weight.any()
+    assert torch.equal(grown.blocks[r].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+    with pytest.raises(ValueError, match="larger multiple"):
+        grow_depth(src.state_dict(), 2, 3)
+
+
+def test_pretrain_grows_a_shallower_run(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from cinemae.train.pretrain_mae import main
+
+    tar = _write_tar(tmp_path / "real.tar", 0, 24)
+    common = ["--tar", str(tar), "--batch", "8", "--warmup-steps", "2", "--log-every", "0", "--threads", "1",
+              "--epochs", "1"]
+    assert main(common + ["--arch", "vit-micro-32", "--out", str(tmp_path / "a")]) == 0
+    first = tmp_path / "a" / "mae.pth"
+    deeper = common + ["--arch", "vit-micro-32-d12", "--init", str(first)]
+    with pytest.raises(SystemExit, match="different backbone"):  # not without asking for it
+        main(deeper + ["--out", str(tmp_path / "b")])
+    # lr 0: the grown backbone's held-out loss is its source's (the same function)
+    assert main(deeper + ["--grow-depth", "--lr", "0", "--out", str(tmp_path / "b")]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["init_from"]["grown"] == {"from_depth": 6, "to_depth": 12} and s["config"]["depth"] == 12
+    assert s["final_val_recon_loss"] == pytest.approx(
+        json.loads((tmp_path / "a" / "summary.json").read_text())["final_val_recon_loss"], abs=1e-6)
+    # growing only changes the depth: another width is refused
+    assert main(common + ["--arch", "tiny", "--out", str(tmp_path / "t")]) == 0
+    with pytest.raises(SystemExit, match="more than its depth"):
+        main(deeper + ["--grow-depth", "--init", str(tmp_path / "t" / "mae.pth"), "--out", str(tmp_path / "c")])
 
 
 def _write_photo_folder(root: Path) -> Path:

@@ -26,6 +26,10 @@ patch tokens, unmasked) of the recompressed crops is pulled onto that of the cle
 gradient through the clean side), against the feature's spread. With ``--images`` the same measure
 on fixed held-out pairs is reported every epoch (``val_invariance``), trained with it or not.
 
+``--grow-depth`` with ``--init`` of a shallower run of the same backbone (``vit-micro-32`` ->
+``vit-micro-32-d12``) starts a deeper one from that run's function: :func:`grow_depth` follows every
+encoder block with copies of itself whose output projections are zero.
+
 ``--device cuda`` trains on a GPU (crops are still cut on the CPU, then copied); ``--autocast bf16``
 runs the forward pass in bfloat16 (weights, AdamW state and the reported held-out loss stay
 float32). Checkpoints are written with CPU tensors, so a run made on a GPU loads anywhere; the
@@ -99,6 +103,27 @@ def invariance_loss(model: Any, clean: Any, recompressed: Any) -> Any:
     with torch.no_grad():
         z = pooled_feature(model, clean).float()
     return shift_over_spread(z, pooled_feature(model, recompressed).float())
+
+
+def grow_depth(state: dict[str, Any], src_depth: int, depth: int) -> dict[str, Any]:
+    """A depth-``src_depth`` MAE state dict -> one for ``depth`` encoder blocks (a multiple of it) that
+    computes the same function: block i becomes blocks i*r .. i*r+r-1, the first a copy of it, the others
+    copies whose attention and MLP output projections (``attn.proj``, ``mlp.fc2``) are zero, so each adds
+    nothing to the residual stream until training moves them (progressive stacking with a function-preserving
+    start). Every other tensor (patch embedding, final norm, decoder) is kept as it is."""
+    if depth % src_depth or depth <= src_depth:
+        raise ValueError(f"can grow {src_depth} encoder blocks only to a larger multiple, not {depth}")
+    r = depth // src_depth
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if not k.startswith("blocks."):
+            out[k] = v
+            continue
+        _, i, rest = k.split(".", 2)
+        for j in range(r):
+            zero = j > 0 and rest.startswith(("attn.proj.", "mlp.fc2."))
+            out[f"blocks.{int(i) * r + j}.{rest}"] = v.clone().zero_() if zero else v.clone()
+    return out
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
@@ -408,10 +433,19 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         # a further stage: the weights of an earlier run, a fresh optimiser and a fresh schedule
         src = torch.load(args.init, map_location="cpu", weights_only=False)  # copied onto the device below
         # keys added to MAEConfig since the checkpoint was written take their defaults
-        if src.get("config") and {**cfg.to_dict(), **src["config"]} != cfg.to_dict():
+        state, grown = src["model"], None
+        src_cfg = {**cfg.to_dict(), **src.get("config", {})}
+        if getattr(args, "grow_depth", False) and src_cfg["depth"] != cfg.depth:
+            # a deeper backbone started from a shallower run's function (grow_depth)
+            if {**src_cfg, "depth": cfg.depth} != cfg.to_dict():
+                raise SystemExit(f"--grow-depth: --init {args.init} differs from --arch {args.arch} "
+                                 "in more than its depth")
+            state = grow_depth(state, src_cfg["depth"], cfg.depth)
+            grown = {"from_depth": src_cfg["depth"], "to_depth": cfg.depth}
+        elif src_cfg != cfg.to_dict():
             raise SystemExit(f"--init {args.init} holds a different backbone ({src['config']}) than --arch {args.arch}")
-        model.load_state_dict(src["model"])
-        init_from = {"path": str(args.init), "summary": src.get("summary")}
+        model.load_state_dict(state)
+        init_from = {"path": str(args.init), "summary": src.get("summary"), **({"grown": grown} if grown else {})}
         log(f"initialised from {args.init}")
     if args.resume and ckpt.is_file():
         st = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -584,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", default=None,
                     help="start from the weights of an earlier run's mae.pth (a further stage: fresh optimiser, "
                          "warm-up and cosine); recorded in the summary")
+    ap.add_argument("--grow-depth", action="store_true",
+                    help="with --init of a shallower run of the same backbone: insert encoder blocks whose "
+                         "output projections start at zero (grow_depth), so training starts from its function")
     return ap
 
 
