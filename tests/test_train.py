@@ -726,7 +726,8 @@ def test_pretrain_grows_a_shallower_run(tmp_path: Path) -> None:
     # growing only changes the depth: another width is refused
     assert main(common + ["--arch", "tiny", "--out", str(tmp_path / "t")]) == 0
     with pytest.raises(SystemExit, match="more than its depth"):
-        main(deeper + ["--grow-depth", "--init", str(tmp_path / "t" / "mae.pth"), "--out", str(tmp_path / "c")])
+        main(common + ["--arch", "vit-micro-32-d12", "--init", str(tmp_path / "t" / "mae.pth"), "--grow-depth",
+                       "--out", str(tmp_path / "c")])
 
 
 def _write_photo_folder(root: Path) -> Path:

@@ -198,15 +198,15 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
     orig = va & (view == 0)
     val_ids, tr_ids = np.flatnonzero(is_val), np.flatnonzero(~is_val)
     val_index = np.searchsorted(val_ids, own[orig])
+    u = None  # the same directions for every k: they depend on the training rows' g alone
+    if blind is not None:
+        if consistency is not None:
+            raise ValueError("blind directions are for per-crop BCE heads (consistency None)")
+        gm, gs = g[tr].mean(axis=0), np.maximum(g[tr].std(axis=0), 1e-6)  # the head's own standardisation
+        u = shift_directions(blind[0], ~is_val, gm, gs, blind[1])
     heads = {}
     for k in ks:
         sk = s if k else np.zeros_like(s)
-        u = None
-        if blind is not None:
-            if consistency is not None:
-                raise ValueError("blind directions are for per-crop BCE heads (consistency None)")
-            gm, gs = g[tr].mean(axis=0), np.maximum(g[tr].std(axis=0), 1e-6)  # the head's own standardisation
-            u = shift_directions(blind[0], ~is_val, gm, gs, blind[1])
         if consistency is None:
             th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
                             k=k, cfg=cfg, blind=u)
