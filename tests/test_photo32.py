@@ -54,6 +54,20 @@ def test_photo32_bundle_is_trained_tiled_verified_and_torch_free() -> None:
         assert ev[key]["this_model"]["threshold"] == pytest.approx(b.threshold, abs=1e-12)
 
 
+def test_photo32_description_states_its_backbone_and_head_recipe() -> None:
+    """The description is written from the manifest (not from a template that names one backbone):
+    its shape (width, depth, grown or not) and the head's re-shipped training copies."""
+    from cinemae.train.photo_tiles import augment_words, backbone_words
+
+    m = resolve_bundle("photo32").manifest
+    b = m["backbone"]
+    words = backbone_words(m)
+    assert words in m["description"] and f"{b['embed_dim']} wide" in words
+    assert ("grown to" in words) == (b["depth"] != 6) and str(b["depth"]) in words
+    aug = int(m["head"]["training"]["data"].get("reship_augment", 0))
+    assert augment_words(aug) in m["description"] and ("random re-shippings" in m["description"]) == (aug > 0)
+
+
 def test_photo32_reproduces_the_reported_scores(shared_data: Path) -> None:
     """Six images of ../shared/data/photos (both classes) and its one letterboxed real photo, through
     Detector("photo32"): p equals the report's per-image p (the runtime's, with the bundle's tiling)

@@ -517,7 +517,7 @@ def tiling_words(tiles: dict[str, Any]) -> str:
 
 
 PHOTO_DESCRIPTION = (
-    "Photo model: the small MAE of cifake32 (ViT, patch 4, 128 wide, 6 blocks; decoder 96x2; pixel targets) "
+    "Photo model: the small MAE of cifake32{shape} "
     "pretrained further on native-resolution 32-px crops of real photographs (photos-train, sources held out "
     "of the evaluation excluded){pretrain}, with a CINEMAE head (K=2) trained on crops of real photos and of images "
     "from several generators ({trained_on}){augment}. Every image is scored as up to {n} 32-px crops taken at native "
@@ -529,6 +529,21 @@ PHOTO_DESCRIPTION = (
     "ViT-L/16 on GenImage: generators unlike its training data are detected little better than chance. The "
     "CIFAKE model stays available as --bundle cifake32."
 )
+
+
+def backbone_words(manifest: dict[str, Any]) -> str:
+    """The backbone's shape, from a manifest's ``backbone`` entry, in words for the description;
+    " grown to N blocks" when it is deeper than cifake32's 6 (``pretrain_mae --grow-depth``)."""
+    b = manifest["backbone"]
+    grown = f", grown to {b['depth']} blocks" if b["depth"] != 6 else ""
+    return (f" (ViT, patch {b['patch_size']}, {b['embed_dim']} wide, 6 blocks{grown}; decoder "
+            f"{b['decoder_embed_dim']}x{b['decoder_depth']}; pixel targets)")
+
+
+def augment_words(n: int) -> str:
+    """How the head saw its training images (``--reship-augment N``), in words for the description."""
+    return (f", each training image also seen as {n} random re-shippings (JPEG, resize, crop, letterbox)"
+            if n else "")
 
 
 def pretraining_words(manifest: dict[str, Any]) -> str:
@@ -564,10 +579,9 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
     updates = {
         "model_id": f"cinemae-{name}", "model_version": str(report.get("model_version", "1")),
         "description": PHOTO_DESCRIPTION.format(
-            pretrain=pretraining_words(stage),
+            shape=backbone_words(stage), pretrain=pretraining_words(stage),
             trained_on="all of photos-train" if final else "photos-train minus six held-out sources",
-            augment=(f", each training image also seen as {aug} random re-shippings (JPEG, resize, crop, "
-                     "letterbox)") if aug else "",
+            augment=augment_words(aug),
             n=tiles["n"], trim=tiling_words(tiles),
             b_auc=report["photos"][shipped]["metrics"]["auc"],
             b_fpr=report["photos"][shipped]["metrics"]["at_threshold"]["fpr"],
@@ -769,7 +783,9 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
     m["evaluation"] = json.loads(json.dumps(ev, default=float))
     t = m["tiles"]
     m["description"] = PHOTO_DESCRIPTION.format(
-        pretrain=pretraining_words(m), trained_on="photos-train minus six held-out sources", augment="", n=t["n"],
+        shape=backbone_words(m), pretrain=pretraining_words(m), trained_on="photos-train minus six held-out sources",
+        augment=augment_words(int(m.get("head", {}).get("training", {}).get("data", {}).get("reship_augment", 0))),
+        n=t["n"],
         trim=tiling_words(t),
         b_auc=ev["photos_never_trained_on"]["this_model"]["auc"],
         b_fpr=ev["photos_never_trained_on"]["this_model"]["fpr_real_at_threshold"], a_who=a_who,
