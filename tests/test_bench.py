@@ -324,3 +324,30 @@ def test_bench_interrupted_keeps_measured_rows(bench_cache: Path, tmp_path: Path
     assert res["interrupted"] is True
     assert 1 <= len(res["rows"]) < 36 and all(r["status"] == "ok" for r in res["rows"])
     assert "p50 ms" in stdout  # the table of what was measured is still printed
+
+
+def test_bundle_cost_compares_bundles_side_by_side(tiny_bundle: Path, tmp_path: Path) -> None:
+    """benchmarks/bundle_cost on the same files: a row per bundle with its ratio to the first (the
+    first's is 1), a bundle that cannot load is a row with its error and the others still run, and
+    the CLI writes a record naming the machine and each bundle."""
+    from cinemae.benchmarks.bundle_cost import main, measure
+
+    files = _pictures(4, seed=3)
+    rows = measure([str(tiny_bundle), str(tmp_path / "missing"), str(tiny_bundle)], files, "onnxruntime",
+                   1, lambda s: None, rounds=2, batch=2)
+    first = rows[str(tiny_bundle)]
+    assert first["ratio_to_first"] == 1.0 and first["ms_per_image"] > 0 and len(first["rounds_ms"]) == 2
+    assert "error" in rows[str(tmp_path / "missing")]
+
+    data = tmp_path / "data"
+    for cls in ("real", "fake"):
+        (data / cls).mkdir(parents=True)
+        for i, b in enumerate(_pictures(2, seed=7 if cls == "real" else 8)):
+            (data / cls / f"{i}.jpg").write_bytes(b)
+    out = tmp_path / "cost.json"
+    assert main(["--bundles", str(tiny_bundle), "cifake32", "--data", str(data), "--limit", "2",
+                 "--backends", "onnxruntime", "--rounds", "1", "--batch", "2", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["images"] == 4 and rec["environment"] and rec["bundles"]["cifake32"]["model_id"]
+    row = rec["backends"]["onnxruntime"]
+    assert row[str(tiny_bundle)]["ratio_to_first"] == 1.0 and row["cifake32"]["ratio_to_first"] > 0
