@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, threads: int | None,
@@ -73,6 +76,7 @@ def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, thread
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..runtime.bundle import resolve_bundle
+    from ..runtime.commands import configure_logging
     from .datasets import load_labeled
     from .environment import environment, load_average
 
@@ -86,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", required=True, help="JSON file")
     a = ap.parse_args(argv)
+    configure_logging("stdout")
     files = [it.read() for it in load_labeled(a.data, a.limit)]
     rec: dict[str, Any] = {
         "environment": environment(), "load_average_start": load_average(),
@@ -96,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "images, median over rounds; CPU = process CPU time (all threads)",
         "backends": {}}
     for be in a.backends.split(","):
-        rec["backends"][be] = measure(a.bundles, files, be, a.threads, print, a.rounds, a.batch)
+        rec["backends"][be] = measure(a.bundles, files, be, a.threads, log.info, a.rounds, a.batch)
     rec["load_average_end"] = load_average()
     Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
-    print(f"wrote {a.out}")
+    log.info("wrote %s", a.out)
     return 0
 
 
