@@ -15,6 +15,7 @@ error, and the others still run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -35,12 +36,12 @@ def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, thread
 
     dets: dict[str, Any] = {}
     out: dict[str, Any] = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:  # every Detector closed, even on an error
         warnings.simplefilter("ignore")  # the embedded CIFAKE model's domain warning
         for b in bundles:
             try:
-                d = Detector(b, backend=backend, device="cpu", threads=threads, batch_size=batch,
-                             provenance=False)
+                d = stack.enter_context(Detector(b, backend=backend, device="cpu", threads=threads,
+                                                 batch_size=batch, provenance=False))
                 bad = [r.error for r in d.detect_batch(list(files[:batch])) if r.error]  # warm-up
                 if bad:
                     raise RuntimeError(f"warm-up: {bad[0]}")
@@ -63,8 +64,6 @@ def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, thread
                 wall[b].append(1000 * tot[b][0] / len(files))
                 cpu[b].append(1000 * tot[b][1] / len(files))
             log(f"  {backend} round {r + 1}: " + ", ".join(f"{b} {wall[b][-1]:.0f} ms" for b in names))
-    for d in dets.values():
-        d.close()
     base = statistics.median(wall[names[0]]) if names and names[0] == bundles[0] else None
     for b in names:
         med = statistics.median(wall[b])
