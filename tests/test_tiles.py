@@ -257,6 +257,27 @@ def test_tiling_selection_logit_shift_is_threshold_free() -> None:
     assert r3["median_shift_over_spread"]["up"] == pytest.approx(per["up"], rel=1e-3)
 
 
+def test_tiling_selection_seed_summary_groups_configs_and_reproduces_section_15() -> None:
+    """Rows group by config (a name may hold '/'); the stage-1 reading is the mean of the validation
+    and (a) flips at version 3's rule; on the committed rows it gives RECIPE 15's five-seed numbers."""
+    from cinemae.train.tiling_selection import seed_summary
+
+    def row(fv: float, fa: float, auc: float) -> dict:
+        return {"val": {"auc": auc}, "heldout": {"auc": 0.5}, "logit_shift": {"mean": 0.2},
+                "at_val_heldout": {"val": {"mean_flip": fv}, "heldout": {"mean_flip": fa}}}
+
+    s = seed_summary({"a/b/seed0": row(0.02, 0.04, 0.9), "a/b/seed1": row(0.04, 0.06, 0.8),
+                      "c/seed0": row(0.1, 0.0, 0.7)})
+    assert set(s) == {"a/b", "c"} and s["a/b"]["seeds"] == 2 and s["c"]["seeds"] == 1
+    assert s["a/b"]["flip_mean"] == pytest.approx(0.04) and s["a/b"]["flip_sd"] == pytest.approx(0.02 / 2 ** 0.5)
+    assert s["a/b"]["val_auc"] == pytest.approx(0.85) and np.isnan(s["c"]["flip_sd"])
+    committed = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                            / "photo32_head_selection_seed_noise.json").read_text())
+    v5 = seed_summary(committed["version 5's backbone (runs/photo32d12-backbone)"]["rows"])
+    (m,) = v5.values()
+    assert m["seeds"] == 5 and round(m["flip_mean"], 4) == 0.0343 and round(m["flip_sd"], 4) == 0.0073
+
+
 def test_stability_probes_quality_offset_and_class_shift() -> None:
     """a = 0 is the bundle as it is (the plain flips); a = 1 subtracts exactly the reals' median shift,
     so reals shifted uniformly flip back to none while fakes shifted less fall below the threshold."""

@@ -123,6 +123,29 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
     return out
 
 
+def seed_summary(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per config, over its seeds: the stage-1 reading (mean of the validation and (a) mean flips at
+    version 3's threshold rule) as mean, sample sd, min and max, with the mean validation AUC, (a)
+    AUC and logit shift. A head's flip varies by 0.6-0.7 points between seeds (train/RECIPE.md
+    section 15), so a rule meant to separate candidates a point apart reads five or more seeds."""
+    import statistics
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for key, r in results.items():
+        by.setdefault(key.rsplit("/seed", 1)[0], []).append(r)
+    out: dict[str, dict[str, float]] = {}
+    for name, rows in by.items():
+        flips = [(r["at_val_heldout"]["val"]["mean_flip"] + r["at_val_heldout"]["heldout"]["mean_flip"]) / 2
+                 for r in rows]
+        out[name] = {"seeds": len(rows), "flip_mean": statistics.mean(flips),
+                     "flip_sd": statistics.stdev(flips) if len(flips) > 1 else float("nan"),
+                     "flip_min": min(flips), "flip_max": max(flips),
+                     "val_auc": statistics.mean(r["val"]["auc"] for r in rows),
+                     "heldout_auc": statistics.mean(r["heldout"]["auc"] for r in rows),
+                     "logit_shift": statistics.mean(r["logit_shift"]["mean"] for r in rows)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", required=True, help="the backbone bundle (its head is replaced per seed)")
@@ -138,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     res = select(args.bundle, Path(args.train_dir), json.loads(args.configs), args.seeds,
                  Path(args.cache) if args.cache else None, args.backend)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    for name, m in seed_summary(res).items():
+        log.info("%s over %d seeds: flip at version 3's rule %.4f (sd %.4f, %.4f..%.4f); val AUC %.4f, "
+                 "(a) AUC %.4f, logit shift / spread %.3f", name, m["seeds"], m["flip_mean"], m["flip_sd"],
+                 m["flip_min"], m["flip_max"], m["val_auc"], m["heldout_auc"], m["logit_shift"])
     return 0
 
 
