@@ -74,7 +74,6 @@ def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, thread
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..runtime.bundle import resolve_bundle
     from ..runtime.commands import configure_logging
     from .datasets import load_labeled
     from .environment import environment, load_average
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = [it.read() for it in load_labeled(a.data, a.limit)]
     rec: dict[str, Any] = {
         "environment": environment(), "load_average_start": load_average(),
-        "bundles": {b: _describe(resolve_bundle, b) for b in a.bundles},
+        "bundles": {b: _describe(b) for b in a.bundles},
         "images": len(files), "data": a.data, "threads": a.threads, "batch": a.batch, "rounds": a.rounds,
         "protocol": "Detector.detect_batch on the encoded files (provenance off), one warm-up batch each, "
                     "bundles interleaved batch by batch with the order rotating; ms per image = wall time / "
@@ -107,10 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _describe(resolve: Callable[[str], Any], name: str) -> dict[str, Any]:
+def _describe(name: str) -> dict[str, Any]:
     """A bundle's identity for the record: model id, version, backbone depth, tiles; or its error."""
+    from ..runtime.bundle import resolve_bundle
+
     try:
-        b = resolve(name)
+        b = resolve_bundle(name)
         m = b.manifest
         return {"path": str(b.root), "model_id": m.get("model_id"), "model_version": m.get("model_version"),
                 "depth": m["backbone"]["depth"], "embed_dim": m["backbone"]["embed_dim"], "tiles": m.get("tiles")}
