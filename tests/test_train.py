@@ -781,6 +781,57 @@ def test_pretrain_on_photo_crops(tmp_path: Path) -> None:
         main(args + ["--tar", "x.tar"])
 
 
+def test_device_crops_cut_what_the_cpu_sampler_cuts(tmp_path: Path) -> None:
+    """--crops-on device (DeviceCrops, here on the CPU's torch, the same code as on a GPU): a crop at a
+    drawn place equals PhotoCrops' numpy cut of that window (mirrored where flipped); positions stay
+    inside each image whatever its size in the padded tensor; images are drawn in proportion to their
+    area; paired crops come from the same places; a run trains with it and records where crops were cut."""
+    torch = pytest.importorskip("torch")
+    from cinemae.runtime.preprocess import normalise
+    from cinemae.train.pretrain_mae import DeviceCrops, PhotoCrops, crops_place, main
+
+    root = _write_photo_folder(tmp_path / "photos")
+    pc = PhotoCrops(root, 32, ("held/",))
+    dc = DeviceCrops(pc, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    which, top, left, flip = dc.positions(4000, gen)
+    hw = np.array([a.shape[:2] for a in pc.images])
+    w, t, c = which.numpy(), top.numpy(), left.numpy()
+    assert (t >= 0).all() and (c >= 0).all()
+    assert (t + 32 <= hw[w, 0]).all() and (c + 32 <= hw[w, 1]).all()  # never into the padding
+    assert 0.45 < flip.float().mean().item() < 0.55
+    share = np.bincount(w, minlength=len(pc.images)) / len(w)
+    np.testing.assert_allclose(share, hw.prod(1) / hw.prod(1).sum(), atol=0.03)
+    for i in range(len(pc.images)):  # every start position of an image can be drawn, first and last included
+        assert t[w == i].min() == 0 and c[w == i].max() == hw[i, 1] - 32
+    x = dc.cut(dc.pad, which[:50], top[:50], left[:50], flip[:50]).numpy()
+    assert x.shape == (50, 3, 32, 32) and x.dtype == np.float32
+    for j in range(50):
+        crop = pc.images[w[j]][t[j]:t[j] + 32, c[j]:c[j] + 32].astype(np.float32) / 255.0
+        ref = normalise(np.ascontiguousarray(crop[:, ::-1] if flip[j] else crop))
+        np.testing.assert_allclose(x[j], ref, rtol=0, atol=1e-5)
+    copy, _ = pc.jpeg_copy(np.random.default_rng(1))
+    dp = DeviceCrops(pc, torch.device("cpu"), pair=copy)
+    a, b = dp.sample(8, torch.Generator().manual_seed(3), paired=True)
+    assert torch.equal(a, dp.sample(8, torch.Generator().manual_seed(3)))  # same places as unpaired
+    assert not torch.equal(a, b) and (b - a).abs().mean() < 0.5 * (a - a.flip(0)).abs().mean()
+    with pytest.raises(ValueError, match="no paired copy"):
+        dc.sample(2, gen, paired=True)
+    cpu = torch.device("cpu")
+    assert crops_place("auto", cpu, True) == "cpu" and crops_place("device", cpu, True) == "device"
+    with pytest.raises(SystemExit, match="needs --images"):
+        crops_place("device", cpu, False)
+    out = tmp_path / "run"
+    args = ["--images", str(root), "--exclude-source", "held/", "--arch", "tiny", "--out", str(out),
+            "--epochs", "2", "--batch", "4", "--crops-per-epoch", "8", "--holdout-frac", "0.3",
+            "--warmup-steps", "1", "--log-every", "1", "--threads", "1", "--crops-on", "device",
+            "--reship", "0.5", "--max-side", "64", "--invariance", "1", "--invariance-batch", "3"]
+    assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["crops_on"] == "device" and s["steps"] == 4 and np.isfinite(s["final_val_recon_loss"])
+    assert all(h["train_loss"] > 0 and h["train_invariance"] >= 0 for h in s["history"])
+
+
 def test_pretrain_invariance_pairs_and_loss(tmp_path: Path) -> None:
     """--invariance: a JPEG copy keeps every image's size, paired crops come from the same places and
     flips, the loss is 0 for identical inputs and grows with the recompression, and only the
@@ -939,3 +990,11 @@ def test_pretrain_on_cuda_loads_on_cpu(tmp_path: Path) -> None:
     assert main(common + ["--out", str(tmp_path / "g"), "--device", "cuda", "--autocast", "bf16"]) == 0
     assert json.loads((tmp_path / "g" / "summary.json").read_text())["device"].startswith("cuda")
     assert main(common + ["--out", str(tmp_path / "c"), "--lr", "0", "--init", str(tmp_path / "g" / "mae.pth")]) == 0
+    # photo crops on a GPU are cut there (--crops-on auto)
+    root = _write_photo_folder(tmp_path / "photos")
+    assert main(["--images", str(root), "--exclude-source", "held/", "--arch", "tiny", "--out", str(tmp_path / "p"),
+                 "--epochs", "2", "--batch", "4", "--crops-per-epoch", "8", "--holdout-frac", "0.3",
+                 "--warmup-steps", "1", "--log-every", "0", "--device", "cuda", "--reship", "0.5",
+                 "--max-side", "64"]) == 0
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s["crops_on"] == "device" and np.isfinite(s["final_val_recon_loss"])

@@ -30,7 +30,8 @@ on fixed held-out pairs is reported every epoch (``val_invariance``), trained wi
 ``vit-micro-32-d12``) starts a deeper one from that run's function: :func:`grow_depth` follows every
 encoder block with copies of itself whose output projections are zero.
 
-``--device cuda`` trains on a GPU (crops are still cut on the CPU, then copied); ``--autocast bf16``
+``--device cuda`` trains on a GPU, where photo crops are cut too (``--crops-on``, :class:`DeviceCrops`:
+the pictures held on the device, a batch of crops one gather); ``--autocast bf16``
 runs the forward pass in bfloat16 (weights, AdamW state and the reported held-out loss stay
 float32). Checkpoints are written with CPU tensors, so a run made on a GPU loads anywhere; the
 summary records the device, the autocast and the crops per second.
@@ -274,6 +275,81 @@ class PhotoCrops:
                                for a in self.images])
 
 
+class DeviceCrops:
+    """A :class:`PhotoCrops` held on a torch device and cut there (``--crops-on device``).
+
+    A GPU step of a small backbone takes milliseconds, so cutting crops one at a time on the CPU
+    (:meth:`PhotoCrops.sample`) would leave it idle. Here the images live on the device as one padded
+    uint8 tensor [N, Hmax, Wmax, 3] and a batch of crops is one gather. The distribution is
+    :meth:`PhotoCrops.sample`'s (images in proportion to their area, a uniform position inside the
+    image, a horizontal flip with probability 1/2, the runtime's normalisation); the random stream is
+    torch's, so a run's crops differ from a CPU-cut run with the same seed."""
+
+    def __init__(self, photos: PhotoCrops, device: Any, pair: PhotoCrops | None = None) -> None:
+        import torch
+
+        from ..runtime.bundle import IMAGENET_MEAN, IMAGENET_STD
+
+        self.img_size = photos.img_size
+        self.device = device
+        self.hw = torch.tensor([a.shape[:2] for a in photos.images], dtype=torch.int64, device=device)  # [N, 2]
+        area = (self.hw[:, 0] * self.hw[:, 1]).double()
+        self.p = (area / area.sum()).float()  # [N]
+        self.pad = self._padded(photos.images)
+        self.pad2 = None
+        if pair is not None:
+            if [a.shape for a in pair.images] != [a.shape for a in photos.images]:
+                raise ValueError("a paired copy must hold images of the same sizes")
+            self.pad2 = self._padded(pair.images)
+        self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def _padded(self, images: list[np.ndarray]) -> Any:
+        import torch
+
+        h = max(a.shape[0] for a in images)
+        w = max(a.shape[1] for a in images)
+        pad = np.zeros((len(images), h, w, 3), np.uint8)
+        for i, a in enumerate(images):
+            pad[i, :a.shape[0], :a.shape[1]] = a
+        return torch.from_numpy(pad).to(self.device)
+
+    def positions(self, n: int, gen: Any) -> tuple[Any, Any, Any, Any]:
+        """Draw n crops: (image index [n], top [n], left [n], flip [n] bool), all on the device."""
+        import torch
+
+        s = self.img_size
+        which = torch.multinomial(self.p, n, replacement=True, generator=gen)
+        room = self.hw[which] - s + 1  # [n, 2] positions a crop can start at
+        u = torch.rand((n, 2), generator=gen, device=self.device)
+        start = torch.minimum((u * room).long(), room - 1)
+        flip = torch.rand(n, generator=gen, device=self.device) < 0.5
+        return which, start[:, 0], start[:, 1], flip
+
+    def cut(self, pad: Any, which: Any, top: Any, left: Any, flip: Any) -> Any:
+        """Crops at the given places -> [n, 3, S, S] float32, normalised as the runtime's tiles."""
+        import torch
+
+        s = self.img_size
+        r = torch.arange(s, device=self.device)
+        rows = top[:, None] + r  # [n, S]
+        cols = left[:, None] + torch.where(flip[:, None], s - 1 - r, r)  # [n, S], mirrored where flipped
+        crops = pad[which[:, None, None], rows[:, :, None], cols[:, None, :]]  # [n, S, S, 3] uint8
+        x = crops.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def sample(self, n: int, gen: Any, paired: bool = False) -> Any:
+        """n random crops -> [n, 3, S, S] on the device; ``paired``: also the same crops of the copy
+        given at construction -> (crops, paired crops)."""
+        which, top, left, flip = self.positions(n, gen)
+        x = self.cut(self.pad, which, top, left, flip)
+        if not paired:
+            return x
+        if self.pad2 is None:
+            raise ValueError("no paired copy was given")
+        return x, self.cut(self.pad2, which, top, left, flip)
+
+
 def split_holdout(names: list[str], frac: float = 0.02) -> np.ndarray:
     """Deterministic hold-out mask (crc32 of the member name), for the reported recon loss."""
     import zlib
@@ -351,6 +427,18 @@ def training_device(name: str, autocast: str) -> tuple[Any, Any]:
     return dev, lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
 
 
+def crops_place(choice: str, device: Any, photos: bool) -> str:
+    """``--crops-on`` -> "cpu" or "device": auto cuts photo crops on a GPU when training there and on the
+    CPU otherwise (the CPU path keeps the random stream of the runs recorded in RECIPE.md)."""
+    if choice not in ("auto", "cpu", "device"):
+        raise SystemExit(f"--crops-on is auto, cpu or device, not {choice!r}")
+    if choice == "device" and not photos:
+        raise SystemExit("--crops-on device cuts photo crops: it needs --images")
+    if choice == "auto":
+        return "device" if photos and device.type == "cuda" else "cpu"
+    return choice
+
+
 def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any]:
     """Run (or resume) the recipe; returns the summary written to ``OUT/summary.json``."""
     import torch
@@ -410,6 +498,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             f"{len(val_x)} held out for the reconstruction loss")
 
     device, autocast = training_device(getattr(args, "device", "cpu"), getattr(args, "autocast", "none"))
+    crops_on = crops_place(getattr(args, "crops_on", "auto"), device, photos is not None)
     torch.manual_seed(args.seed)
     model = MaskedAutoencoderViT(cfg)
     model.to(device)  # before the optimiser: its state lives beside the parameters
@@ -464,6 +553,10 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
         evaluate_invariance(model, *val_inv) if val_inv is not None and init_from else None)
     gen = torch.Generator().manual_seed(args.seed + 1000 * start_epoch)
     rng = np.random.default_rng(args.seed + 1000 * start_epoch)
+    # --crops-on device: crops cut on the device from a torch stream of their own (DeviceCrops)
+    dgen = torch.Generator(device=device).manual_seed(args.seed + 1000 * start_epoch + 7) \
+        if crops_on == "device" else None
+    on_device: DeviceCrops | None = None
     model.train()
     stop = False
     for epoch in range(start_epoch, args.epochs):
@@ -477,7 +570,13 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             epoch_photos, names = photos.reshipped(rng, args.reship, args.max_side)
             log(f"epoch {epoch + 1}: {sum(bool(n) for n in names)} of {len(names)} images re-shipped")
         epoch_jpeg = epoch_photos.jpeg_copy(rng)[0] if inv_w and epoch_photos is not None else None
-        running, seen, running_inv = 0.0, 0, 0.0
+        if dgen is not None and epoch_photos is not None and (
+                on_device is None or args.reship or epoch_jpeg is not None):  # new pictures this epoch
+            on_device = DeviceCrops(epoch_photos, device, pair=epoch_jpeg)
+        # sums kept on the device, read at log points and at the end of the epoch (no sync per step)
+        running_t = torch.zeros((), dtype=torch.float64, device=device)
+        running_inv_t = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
         for s in range(steps_per_epoch):
             step = epoch * steps_per_epoch + s
             if budget is not None:
@@ -493,32 +592,40 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                 lr = lr_at(step, total, warmup, args.lr, args.lr * 0.01)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if photos is not None:
-                xb = epoch_photos.sample(args.batch, rng)
+            if on_device is not None:
+                x = on_device.sample(args.batch, dgen)
             else:
-                idx = order[s * args.batch:(s + 1) * args.batch]
-                xb = train_x[idx]
-                flip = rng.random(len(idx)) < 0.5
-                xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
-            x = torch.from_numpy(np.ascontiguousarray(xb)).to(device, non_blocking=True)
+                if photos is not None:
+                    xb = epoch_photos.sample(args.batch, rng)
+                else:
+                    idx = order[s * args.batch:(s + 1) * args.batch]
+                    xb = train_x[idx]
+                    flip = rng.random(len(idx)) < 0.5
+                    xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
+                x = torch.from_numpy(np.ascontiguousarray(xb)).to(device, non_blocking=True)
             keep, restore, mask = (t.to(device, non_blocking=True)
                                    for t in random_masks(len(x), cfg.num_patches, n_keep, gen))
             with autocast():
                 loss = mae_loss(model, x, keep, restore, mask)
                 total_loss = loss
                 if epoch_jpeg is not None:  # --invariance: the same crops recompressed, pulled onto the clean ones
-                    pa, pb = epoch_photos.sample(args.invariance_batch, rng, pair=epoch_jpeg)
-                    inv = invariance_loss(model, torch.from_numpy(pa).to(device), torch.from_numpy(pb).to(device))
-                    running_inv += float(inv.detach()) * len(x)
+                    if on_device is not None:
+                        ta, tb = on_device.sample(args.invariance_batch, dgen, paired=True)
+                    else:
+                        pa, pb = epoch_photos.sample(args.invariance_batch, rng, pair=epoch_jpeg)
+                        ta, tb = torch.from_numpy(pa).to(device), torch.from_numpy(pb).to(device)
+                    inv = invariance_loss(model, ta, tb)
+                    running_inv_t += inv.detach().double() * len(x)
                     total_loss = loss + inv_w * inv
             opt.zero_grad(set_to_none=True)
             total_loss.backward()
             opt.step()
-            running += float(loss.detach()) * len(x)  # a sync per step: what the log and history report
+            running_t += loss.detach().double() * len(x)
             seen += len(x)
             if args.log_every and (s + 1) % args.log_every == 0:
-                log(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {running / seen:.4f} "
+                log(f"epoch {epoch + 1} step {s + 1}/{steps_per_epoch} loss {float(running_t) / seen:.4f} "
                     f"lr {lr:.2e} {seen / (time.time() - te):.0f} img/s")
+        running, running_inv = float(running_t), float(running_inv_t)  # waits for the epoch's last step
         elapsed = e0 + time.time() - te
         if stop and seen == 0:  # the budget was spent before this epoch's first step (e.g. a resumed run)
             elapsed = e0
@@ -544,7 +651,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                "warmup_steps": warmup, "time_budget_min": args.time_budget_min,
                "steps": int(sum(h["steps"] for h in history)), "train_seconds": round(elapsed, 1),
                "mask_ratio": args.mask_ratio, "threads": args.threads,
-               "device": str(device), "autocast": getattr(args, "autocast", "none"),
+               "device": str(device), "autocast": getattr(args, "autocast", "none"), "crops_on": crops_on,
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
                # crops trained on per second of training (held-out evaluations not counted)
                "crops_per_second": round(sum(h["images"] for h in history) / elapsed, 1) if elapsed > 0 else None,
@@ -605,7 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu",
-                    help="cpu, cuda or cuda:N (the model, optimiser and batches live there; crops are cut on the CPU)")
+                    help="cpu, cuda or cuda:N (the model, optimiser and batches live there)")
+    ap.add_argument("--crops-on", default="auto", choices=("auto", "cpu", "device"),
+                    help="with --images: where crops are cut; auto = on the device with --device cuda "
+                         "(DeviceCrops: one gather per batch), on the CPU otherwise")
     ap.add_argument("--autocast", default="none", choices=("none", "bf16"),
                     help="bf16: the forward pass under torch.autocast (AMX on this CPU, tensor cores on a GPU); "
                          "weights, optimiser and the reported held-out loss stay float32")
