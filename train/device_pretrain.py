@@ -2,7 +2,7 @@
 
 Issue 19's better version of the photo backbone's pretraining: the same recipe as the CPU stages
 (real photo crops only, re-shipped copies, ``train/pretrain_mae.py``) for a ViT-Tiny-class encoder
-(``vit-tiny-32``, 192 wide x 12 blocks) on the device for a few minutes, crops cut on the GPU
+(``vit-tiny-32``, 192 wide x 12 blocks, 5.8 M parameters) on the device for a few minutes, crops cut on the GPU
 (``--crops-on device``). Three steps, build / run / bring back, each a subcommand:
 
     # here: the training reals, minus the sources held out of the head's evaluation, as a folder to carry
