@@ -100,6 +100,9 @@ def gpu_name() -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """On the device: link the project, pretrain, cut mae.pth into parts, write the manifest."""
+    if not args.minutes > 0:
+        print(f"--minutes is the training time budget, more than 0 (not {args.minutes})", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data)
