@@ -784,7 +784,7 @@ def test_pretrain_on_photo_crops(tmp_path: Path) -> None:
 def test_device_crops_cut_what_the_cpu_sampler_cuts(tmp_path: Path) -> None:
     """--crops-on device (DeviceCrops, here on the CPU's torch, the same code as on a GPU): a crop at a
     drawn place equals PhotoCrops' numpy cut of that window (mirrored where flipped); positions stay
-    inside each image whatever its size in the padded tensor; images are drawn in proportion to their
+    inside each image; images are drawn in proportion to their
     area; paired crops come from the same places; a run trains with it and records where crops were cut."""
     torch = pytest.importorskip("torch")
     from cinemae.runtime.preprocess import normalise
@@ -804,7 +804,8 @@ def test_device_crops_cut_what_the_cpu_sampler_cuts(tmp_path: Path) -> None:
     np.testing.assert_allclose(share, hw.prod(1) / hw.prod(1).sum(), atol=0.03)
     for i in range(len(pc.images)):  # every start position of an image can be drawn, first and last included
         assert t[w == i].min() == 0 and c[w == i].max() == hw[i, 1] - 32
-    x = dc.cut(dc.pad, which[:50], top[:50], left[:50], flip[:50]).numpy()
+    x = dc.cut(dc.pixels, which[:50], top[:50], left[:50], flip[:50]).numpy()
+    assert dc.pixels.shape == (int(hw.prod(1).sum()), 3)  # the pictures' own pixels, no padding
     assert x.shape == (50, 3, 32, 32) and x.dtype == np.float32
     for j in range(50):
         crop = pc.images[w[j]][t[j]:t[j] + 32, c[j]:c[j] + 32].astype(np.float32) / 255.0

@@ -279,8 +279,9 @@ class DeviceCrops:
     """A :class:`PhotoCrops` held on a torch device and cut there (``--crops-on device``).
 
     A GPU step of a small backbone takes milliseconds, so cutting crops one at a time on the CPU
-    (:meth:`PhotoCrops.sample`) would leave it idle. Here the images live on the device as one padded
-    uint8 tensor [N, Hmax, Wmax, 3] and a batch of crops is one gather. The distribution is
+    (:meth:`PhotoCrops.sample`) would leave it idle. Here the images live on the device as one uint8
+    tensor of all their pixels [sum(H*W), 3] (no padding: memory is the pictures' own, whatever
+    their sizes) and a batch of crops is one gather. The distribution is
     :meth:`PhotoCrops.sample`'s (images in proportion to their area, a uniform position inside the
     image, a horizontal flip with probability 1/2, the runtime's normalisation); the random stream is
     torch's, so a run's crops differ from a CPU-cut run with the same seed."""
@@ -295,24 +296,22 @@ class DeviceCrops:
         self.hw = torch.tensor([a.shape[:2] for a in photos.images], dtype=torch.int64, device=device)  # [N, 2]
         area = (self.hw[:, 0] * self.hw[:, 1]).double()
         self.p = (area / area.sum()).float()  # [N]
-        self.pad = self._padded(photos.images)
-        self.pad2 = None
+        pixels = self.hw[:, 0] * self.hw[:, 1]
+        self.offset = torch.cumsum(pixels, 0) - pixels  # [N] first pixel of each picture
+        self.pixels = self._flat(photos.images)
+        self.pixels2 = None
         if pair is not None:
             if [a.shape for a in pair.images] != [a.shape for a in photos.images]:
                 raise ValueError("a paired copy must hold images of the same sizes")
-            self.pad2 = self._padded(pair.images)
+            self.pixels2 = self._flat(pair.images)
         self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
-    def _padded(self, images: list[np.ndarray]) -> Any:
+    def _flat(self, images: list[np.ndarray]) -> Any:
+        """Pictures [h, w, 3] uint8 -> one tensor [sum(h*w), 3] on the device, row-major each."""
         import torch
 
-        h = max(a.shape[0] for a in images)
-        w = max(a.shape[1] for a in images)
-        pad = np.zeros((len(images), h, w, 3), np.uint8)
-        for i, a in enumerate(images):
-            pad[i, :a.shape[0], :a.shape[1]] = a
-        return torch.from_numpy(pad).to(self.device)
+        return torch.from_numpy(np.concatenate([a.reshape(-1, 3) for a in images])).to(self.device)
 
     def positions(self, n: int, gen: Any) -> tuple[Any, Any, Any, Any]:
         """Draw n crops: (image index [n], top [n], left [n], flip [n] bool), all on the device."""
@@ -326,15 +325,19 @@ class DeviceCrops:
         flip = torch.rand(n, generator=gen, device=self.device) < 0.5
         return which, start[:, 0], start[:, 1], flip
 
-    def cut(self, pad: Any, which: Any, top: Any, left: Any, flip: Any) -> Any:
-        """Crops at the given places -> [n, 3, S, S] float32, normalised as the runtime's tiles."""
+    def cut(self, pixels: Any, which: Any, top: Any, left: Any, flip: Any) -> Any:
+        """Crops of ``pixels`` (:meth:`_flat`) at the given places -> [n, 3, S, S] float32, normalised
+        as the runtime's tiles."""
         import torch
 
         s = self.img_size
         r = torch.arange(s, device=self.device)
         rows = top[:, None] + r  # [n, S]
         cols = left[:, None] + torch.where(flip[:, None], s - 1 - r, r)  # [n, S], mirrored where flipped
-        crops = pad[which[:, None, None], rows[:, :, None], cols[:, None, :]]  # [n, S, S, 3] uint8
+        width = self.hw[which, 1]
+        at = (self.offset[which, None, None] + rows[:, :, None] * width[:, None, None]
+              + cols[:, None, :])  # [n, S, S] pixel indices
+        crops = pixels[at]  # [n, S, S, 3] uint8
         x = crops.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
@@ -342,12 +345,12 @@ class DeviceCrops:
         """n random crops -> [n, 3, S, S] on the device; ``paired``: also the same crops of the copy
         given at construction -> (crops, paired crops)."""
         which, top, left, flip = self.positions(n, gen)
-        x = self.cut(self.pad, which, top, left, flip)
+        x = self.cut(self.pixels, which, top, left, flip)
         if not paired:
             return x
-        if self.pad2 is None:
+        if self.pixels2 is None:
             raise ValueError("no paired copy was given")
-        return x, self.cut(self.pad2, which, top, left, flip)
+        return x, self.cut(self.pixels2, which, top, left, flip)
 
 
 def split_holdout(names: list[str], frac: float = 0.02) -> np.ndarray:
