@@ -29,19 +29,23 @@ log = logging.getLogger(__name__)
 
 
 def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, threads: int | None,
-            log: Callable[[str], None], rounds: int = 3, batch: int = 8) -> dict[str, Any]:
-    """{bundle: {ms_per_image (median over rounds), cpu_ms_per_image, rounds, ratio_to_first}} for
-    one backend; a bundle that cannot be built or fails is ``{"error": ...}``."""
+            log: Callable[[str], None], rounds: int = 3, batch: int = 8,
+            precisions: Sequence[str] = ("fp32",)) -> dict[str, Any]:
+    """{row: {ms_per_image (median over rounds), cpu_ms_per_image, rounds, ratio_to_first}} for one
+    backend, a row per bundle (``"BUNDLE @ PRECISION"`` when more than one precision is asked for,
+    each bundle at each precision interleaved with the others); a row that cannot be built or fails
+    is ``{"error": ...}``."""
     from ..runtime.detector import Detector
 
+    runs = {(b if len(precisions) == 1 else f"{b} @ {p}"): (b, p) for b in bundles for p in precisions}
     dets: dict[str, Any] = {}
     out: dict[str, Any] = {}
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:  # every Detector closed, even on an error
         warnings.simplefilter("ignore")  # the embedded CIFAKE model's domain warning
-        for b in bundles:
+        for b, (bundle, precision) in runs.items():
             try:
-                d = stack.enter_context(Detector(b, backend=backend, device="cpu", threads=threads,
-                                                 batch_size=batch, provenance=False))
+                d = stack.enter_context(Detector(bundle, backend=backend, device="cpu", threads=threads,
+                                                 batch_size=batch, precision=precision, provenance=False))
                 bad = [r.error for r in d.detect_batch(list(files[:batch])) if r.error]  # warm-up
                 if bad:
                     raise RuntimeError(f"warm-up: {bad[0]}")
@@ -64,13 +68,13 @@ def measure(bundles: Sequence[str], files: Sequence[bytes], backend: str, thread
                 wall[b].append(1000 * tot[b][0] / len(files))
                 cpu[b].append(1000 * tot[b][1] / len(files))
             log(f"  {backend} round {r + 1}: " + ", ".join(f"{b} {wall[b][-1]:.0f} ms" for b in names))
-    base = statistics.median(wall[names[0]]) if names and names[0] == bundles[0] else None
+    base = statistics.median(wall[names[0]]) if names and names[0] == next(iter(runs)) else None
     for b in names:
         med = statistics.median(wall[b])
         out[b] = {"ms_per_image": round(med, 2), "cpu_ms_per_image": round(statistics.median(cpu[b]), 2),
                   "rounds_ms": [round(x, 2) for x in wall[b]],
                   "ratio_to_first": round(med / base, 3) if base else None}
-    return {b: out[b] for b in bundles}
+    return {b: out[b] for b in runs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="labelled images, as cinemae-bench --data")
     ap.add_argument("--limit", type=int, default=12, help="images per class (seeded subset)")
     ap.add_argument("--backends", default="openvino,onnxruntime")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated (fp32, bf16 with openvino, ...): each bundle at each, interleaved")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
@@ -94,12 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": environment(), "load_average_start": load_average(),
         "bundles": {b: _describe(b) for b in a.bundles},
         "images": len(files), "data": a.data, "threads": a.threads, "batch": a.batch, "rounds": a.rounds,
+        "precisions": a.precisions.split(","),
         "protocol": "Detector.detect_batch on the encoded files (provenance off), one warm-up batch each, "
                     "bundles interleaved batch by batch with the order rotating; ms per image = wall time / "
                     "images, median over rounds; CPU = process CPU time (all threads)",
         "backends": {}}
     for be in a.backends.split(","):
-        rec["backends"][be] = measure(a.bundles, files, be, a.threads, log.info, a.rounds, a.batch)
+        rec["backends"][be] = measure(a.bundles, files, be, a.threads, log.info, a.rounds, a.batch,
+                                      a.precisions.split(","))
     rec["load_average_end"] = load_average()
     Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
     log.info("wrote %s", a.out)

@@ -338,6 +338,10 @@ def test_bundle_cost_compares_bundles_side_by_side(tiny_bundle: Path, tmp_path: 
     first = rows[str(tiny_bundle)]
     assert first["ratio_to_first"] == 1.0 and first["ms_per_image"] > 0 and len(first["rounds_ms"]) == 2
     assert "error" in rows[str(tmp_path / "missing")]
+    # several precisions: a row per bundle and precision, interleaved; one the bundle lacks is an error row
+    rows = measure([str(tiny_bundle)], files, "onnxruntime", 1, lambda s: None, rounds=1, batch=2,
+                   precisions=("fp32", "int4"))
+    assert rows[f"{tiny_bundle} @ fp32"]["ratio_to_first"] == 1.0 and "error" in rows[f"{tiny_bundle} @ int4"]
 
     data = tmp_path / "data"
     for cls in ("real", "fake"):

@@ -79,6 +79,17 @@ def test_crop_features_rows_are_the_runtimes_crops_of_each_view(tiny_bundle_copy
                                    det.run_arrays(crops).logit, rtol=1e-5, atol=1e-5)
         other = crop_features(det, rows, views=2, seed=6, cache=tmp_path / "cache")
         assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+        # rows of a reduced precision are another entry; fp32's key is the one it had before precisions
+        from types import SimpleNamespace
+
+        from cinemae.train.photo_tiles import _cache_file
+
+        def at(precision: str) -> Path:
+            twin = SimpleNamespace(bundle=det.bundle, k=det.k, backend=SimpleNamespace(precision=precision))
+            return _cache_file(tmp_path / "cache", twin, rows, 2, 5)
+
+        assert at("fp32") == _cache_file(tmp_path / "cache", det, rows, 2, 5) and at("fp32").is_file()
+        assert at("bf16") != at("fp32") and at("bf16") != at("fp16")
         assert not np.array_equal(other["logit"], fs["logit"]) or not np.array_equal(other["view"], fs["view"])
 
 
