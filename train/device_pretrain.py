@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     save()
     r = manifest["result"]
     print(f"pretrained {r['arch']} ({r['params']} parameters) on {r['device_name']}: {r['steps']} steps, "
-          f"{r['crops_per_second']} crops/s, held-out reconstruction loss {r['final_val_recon_loss']:.4f}; "
+          f"{r['crops_per_second']} crops/s, held-out reconstruction loss {r['final_val_recon_loss']}; "
           f"mae.pth in {len(manifest['mae']['parts'])} part(s) under {out}")
     return 0
 
