@@ -462,6 +462,7 @@ def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[
             a.note = f"head trained for K={bundle.k}: scores at K={a.k} are not calibrated"
     info = {"data": args.data, "backend": ", ".join(s.label for s in specs), "n_items": len(items), "errors": errors,
             "threshold_logit": thr, "limit_per_class": args.limit, "note": "; ".join(notes),
+            "items": [it.name for it in items],  # which images, so records of parts can be merged (merge_flips)
             "perturbations": [p.name for p in perts], "threshold": bundle.threshold,
             "abstain_band": list(bundle.abstain_band), "tiles": None if tiles is None else tiles.to_manifest(),
             "reship": None if views is None else views.names,

@@ -305,3 +305,56 @@ def test_bench_perturb_reship_outputs(tmp_path: Path) -> None:
     md = (out / "bench.md").read_text()
     assert "Verdict flips" in md and "ens flip all" in md and "ensemble cost" in md
     assert main(["--reship", "default"]) == 2  # needs --data
+
+
+def test_bench_parts_merge_to_the_whole(tmp_path: Path) -> None:
+    """cinemae-bench over two disjoint parts of a set, merged by benchmarks/merge_flips, gives the flip
+    and verdict counts of one run over the whole set; overlapping parts or another measurement are refused."""
+    from cinemae.benchmarks.cli import main
+    from cinemae.benchmarks.merge_flips import MergeError, merge
+    from cinemae.benchmarks.merge_flips import main as merge_main
+
+    root = tmp_path / "data"
+    lines: dict[str, list[str]] = {"a": [], "b": []}
+    for sub, seed in (("real", 0), ("fake", 10)):
+        (root / sub).mkdir(parents=True)
+        for i in range(4):
+            f = root / sub / f"{i}.jpg"
+            f.write_bytes(_jpeg_bytes(_rgb(40 + 6 * i, 60, seed=seed + i)))
+            lines["a" if i < 2 else "b"].append(f"{f},{sub}")
+    for part, rows in lines.items():
+        (tmp_path / f"{part}.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+
+    def bench(data: Path, out: Path, perturb: str = "jpeg:40,shrink:0.5") -> dict:
+        assert main(["--bundle", str(_embedded()), "--k", "2", "--batch", "2", "--backends", "onnxruntime-cpu",
+                     "--no-torch", "--data", str(data), "--perturb", perturb, "--reship", "jpeg:60",
+                     "--out", str(out), "--warmup", "1", "--iters", "1", "--min-iters", "1", "--row-time", "0.05",
+                     "--peak-tflops", "0.1", "--quiet"]) == 0
+        return json.loads((out / "bench.json").read_text())
+
+    whole = bench(root, tmp_path / "whole")
+    a, b = bench(tmp_path / "a.csv", tmp_path / "pa"), bench(tmp_path / "b.csv", tmp_path / "pb")
+    assert len(a["accuracy_info"]["items"]) == 4 and len(whole["accuracy_info"]["items"]) == 8
+    m = merge([a, b], ["a", "b"])
+    assert m["n_items"] == 8 and m["disjoint"].startswith("checked")
+    by = {(r["perturbation"], r["k"]): r for r in m["rows"]}
+    for w in whole["accuracy"]:
+        r = by[(w["perturbation"], w["k"])]
+        for mine, theirs in ((r["plain"], w["verdicts"]), (r["ensemble"], w["ensemble"])):
+            want = (theirs["ai"], theirs["real"], theirs["uncertain_n"])
+            assert (mine["ai"], mine["real"], mine["uncertain"]) == want
+            for c in ("all", "real", "fake"):
+                assert (mine["flip"][c]["flipped"], mine["flip"][c]["hard"], mine["flip"][c]["n"]) == \
+                    (theirs["flip"][c]["flipped"], theirs["flip"][c]["hard"], theirs["flip"][c]["n"])
+    with pytest.raises(MergeError, match="must be disjoint"):
+        merge([a, a])
+    other = bench(tmp_path / "b.csv", tmp_path / "pc", perturb="jpeg:40")
+    with pytest.raises(MergeError, match="perturbations differ"):
+        merge([a, other], ["a", "c"])
+    out = tmp_path / "merged.json"
+    assert merge_main([str(tmp_path / "pa" / "bench.json"), str(tmp_path / "pb" / "bench.json"), "--out", str(out),
+                       "--markdown", str(tmp_path / "merged.md")]) == 0
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(m["rows"]))
+    assert "8 images" in (tmp_path / "merged.md").read_text()
+    assert merge_main([str(tmp_path / "pa" / "bench.json"), str(tmp_path / "pa" / "bench.json"),
+                       "--out", str(out)]) == 2
