@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --data: also score every image with the re-shipping ensemble "
                          "(cinemae-detect --reship: a preset such as default, or views like jpeg:60,shrink:0.5) "
                          "and report its verdicts' flip rates, accuracy, share uncertain and cost")
+    ap.add_argument("--reship-cost-rounds", type=int, default=3, metavar="N",
+                    help="with --reship: rounds of the ensemble's side-by-side cost measurement over --data "
+                         "(0: not measured, e.g. for one part of a set run in parts, benchmarks/merge_flips)")
     ap.add_argument("--fpr", type=float, default=0.05, help="false-positive rate for the TPR column")
     ap.add_argument("--out", help="folder for bench.json, bench.md and bench.png")
     ap.add_argument("--json", dest="json_path", help="write the JSON record here ('-' for stdout)")
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         views = ReshipEnsemble.parse(args.reship)
         if views is not None and not args.data:
             raise ValueError("--reship needs --data (labelled images)")
+        if args.reship_cost_rounds < 0:
+            raise ValueError(f"--reship-cost-rounds is a count of rounds, 0 or more (not {args.reship_cost_rounds})")
     except ValueError as e:
         print(f"cinemae-bench: {e}", file=sys.stderr)
         return 2
@@ -300,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             acc_rows, acc_info = _accuracy(args, target, ks, perts, rows, log, evaluate, load_labeled, views)
             result["accuracy"] = [a.to_dict() for a in acc_rows]
             result["accuracy_info"] = acc_info
-            if views is not None:
+            if views is not None and args.reship_cost_rounds > 0:
                 from .reship_cost import measure_cost
 
-                result["reship_cost"] = measure_cost(bundle, args.data, args.limit, args.reship, args.threads, log)
+                result["reship_cost"] = measure_cost(bundle, args.data, args.limit, args.reship, args.threads, log,
+                                                     rounds=args.reship_cost_rounds)
             save()
     except KeyboardInterrupt:
         result["interrupted"] = True

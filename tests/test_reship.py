@@ -305,6 +305,7 @@ def test_bench_perturb_reship_outputs(tmp_path: Path) -> None:
     md = (out / "bench.md").read_text()
     assert "Verdict flips" in md and "ens flip all" in md and "ensemble cost" in md
     assert main(["--reship", "default"]) == 2  # needs --data
+    assert main(["--data", str(root), "--reship", "default", "--reship-cost-rounds", "-1"]) == 2
 
 
 def test_bench_parts_merge_to_the_whole(tmp_path: Path) -> None:
@@ -328,11 +329,12 @@ def test_bench_parts_merge_to_the_whole(tmp_path: Path) -> None:
     def bench(data: Path, out: Path, perturb: str = "jpeg:40,shrink:0.5") -> dict:
         assert main(["--bundle", str(_embedded()), "--k", "2", "--batch", "2", "--backends", "onnxruntime-cpu",
                      "--no-torch", "--data", str(data), "--perturb", perturb, "--reship", "jpeg:60",
-                     "--out", str(out), "--warmup", "1", "--iters", "1", "--min-iters", "1", "--row-time", "0.05",
-                     "--peak-tflops", "0.1", "--quiet"]) == 0
+                     "--reship-cost-rounds", "0", "--out", str(out), "--warmup", "1", "--iters", "1",
+                     "--min-iters", "1", "--row-time", "0.05", "--peak-tflops", "0.1", "--quiet"]) == 0
         return json.loads((out / "bench.json").read_text())
 
     whole = bench(root, tmp_path / "whole")
+    assert "reship_cost" not in whole  # --reship-cost-rounds 0: a part's run spends nothing on the cost
     a, b = bench(tmp_path / "a.csv", tmp_path / "pa"), bench(tmp_path / "b.csv", tmp_path / "pb")
     assert len(a["accuracy_info"]["items"]) == 4 and len(whole["accuracy_info"]["items"]) == 8
     m = merge([a, b], ["a", "b"])
