@@ -123,6 +123,8 @@ def merge(records: Sequence[dict[str, Any]], names: Sequence[str] | None = None)
 
 
 def _cell(f: dict[str, Any], hard: bool = False) -> str:
+    if not f["n"]:
+        return "-"
     if hard:
         lo, hi = f["hard_rate_ci95"]
         return f"{f['hard']}/{f['n']} {100 * f['hard_rate']:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"

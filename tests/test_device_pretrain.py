@@ -54,7 +54,15 @@ def test_run_is_stdlib_only_and_reports_missing_data(tmp_path: Path) -> None:
     assert p.returncode == 1 and "no labels.csv" in p.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["ok"] is False and "run `pack` here" in m["error"]
-    from cinemae.train.device_pretrain import join
+    from cinemae.train.device_pretrain import join, pack
 
     with pytest.raises(SystemExit, match="did not finish"):
         join(out, tmp_path / "j")
+    # pack never writes its copy over (or around) the folder it reads
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "labels.csv").write_text("path,label,source\n")
+    for bad in (tmp_path, src):
+        with pytest.raises(SystemExit, match="over or inside"):
+            pack(src, bad, [])
+    assert (src / "labels.csv").is_file()

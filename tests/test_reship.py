@@ -350,6 +350,13 @@ def test_bench_parts_merge_to_the_whole(tmp_path: Path) -> None:
                     (theirs["flip"][c]["flipped"], theirs["flip"][c]["hard"], theirs["flip"][c]["n"])
     with pytest.raises(MergeError, match="must be disjoint"):
         merge([a, a])
+    from cinemae.benchmarks.merge_flips import markdown
+
+    reals_only = json.loads(json.dumps(a))  # a part with no fake: its fake cells are '-', not an error
+    for row in reals_only["accuracy"]:
+        for blk in (row["verdicts"], row["ensemble"]):
+            blk["flip"]["fake"] = {"n": 0, "flipped": 0, "hard": 0}
+    assert "| - |" in markdown(merge([reals_only]))
     other = bench(tmp_path / "b.csv", tmp_path / "pc", perturb="jpeg:40")
     with pytest.raises(MergeError, match="perturbations differ"):
         merge([a, other], ["a", "c"])

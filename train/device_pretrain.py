@@ -177,6 +177,9 @@ def pack(images: Path, out: Path, exclude: list[str]) -> Path:
     import csv
 
     dest = out / images.name
+    src, dst = images.resolve(), dest.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise SystemExit(f"pack: --out {out} would put the copy over or inside {images}; choose another folder")
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
