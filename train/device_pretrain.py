@@ -249,8 +249,8 @@ def selftest(work: Path) -> int:
     from .photo_tiles import DEFAULT_HELDOUT
 
     data = pack(images, work / "carry", list(DEFAULT_HELDOUT) + ["held/"])
-    code = run(argparse.Namespace(data=str(data), out=str(work / "out"), minutes=0.15, dry_run=True,
-                                  grace=240.0, part_bytes=256 * 1024, extra=[]))
+    code = run(build_parser().parse_args(["run", "--data", str(data), "--out", str(work / "out"), "--minutes", "0.15",
+                                          "--dry-run", "--part-bytes", str(256 * 1024)]))
     if code != 0:
         return code
     m = join(work / "out", work / "run")

@@ -108,9 +108,8 @@ def _cache_file(cache: Path, det: Any, rows: list[dict[str, str]], views: int | 
            "head": det.bundle.manifest.get("files", {}).get("head.onnx"),  # the rows' logit column
            "paths": [r["path"] for r in rows], "views": views,
            "seed": seed if isinstance(views, int) and views else None}
-    precision = getattr(getattr(det, "backend", None), "precision", "fp32")
-    if precision != "fp32":  # rows of a reduced precision are others' (fp32 keys predate the field)
-        key["precision"] = precision
+    if det.backend.precision != "fp32":  # rows of a reduced precision are others' (fp32 keys predate the field)
+        key["precision"] = det.backend.precision
     return cache / f"crops-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npz"
 
 

@@ -294,9 +294,8 @@ class DeviceCrops:
         self.img_size = photos.img_size
         self.device = device
         self.hw = torch.tensor([a.shape[:2] for a in photos.images], dtype=torch.int64, device=device)  # [N, 2]
-        area = (self.hw[:, 0] * self.hw[:, 1]).double()
-        self.p = (area / area.sum()).float()  # [N]
-        pixels = self.hw[:, 0] * self.hw[:, 1]
+        pixels = self.hw[:, 0] * self.hw[:, 1]  # [N] each picture's area
+        self.p = (pixels.double() / pixels.sum()).float()  # [N] drawn in proportion to their area
         self.offset = torch.cumsum(pixels, 0) - pixels  # [N] first pixel of each picture
         self.pixels = self._flat(photos.images)
         self.pixels2 = None
