@@ -330,3 +330,55 @@ def test_retile_calibrates_the_threshold_on_the_chosen_reals(tiny_bundle_copy: P
     with pytest.raises(ValueError, match="calibrate"):
         retile(str(tiny_bundle_copy), {"heldout_sources": [], "heldout": prev_set, "photos": prev_set},
                trim_borders=False, max_side=None, version="3", calibrate="all")
+
+
+def test_weighted_head_follows_the_weighted_rows() -> None:
+    """Row weights decide which rows the head learns from: half the rows carry the label along
+    dimension 0, half the opposite one; weighting either half to zero makes the head learn that
+    half's rule, equal weights give the unweighted head, and the kept epoch's validation
+    loss is the weighted mean the weights ask for."""
+    pytest.importorskip("torch")
+    from cinemae.train.head import TrainConfig, head_logits, train_head
+
+    rng = np.random.default_rng(5)
+    n, d = 800, 6
+    y = (np.arange(n) % 2).astype(np.float32)
+    flipped = (np.arange(n) // 2) % 2 == 1  # every second pair: the label is reversed
+    g = rng.normal(size=(n, d)).astype(np.float32)
+    g[:, 0] += np.where(flipped, -3.0, 3.0) * (y - 0.5)  # Bayes accuracy 0.93 within each half
+    s = rng.normal(size=(n, 3)).astype(np.float32)
+    tr, va = slice(0, 600), slice(600, n)
+    cfg = TrainConfig(epochs=10, batch=64, seed=0, threads=1)
+
+    def fit(w: np.ndarray | None):
+        return train_head(g[tr], s[tr], y[tr], g[va], s[va], y[va], pooling="mean", k=2, cfg=cfg,
+                          weight=None if w is None else w[tr], val_weight=None if w is None else w[va])
+
+    plain, ones = fit(None), fit(np.ones(n, np.float32))
+    for a, b in zip(plain.head.state_dict().values(), ones.head.state_dict().values(), strict=True):
+        assert np.allclose(a.numpy(), b.numpy(), atol=1e-5)  # the same head up to float rounding
+    direct, reverse = fit((~flipped).astype(np.float32)), fit(flipped.astype(np.float32))
+    clean = ~flipped[va]
+    for trained, sign in ((direct, 1), (reverse, -1)):
+        lv = head_logits(trained.head, g[va], s[va])
+        assert (((sign * lv) > 0) == (y[va] == 1))[clean].mean() > 0.8
+    w = (~flipped).astype(np.float32)
+    lv = head_logits(direct.head, g[va], s[va]).astype(np.float64)
+    want = np.average(np.logaddexp(0, lv) - y[va] * lv, weights=w[va])
+    assert direct.history[direct.best_epoch - 1]["val_loss"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="row weights"):
+        fit(np.full(n, -1.0, np.float32))
+
+
+def test_group_weights_balance_generators_within_each_class() -> None:
+    from cinemae.train.photo_tiles import group_weights
+
+    rows = ([{"label": "fake", "generator": "sd15"}] * 8 + [{"label": "fake", "generator": "gan"}] * 2
+            + [{"label": "real", "generator": "imagenet"}] * 5 + [{"label": "real", "generator": "kodak"}])
+    assert np.allclose(group_weights(rows, 0.0), 1.0)
+    for alpha in (0.5, 1.0):
+        w = group_weights(rows, alpha)
+        assert np.isclose(w[:10].mean(), 1.0) and np.isclose(w[10:].mean(), 1.0)  # each class keeps its share
+        assert w[9] > w[0] and w[15] > w[10]  # the rarer group's images weigh more
+    w = group_weights(rows, 1.0)
+    assert np.isclose(w[:8].sum(), w[8:10].sum()) and np.isclose(w[10:15].sum(), w[15])  # groups weigh alike

@@ -97,16 +97,28 @@ def blind_projector(head: Any, blind: np.ndarray | None) -> Callable[[], None]:
     return project
 
 
+def _checked_weight(w: np.ndarray, n: int) -> np.ndarray:
+    """Row weights [n] as float32, refused unless finite, non-negative and not all zero."""
+    w = np.asarray(w, np.float32)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise ValueError(f"row weights must be [{n}] finite, >= 0 and not all zero, got shape {w.shape}")
+    return w
+
+
 def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s_val: np.ndarray,
                y_val: np.ndarray, *, fusion: str = "add", pooling: str = "cls", k: int = 2,
                cfg: TrainConfig | None = None, log: Callable[[str], None] = _logger.info,
-               blind: np.ndarray | None = None) -> TrainedHead:
+               blind: np.ndarray | None = None, weight: np.ndarray | None = None,
+               val_weight: np.ndarray | None = None) -> TrainedHead:
     """Train one head for K=k.
 
     g: [N, D] pooled global features, s: [N, 3] statistics, y: [N] labels (1 = AI-generated);
     the ``_val`` arrays are the validation split used for model choice. blind: [k, D] orthonormal
     directions of the standardised g (``g_mean``/``g_std`` of these rows) the classifier must not
-    read (:func:`blind_projector`, applied at initialisation and after every step).
+    read (:func:`blind_projector`, applied at initialisation and after every step). weight: [N]
+    non-negative row weights of the BCE (a batch's loss is the weighted mean of its rows'),
+    val_weight: [N_val] the same for the validation loss that chooses the epoch; None = all equal
+    (exactly the unweighted recipe).
     """
     import torch
 
@@ -117,6 +129,8 @@ def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s
     project()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gt, st, yt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (g, s, y))
+    wt = None if weight is None else torch.from_numpy(_checked_weight(weight, len(g)))
+    wv = None if val_weight is None else _checked_weight(val_weight, len(g_val)).astype(np.float64)
     gen = torch.Generator().manual_seed(cfg.seed)
     best: tuple[float, int, dict[str, Any]] | None = None
     history = []
@@ -127,14 +141,20 @@ def train_head(g: np.ndarray, s: np.ndarray, y: np.ndarray, g_val: np.ndarray, s
         for i in range(0, len(perm), cfg.batch):
             idx = perm[i:i + cfg.batch]
             logit = head.forward_features(gt[idx], st[idx])[:, 0]
-            loss = loss_fn(logit, yt[idx])
+            if wt is None:
+                loss = loss_fn(logit, yt[idx])
+            else:
+                w = wt[idx]
+                per_row = torch.nn.functional.binary_cross_entropy_with_logits(logit, yt[idx], reduction="none")
+                loss = (per_row * w).sum() / w.sum().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             project()
             tot += float(loss.detach()) * len(idx)
         lv = head_logits(head, g_val, s_val)
-        val_loss = float(np.mean(np.logaddexp(0, lv) - y_val * lv)) if len(lv) else float("nan")
+        val_loss = (float(np.average(np.logaddexp(0, lv) - y_val * lv, weights=wv)) if len(lv)
+                    else float("nan"))
         val_acc = float(((lv >= 0) == (y_val == 1)).mean()) if len(lv) else float("nan")
         history.append({"epoch": epoch + 1, "train_loss": tot / len(perm), "val_loss": val_loss,
                         "val_acc@0.5": val_acc})

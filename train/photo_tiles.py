@@ -79,6 +79,22 @@ def split_sources(rows: list[dict[str, str]], held: tuple[str, ...], seed: int
     return train_rows, test_rows, np.random.default_rng(seed).random(len(train_rows)) < 0.15
 
 
+def group_weights(rows: list[dict[str, str]], alpha: float) -> np.ndarray:
+    """Per image [N]: 1 / n_g ** alpha, n_g the images of its ``generator`` (for reals, its
+    collection) among ``rows``, rescaled so that each class's weights average 1 (each class keeps
+    its share of the loss). alpha 0: all 1 (the unweighted recipe); 1: every generator, and every
+    real collection, weighs the same in its class; 0.5 between. photos-train's training split is
+    61% one source's SD 1.5 fine-tunes (120 of 197 fakes), which this counters."""
+    gen = [r["generator"] for r in rows]
+    counts = {g: gen.count(g) for g in set(gen)}
+    w = np.array([counts[g] ** -float(alpha) for g in gen], np.float64)
+    y = fake_labels(rows)
+    for cls in (False, True):
+        if (y == cls).any():
+            w[y == cls] /= w[y == cls].mean()
+    return w.astype(np.float32)
+
+
 def tiled_copy(bundle_root: Path, out: Path, n: int, trim_borders: bool = False, max_side: int | None = None,
                canonical_jpeg: int | None = None) -> Path:
     """A copy of the bundle whose manifest asks for an n-crop native grid (uniform border bars cut
@@ -178,7 +194,8 @@ def shift_directions(fs: Features, keep: np.ndarray, g_mean: np.ndarray, g_std: 
 
 def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[int, ...], cfg: Any,
               pooling: str, consistency: float | None = None, bce: str = "image",
-              blind: tuple[Features, int] | None = None) -> dict[int, tuple[Any, float]]:
+              blind: tuple[Features, int] | None = None, image_weight: np.ndarray | None = None
+              ) -> dict[int, tuple[Any, float]]:
     """Heads on crop rows (every view of the non-validation images), early-stopped on the validation
     images' rows (their views too) -> {k: (trained head, threshold)}; threshold = 5% FPR on the
     validation reals as delivered (view 0), image logit = mean crop logit.
@@ -190,7 +207,10 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
 
     blind (fs_views, k): per-crop BCE heads whose classifier cannot read the k directions along which
     re-shipping moves the global feature (:func:`shift_directions` on ``fs_views``, rows of the same
-    images with re-shipped views, the validation images left out; ``train.head.blind_projector``)."""
+    images with re-shipped views, the validation images left out; ``train.head.blind_projector``).
+
+    image_weight: [N] per image (:func:`group_weights`); every crop row of an image, in training and
+    in the validation loss that picks the epoch, weighs its image's weight (per-crop BCE only)."""
     from ..runtime.evaluation import threshold_at_fpr
     from .head import head_logits, train_head, train_head_images
 
@@ -210,9 +230,13 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
     for k in ks:
         sk = s if k else np.zeros_like(s)
         if consistency is None:
+            rw = None if image_weight is None else np.asarray(image_weight, np.float32)[own]
             th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
-                            k=k, cfg=cfg, blind=u)
+                            k=k, cfg=cfg, blind=u, weight=None if rw is None else rw[tr],
+                            val_weight=None if rw is None else rw[va])
         else:
+            if image_weight is not None:
+                raise ValueError("image weights are for per-crop BCE heads (consistency None)")
             th = train_head_images(g[tr], sk[tr], np.searchsorted(tr_ids, own[tr]), view[tr], y[tr_ids],
                                    (g[va], sk[va], np.searchsorted(val_ids, own[va]), view[va], y[val_ids]),
                                    fusion="add", pooling=pooling, k=k, cfg=cfg, consistency=consistency, bce=bce)

@@ -8,7 +8,9 @@ For each tiling (the keys of ``tiles``: ``max_side``, ``canonical_jpeg``, ``n``;
 always; ``augment`` N: the head also trains on N seeded random re-shippings of every training image,
 as ``photo_tiles --reship-augment``; ``blind`` k: the classifier cannot read the k directions along
 which re-shipping moves the global feature, estimated on ``blind_views`` N (default 4) seeded random
-re-shippings of the training images, :func:`photo_tiles.shift_directions`) the training split of
+re-shippings of the training images, :func:`photo_tiles.shift_directions`; ``balance`` alpha: each
+training image weighs 1 / (images of its generator or real collection) ** alpha,
+:func:`photo_tiles.group_weights`) the training split of
 photos-train (minus the held-out sources, :func:`photo_tiles.split_sources`) is cut into crops, a head
 is trained by version 1's recipe (per-crop BCE, K=2) for each seed, and it is measured on the
 validation images and on (a) the held-out sources, each as delivered and re-shipped the eight ways of the bench
@@ -38,6 +40,7 @@ from .photo_tiles import (
     crop_features,
     fake_labels,
     fit_heads,
+    group_weights,
     image_scores,
     read_labels,
     split_sources,
@@ -107,7 +110,9 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
         for seed in seeds:
             cfg = TrainConfig(epochs=epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=seed, threads=2)
             blind = (blind_rows, int(c["blind"])) if blind_rows is not None else None
-            th, thr = fit_heads(fs["train"], fake_labels(train_rows), is_val, (2,), cfg, "mean", blind=blind)[2]
+            weight = group_weights(train_rows, float(c["balance"])) if c.get("balance") else None
+            th, thr = fit_heads(fs["train"], fake_labels(train_rows), is_val, (2,), cfg, "mean", blind=blind,
+                                image_weight=weight)[2]
             pv, ph = view_scores(th.head, fs["val"], len(val_rows)), view_scores(th.head, fs["heldout"], len(held))
             yv, yh = fake_labels(val_rows), fake_labels(held)
             thr_vh = threshold_at_fpr(np.concatenate([pv[0][~yv], ph[0][~yh]]), 0.05)
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", required=True, help="the backbone bundle (its head is replaced per seed)")
     ap.add_argument("--train-dir", default="../shared/data/photos-train")
     ap.add_argument("--configs", required=True,
-                    help='JSON {name: {"max_side": 512, "canonical_jpeg": 75, "n": 64, "augment": 4, "blind": 4}}')
+                    help='JSON {name: {"max_side": 512, "canonical_jpeg": 75, "n": 64, "augment": 4, "blind": 4, '
+                         '"balance": 0.5}}')
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--cache", default=None)
     ap.add_argument("--backend", default="openvino")
