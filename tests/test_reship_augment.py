@@ -382,3 +382,7 @@ def test_group_weights_balance_generators_within_each_class() -> None:
         assert w[9] > w[0] and w[15] > w[10]  # the rarer group's images weigh more
     w = group_weights(rows, 1.0)
     assert np.isclose(w[:8].sum(), w[8:10].sum()) and np.isclose(w[10:15].sum(), w[15])  # groups weigh alike
+    from cinemae.train.photo_tiles import augment_words
+
+    assert augment_words(4) == augment_words(4, 0.0) and "generator" not in augment_words(4)
+    assert "1 / (images of its generator or collection)^0.5" in augment_words(4, 0.5)

@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "trim_borders": bool(args.trim_borders), "max_side": args.max_side,
                               "canonical_jpeg": args.canonical_jpeg, "model_version": args.model_version or "1",
                               "reship_augment": args.reship_augment,
-                              "consistency": args.consistency,
+                              "consistency": args.consistency, "balance": args.balance,
                               "n_train_images": int((~is_val).sum()), "n_val_images": int(is_val.sum()),
                               "n_heldout": len(test_rows), "n_eval": len(eval_rows)}
     cache = Path(args.cache) if args.cache else None
@@ -368,14 +368,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("%s: %d images -> %d crop rows (%d views each)", k, len(sets[k]), len(v["owner"]), views[k])
         y_train = fake_labels(train_rows)
         cfg = TrainConfig(epochs=args.epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=args.seed, threads=2)
-        heads = fit_heads(feats["train"], y_train, is_val, (2, 0), cfg, pooling, args.consistency)
+        weight = group_weights(train_rows, args.balance) if args.balance else None
+        heads = fit_heads(feats["train"], y_train, is_val, (2, 0), cfg, pooling, args.consistency,
+                          image_weight=weight)
         final = None
         if args.final_fit:  # the shipped head: the same recipe on every source of photos-train
             all_rows = train_rows + test_rows
             is_val_all = np.random.default_rng(args.seed + 1).random(len(all_rows)) < 0.15
             fs_all = _concat(feats["train"], feats["heldout"], len(train_rows))
             y_all = fake_labels(all_rows)
-            final = fit_heads(fs_all, y_all, is_val_all, (2,), cfg, pooling, args.consistency)[2]
+            final = fit_heads(fs_all, y_all, is_val_all, (2,), cfg, pooling, args.consistency,
+                              image_weight=group_weights(all_rows, args.balance) if args.balance else None)[2]
             report["final_fit"] = {"n_train_images": int((~is_val_all).sum()), "n_val_images": int(is_val_all.sum()),
                                    "threshold_val": float(final[1])}
             if args.oof_folds:  # threshold: every real of photos-train, scored by heads that never saw its source
@@ -566,10 +569,13 @@ def backbone_words(manifest: dict[str, Any]) -> str:
             f"{b['decoder_embed_dim']}x{b['decoder_depth']}; pixel targets)")
 
 
-def augment_words(n: int) -> str:
-    """How the head saw its training images (``--reship-augment N``), in words for the description."""
-    return (f", each training image also seen as {n} random re-shippings (JPEG, resize, crop, letterbox)"
-            if n else "")
+def augment_words(n: int, balance: float = 0.0) -> str:
+    """How the head saw its training images (``--reship-augment N``, ``--balance ALPHA``), in words for
+    the description."""
+    return ((f", each training image also seen as {n} random re-shippings (JPEG, resize, crop, letterbox)"
+             if n else "")
+            + (f", each image weighted by 1 / (images of its generator or collection)^{balance:g} so that no one "
+               "generator dominates" if balance else ""))
 
 
 def pretraining_words(manifest: dict[str, Any]) -> str:
@@ -607,7 +613,7 @@ def install(bundle_dir: Path, report: dict[str, Any], mae: Path, name: str = "ph
         "description": PHOTO_DESCRIPTION.format(
             shape=backbone_words(stage), pretrain=pretraining_words(stage),
             trained_on="all of photos-train" if final else "photos-train minus six held-out sources",
-            augment=augment_words(aug),
+            augment=augment_words(aug, float(report.get("balance") or 0.0)),
             n=tiles["n"], trim=tiling_words(tiles),
             b_auc=report["photos"][shipped]["metrics"]["auc"],
             b_fpr=report["photos"][shipped]["metrics"]["at_threshold"]["fpr"],
@@ -808,9 +814,10 @@ def install_retiled(name: str, report: dict[str, Any], train_dir: Path | None) -
         a_fpr = cal["new_source_fpr"]["val+heldout"]["fpr"]
     m["evaluation"] = json.loads(json.dumps(ev, default=float))
     t = m["tiles"]
+    data = m.get("head", {}).get("training", {}).get("data", {})
     m["description"] = PHOTO_DESCRIPTION.format(
         shape=backbone_words(m), pretrain=pretraining_words(m), trained_on="photos-train minus six held-out sources",
-        augment=augment_words(int(m.get("head", {}).get("training", {}).get("data", {}).get("reship_augment", 0))),
+        augment=augment_words(int(data.get("reship_augment", 0)), float(data.get("balance") or 0.0)),
         n=t["n"],
         trim=tiling_words(t),
         b_auc=ev["photos_never_trained_on"]["this_model"]["auc"],
@@ -867,6 +874,9 @@ def main(argv: list[str] | None = None) -> int:
                          "trimming and max_side; runtime/tiles.py), so re-compressed copies read like the original")
     ap.add_argument("--reship-augment", type=int, default=0, metavar="N",
                     help="also train on N random re-shippings of every training image (train/reship_augment.py)")
+    ap.add_argument("--balance", type=float, default=0.0, metavar="ALPHA",
+                    help="weigh each training image 1 / (images of its generator or real collection)^ALPHA, each "
+                         "class's weights averaging 1 (group_weights; 0: unweighted, 1: every generator alike)")
     ap.add_argument("--final-fit", action="store_true",
                     help="the bundle's head is the same recipe refit on all of photos-train, held-out sources "
                          "included (their table (a) comes from the head trained without them)")
