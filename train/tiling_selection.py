@@ -10,7 +10,8 @@ as ``photo_tiles --reship-augment``; ``blind`` k: the classifier cannot read the
 which re-shipping moves the global feature, estimated on ``blind_views`` N (default 4) seeded random
 re-shippings of the training images, :func:`photo_tiles.shift_directions`; ``balance`` alpha: each
 training image weighs 1 / (images of its generator or real collection) ** alpha,
-:func:`photo_tiles.group_weights`) the training split of
+:func:`photo_tiles.group_weights`; ``lr`` and ``weight_decay``: the head's AdamW, default 1e-3 and
+0.05) the training split of
 photos-train (minus the held-out sources, :func:`photo_tiles.split_sources`) is cut into crops, a head
 is trained by version 1's recipe (per-crop BCE, K=2) for each seed, and it is measured on the
 validation images and on (a) the held-out sources, each as delivered and re-shipped the eight ways of the bench
@@ -108,7 +109,8 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
                       "val": crop_features(det, val_rows, views, 0, cache),
                       "heldout": crop_features(det, held, views, 0, cache)}
         for seed in seeds:
-            cfg = TrainConfig(epochs=epochs, batch=256, lr=1e-3, weight_decay=0.05, seed=seed, threads=2)
+            cfg = TrainConfig(epochs=epochs, batch=256, lr=float(c.get("lr", 1e-3)),
+                              weight_decay=float(c.get("weight_decay", 0.05)), seed=seed, threads=2)
             blind = (blind_rows, int(c["blind"])) if blind_rows is not None else None
             weight = group_weights(train_rows, float(c["balance"])) if c.get("balance") else None
             th, thr = fit_heads(fs["train"], fake_labels(train_rows), is_val, (2,), cfg, "mean", blind=blind,
