@@ -386,3 +386,56 @@ def test_group_weights_balance_generators_within_each_class() -> None:
 
     assert augment_words(4) == augment_words(4, 0.0) and "generator" not in augment_words(4)
     assert "1 / (images of its generator or collection)^0.5" in augment_words(4, 0.5)
+
+
+def test_lcas_ablation_pairs_k2_with_k0_at_the_shipped_tiling(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    """train/lcas_ablation.py: heads for K=2 and K=0 by the recipe, both scored with the shipped
+    bundle's tiling and threshold rule, paired on the same images; a backbone whose graphs are not
+    the shipped bundle's is refused."""
+    import csv
+    import shutil
+    from types import SimpleNamespace
+
+    from cinemae.runtime.evaluation import auc
+    from cinemae.train.lcas_ablation import ablate, same_graphs
+    from cinemae.train.photo_tiles import markdown, read_labels, split_sources
+
+    m = json.loads((tiny_bundle_copy / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    (tiny_bundle_copy / "cinemae.json").write_text(json.dumps(m))
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_bundle_copy, backbone)
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "generator", "source"])
+        for i in range(40):
+            label = "fake" if i % 2 else "real"
+            img = np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+            if label == "fake":  # something a head can learn: smoother pictures
+                img = (img // 64 * 64 + 32).astype(np.uint8)
+            Image.fromarray(img).save(data / f"im{i}.png")
+            w.writerow([f"im{i}.png", label, f"gen{i % 4}", "held/repo" if i >= 28 else "seen/repo"])
+    rows = read_labels(data)
+    _, held, _ = split_sources(rows, ("held/",), 0)
+    shipped = {"images": held, "scores": {"tiles_head_k2": {"p": list(np.linspace(0.1, 0.9, len(held))),
+                                                            "threshold": 0.5}}}
+    report = {"heldout_sources": ["held/"], "heldout": shipped, "photos": shipped,
+              "threshold_recalibrated": {"calibrate": "val+heldout"}}
+    res = ablate(str(backbone), str(tiny_bundle_copy), report, data, augment=1, seed=0, cache=None,
+                 backend="onnxruntime", epochs=3)
+    assert res["tiles"] == 4 and res["threshold_rule"] == "5% FPR on the reals of val+heldout"
+    for set_name in ("heldout", "photos"):
+        r = res[set_name]
+        y = np.array([x["label"] == "fake" for x in r["images"]])
+        p2, p0 = (np.asarray(r["scores"][k]["p"]) for k in ("tiles_head_k2", "tiles_head_k0"))
+        assert not np.allclose(p2, p0)
+        assert r["paired_k2_vs_k0"]["auc_diff"] == pytest.approx(auc(y, p2) - auc(y, p0), abs=1e-9)
+        assert r["scores"]["shipped_k2"]["p"] == shipped["scores"]["tiles_head_k2"]["p"]
+        assert r["retrained_vs_shipped_max_abs_dp"] >= 0
+    md = markdown(res)
+    assert "new, K=0 (no LCAS)" in md and "the shipped head (K=2)" in md and "new K=2 - new K=0" in md
+    one = SimpleNamespace(manifest={"files": {"encoder.onnx": "a", "decoder.onnx": "b"}})
+    other = SimpleNamespace(manifest={"files": {"encoder.onnx": "a", "decoder.onnx": "c"}})
+    assert same_graphs(one, one) and not same_graphs(one, other)

@@ -473,7 +473,7 @@ SETS = {"heldout": "(a) photos-train, held-out sources (their reals and generato
 MODELS = {"cifake32": "cifake32 (one 32-px view)", "previous": "the photo32 shipped before",
           "tiles_head_k2": "new, K=2", "tiles_head_k0": "new, K=0 (no LCAS)",
           "final_k2": "new, K=2, refit on all of photos-train (shipped)",
-          "cifake32_tiles": "cifake32 head on the tiles"}
+          "cifake32_tiles": "cifake32 head on the tiles", "shipped_k2": "the shipped head (K=2)"}
 
 
 def group_table(images: list[dict[str, str]], scores: dict[str, dict[str, Any]]) -> list[str]:
