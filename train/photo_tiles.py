@@ -39,7 +39,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,9 +85,8 @@ def group_weights(rows: list[dict[str, str]], alpha: float) -> np.ndarray:
     its share of the loss). alpha 0: all 1 (the unweighted recipe); 1: every generator, and every
     real collection, weighs the same in its class; 0.5 between. photos-train's training split is
     61% one source's SD 1.5 fine-tunes (120 of 197 fakes), which this counters."""
-    gen = [r["generator"] for r in rows]
-    counts = {g: gen.count(g) for g in set(gen)}
-    w = np.array([counts[g] ** -float(alpha) for g in gen], np.float64)
+    counts = Counter(r["generator"] for r in rows)
+    w = np.array([counts[r["generator"]] ** -float(alpha) for r in rows], np.float64)
     y = fake_labels(rows)
     for cls in (False, True):
         if (y == cls).any():
@@ -226,17 +225,17 @@ def fit_heads(fs: Features, labels: np.ndarray, is_val: np.ndarray, ks: tuple[in
             raise ValueError("blind directions are for per-crop BCE heads (consistency None)")
         gm, gs = g[tr].mean(axis=0), np.maximum(g[tr].std(axis=0), 1e-6)  # the head's own standardisation
         u = shift_directions(blind[0], ~is_val, gm, gs, blind[1])
+    if image_weight is not None and consistency is not None:
+        raise ValueError("image weights are for per-crop BCE heads (consistency None)")
+    rw = None if image_weight is None else np.asarray(image_weight, np.float32)[own]  # [R] each row's image's
     heads = {}
     for k in ks:
         sk = s if k else np.zeros_like(s)
         if consistency is None:
-            rw = None if image_weight is None else np.asarray(image_weight, np.float32)[own]
             th = train_head(g[tr], sk[tr], y[own][tr], g[va], sk[va], y[own][va], fusion="add", pooling=pooling,
                             k=k, cfg=cfg, blind=u, weight=None if rw is None else rw[tr],
                             val_weight=None if rw is None else rw[va])
         else:
-            if image_weight is not None:
-                raise ValueError("image weights are for per-crop BCE heads (consistency None)")
             th = train_head_images(g[tr], sk[tr], np.searchsorted(tr_ids, own[tr]), view[tr], y[tr_ids],
                                    (g[va], sk[va], np.searchsorted(val_ids, own[va]), view[va], y[val_ids]),
                                    fusion="add", pooling=pooling, k=k, cfg=cfg, consistency=consistency, bce=bce)

@@ -108,11 +108,11 @@ def select(bundle: str, train_dir: Path, configs: dict[str, dict[str, Any]], see
                 fs = {"train": crop_features(det, train_rows, int(c.get("augment", 0)), 0, cache),
                       "val": crop_features(det, val_rows, views, 0, cache),
                       "heldout": crop_features(det, held, views, 0, cache)}
+        weight = group_weights(train_rows, float(c["balance"])) if c.get("balance") else None
         for seed in seeds:
             cfg = TrainConfig(epochs=epochs, batch=256, lr=float(c.get("lr", 1e-3)),
                               weight_decay=float(c.get("weight_decay", 0.05)), seed=seed, threads=2)
             blind = (blind_rows, int(c["blind"])) if blind_rows is not None else None
-            weight = group_weights(train_rows, float(c["balance"])) if c.get("balance") else None
             th, thr = fit_heads(fs["train"], fake_labels(train_rows), is_val, (2,), cfg, "mean", blind=blind,
                                 image_weight=weight)[2]
             pv, ph = view_scores(th.head, fs["val"], len(val_rows)), view_scores(th.head, fs["heldout"], len(held))
