@@ -114,6 +114,10 @@ PRESETS: dict[str, MAEConfig] = {
     # the micro backbone at twice the depth: grown from a depth-6 run (pretrain_mae --grow-depth)
     "vit-micro-32-d12": MAEConfig(img_size=32, patch_size=4, embed_dim=128, depth=12, num_heads=4,
                                   decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
+    # the same transformer on 64-px crops cut into 8-px patches: the same 8 x 8 token grid (so the same
+    # cost per crop) over four times the picture; grown from a 32-px run (pretrain_mae --grow-patch)
+    "vit-micro-64-d12": MAEConfig(img_size=64, patch_size=8, embed_dim=128, depth=12, num_heads=4,
+                                  decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
 }
 
 

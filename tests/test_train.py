@@ -705,6 +705,35 @@ def test_grow_depth_keeps_the_function(depth: int) -> None:
         grow_depth(src.state_dict(), 2, 3)
 
 
+def test_grow_patch_starts_from_the_shrunk_crop() -> None:
+    """A backbone grown to crops and patches twice the side computes on a crop what its source computes on
+    that crop averaged 2 x 2: the same tokens, and a reconstruction that is the source's upsampled 2x."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from cinemae.export.model import MaskedAutoencoderViT, preset
+    from cinemae.train.pretrain_mae import grow_patch, random_masks
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    src = MaskedAutoencoderViT(cfg).eval()
+    grown = MaskedAutoencoderViT(cfg.with_(img_size=64, patch_size=8)).eval()
+    grown.load_state_dict(grow_patch(src.state_dict(), 4), strict=True)
+    x = torch.randn(4, 3, 64, 64)
+    ids_keep, ids_restore, _ = random_masks(4, 64, 16, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = src.forward_encoder(F.avg_pool2d(x, 2), ids_keep)
+        b = grown.forward_encoder(x, ids_keep)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        pa, pb = src.forward_decoder(a, ids_restore), grown.forward_decoder(b, ids_restore)
+    # the source's reconstruction as a 32-px picture, upsampled 2x (nearest), cut into 8-px patches
+    pic = torch.einsum("nhwpqc->nchpwq", pa.reshape(4, 8, 8, 4, 4, 3)).reshape(4, 3, 32, 32)
+    torch.testing.assert_close(pb, grown.patchify(F.interpolate(pic, scale_factor=2, mode="nearest")),
+                               atol=1e-5, rtol=1e-5)
+    # the transformer is the source's, untouched
+    assert torch.equal(grown.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+
+
 def test_pretrain_grows_a_shallower_run(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from cinemae.train.pretrain_mae import main

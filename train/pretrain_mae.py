@@ -30,6 +30,10 @@ on fixed held-out pairs is reported every epoch (``val_invariance``), trained wi
 ``vit-micro-32-d12``) starts a deeper one from that run's function: :func:`grow_depth` follows every
 encoder block with copies of itself whose output projections are zero.
 
+``--grow-patch`` with ``--init`` of a run whose crops and patches are half the size (``vit-micro-32-d12``
+-> ``vit-micro-64-d12``: 32-px crops in 4-px patches -> 64-px crops in 8-px patches, the same 8 x 8 token
+grid) starts from that run's function on the crop shrunk 2x: :func:`grow_patch`.
+
 ``--device cuda`` trains on a GPU, where photo crops are cut too (``--crops-on``, :class:`DeviceCrops`:
 the pictures held on the device, a batch of crops one gather); ``--autocast bf16``
 runs the forward pass in bfloat16 (weights, AdamW state and the reported held-out loss stay
@@ -124,6 +128,31 @@ def grow_depth(state: dict[str, Any], src_depth: int, depth: int) -> dict[str, A
         for j in range(r):
             zero = j > 0 and rest.startswith(("attn.proj.", "mlp.fc2."))
             out[f"blocks.{int(i) * r + j}.{rest}"] = v.clone().zero_() if zero else v.clone()
+    return out
+
+
+def grow_patch(state: dict[str, Any], src_patch: int, in_chans: int = 3) -> dict[str, Any]:
+    """An MAE state dict for P-px patches -> one for 2P-px patches over the same token grid (crops twice
+    the side) that computes, on a crop, what the source computes on that crop shrunk 2x by 2 x 2 averaging:
+
+    - ``patch_embed.proj.weight`` [D, C, P, P] -> [D, C, 2P, 2P], each weight spread over the 2 x 2
+      pixels it now covers and divided by 4 (a stride-2P convolution of the crop = the source's stride-P
+      convolution of its 2 x 2 average); the bias is kept;
+    - ``decoder_pred`` [P*P*C, Dd] -> [4*P*P*C, Dd] (rows in ``patchify``'s (row, column, channel) order):
+      each output pixel copies the source's prediction for the pixel it shrinks to (a nearest 2x upsample
+      of the source's reconstruction), so the masked-patch loss starts where the source's would be on
+      the shrunk crop plus the detail a 2x average removes;
+    - everything else (position embeddings of the same grid, blocks, norms, decoder) is kept."""
+    p, c = src_patch, in_chans
+    out = dict(state)
+    w = state["patch_embed.proj.weight"]  # [D, C, P, P]
+    out["patch_embed.proj.weight"] = w.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4.0
+    # output index of pixel (i, j, ch) of a 2P patch -> the source index of (i // 2, j // 2, ch)
+    i, j, ch = np.meshgrid(np.arange(2 * p), np.arange(2 * p), np.arange(c), indexing="ij")
+    src_rows = ((i // 2) * p + (j // 2)) * c + ch  # [2P, 2P, C]
+    idx = src_rows.reshape(-1)
+    out["decoder_pred.weight"] = state["decoder_pred.weight"][idx].clone()
+    out["decoder_pred.bias"] = state["decoder_pred.bias"][idx].clone()
     return out
 
 
@@ -533,6 +562,15 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
                                  "in more than its depth")
             state = grow_depth(state, src_cfg["depth"], cfg.depth)
             grown = {"from_depth": src_cfg["depth"], "to_depth": cfg.depth}
+        elif getattr(args, "grow_patch", False):
+            # larger crops in larger patches over the same token grid, from a run's function (grow_patch)
+            want = {**src_cfg, "img_size": 2 * src_cfg["img_size"], "patch_size": 2 * src_cfg["patch_size"]}
+            if want != cfg.to_dict():
+                raise SystemExit(f"--grow-patch: --arch {args.arch} is not --init {args.init}'s backbone with "
+                                 "crops and patches twice the side")
+            state = grow_patch(state, src_cfg["patch_size"], src_cfg["in_chans"])
+            grown = {"from_patch": src_cfg["patch_size"], "to_patch": cfg.patch_size,
+                     "from_img_size": src_cfg["img_size"], "to_img_size": cfg.img_size}
         elif src_cfg != cfg.to_dict():
             raise SystemExit(f"--init {args.init} holds a different backbone ({src['config']}) than --arch {args.arch}")
         model.load_state_dict(state)
@@ -733,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grow-depth", action="store_true",
                     help="with --init of a shallower run of the same backbone: insert encoder blocks whose "
                          "output projections start at zero (grow_depth), so training starts from its function")
+    ap.add_argument("--grow-patch", action="store_true",
+                    help="with --init of a run whose crops and patches are half the side (vit-micro-32-d12 -> "
+                         "vit-micro-64-d12): start from its function on the crop shrunk 2x (grow_patch)")
     return ap
 
 
