@@ -734,6 +734,31 @@ def test_grow_patch_starts_from_the_shrunk_crop() -> None:
     assert torch.equal(grown.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
 
 
+def test_pretrain_grows_to_larger_patches_on_photo_crops(tmp_path: Path) -> None:
+    """--grow-patch from a 32-px run: asked for, recorded in the summary, refused for another backbone."""
+    torch = pytest.importorskip("torch")
+    from cinemae.export.model import MaskedAutoencoderViT, preset
+    from cinemae.train.pretrain_mae import main
+
+    root = _write_photo_folder(tmp_path / "photos")
+    src = tmp_path / "src.pth"
+    torch.save({"model": MaskedAutoencoderViT(preset("vit-micro-32-d12")).state_dict(),
+                "config": preset("vit-micro-32-d12").to_dict()}, src)
+    common = ["--images", str(root), "--exclude-source", "held/", "--arch", "vit-micro-64-d12", "--epochs", "1",
+              "--batch", "4", "--crops-per-epoch", "4", "--holdout-frac", "0.3", "--warmup-steps", "1",
+              "--log-every", "0", "--threads", "1", "--init", str(src)]
+    with pytest.raises(SystemExit, match="different backbone"):  # not without asking for it
+        main(common + ["--out", str(tmp_path / "a")])
+    assert main(common + ["--grow-patch", "--out", str(tmp_path / "b")]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["init_from"]["grown"] == {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64}
+    assert s["config"]["img_size"] == 64 and "native 64-px crops" in s["crops"]
+    torch.save({"model": MaskedAutoencoderViT(preset("tiny")).state_dict(), "config": preset("tiny").to_dict()},
+               tmp_path / "tiny.pth")
+    with pytest.raises(SystemExit, match="twice the side"):
+        main(common[:-1] + [str(tmp_path / "tiny.pth"), "--grow-patch", "--out", str(tmp_path / "c")])
+
+
 def test_pretrain_grows_a_shallower_run(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from cinemae.train.pretrain_mae import main
