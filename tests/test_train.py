@@ -718,7 +718,7 @@ def test_grow_patch_starts_from_the_shrunk_crop() -> None:
     cfg = preset("tiny")
     src = MaskedAutoencoderViT(cfg).eval()
     grown = MaskedAutoencoderViT(cfg.with_(img_size=64, patch_size=8)).eval()
-    grown.load_state_dict(grow_patch(src.state_dict(), 4), strict=True)
+    grown.load_state_dict(grow_patch(src.state_dict()), strict=True)
     x = torch.randn(4, 3, 64, 64)
     ids_keep, ids_restore, _ = random_masks(4, 64, 16, torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -131,7 +131,7 @@ def grow_depth(state: dict[str, Any], src_depth: int, depth: int) -> dict[str, A
     return out
 
 
-def grow_patch(state: dict[str, Any], src_patch: int, in_chans: int = 3) -> dict[str, Any]:
+def grow_patch(state: dict[str, Any]) -> dict[str, Any]:
     """An MAE state dict for P-px patches -> one for 2P-px patches over the same token grid (crops twice
     the side) that computes, on a crop, what the source computes on that crop shrunk 2x by 2 x 2 averaging:
 
@@ -142,17 +142,19 @@ def grow_patch(state: dict[str, Any], src_patch: int, in_chans: int = 3) -> dict
       each output pixel copies the source's prediction for the pixel it shrinks to (a nearest 2x upsample
       of the source's reconstruction), so the masked-patch loss starts where the source's would be on
       the shrunk crop plus the detail a 2x average removes;
-    - everything else (position embeddings of the same grid, blocks, norms, decoder) is kept."""
-    p, c = src_patch, in_chans
+    - everything else (position embeddings of the same grid, blocks, norms, decoder) is kept.
+
+    P and C are read from the patch embedding's shape."""
     out = dict(state)
     w = state["patch_embed.proj.weight"]  # [D, C, P, P]
+    c, p = int(w.shape[1]), int(w.shape[-1])
     out["patch_embed.proj.weight"] = w.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4.0
     # output index of pixel (i, j, ch) of a 2P patch -> the source index of (i // 2, j // 2, ch)
     i, j, ch = np.meshgrid(np.arange(2 * p), np.arange(2 * p), np.arange(c), indexing="ij")
     src_rows = ((i // 2) * p + (j // 2)) * c + ch  # [2P, 2P, C]
-    idx = src_rows.reshape(-1)
-    out["decoder_pred.weight"] = state["decoder_pred.weight"][idx].clone()
-    out["decoder_pred.bias"] = state["decoder_pred.bias"][idx].clone()
+    idx = src_rows.reshape(-1)  # indexing copies: the source's tensors are not shared
+    out["decoder_pred.weight"] = state["decoder_pred.weight"][idx]
+    out["decoder_pred.bias"] = state["decoder_pred.bias"][idx]
     return out
 
 
@@ -568,7 +570,7 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             if want != cfg.to_dict():
                 raise SystemExit(f"--grow-patch: --arch {args.arch} is not --init {args.init}'s backbone with "
                                  "crops and patches twice the side")
-            state = grow_patch(state, src_cfg["patch_size"], src_cfg["in_chans"])
+            state = grow_patch(state)
             grown = {"from_patch": src_cfg["patch_size"], "to_patch": cfg.patch_size,
                      "from_img_size": src_cfg["img_size"], "to_img_size": cfg.img_size}
         elif src_cfg != cfg.to_dict():
