@@ -118,6 +118,11 @@ PRESETS: dict[str, MAEConfig] = {
     # cost per crop) over four times the picture; grown from a 32-px run (pretrain_mae --grow-patch)
     "vit-micro-64-d12": MAEConfig(img_size=64, patch_size=8, embed_dim=128, depth=12, num_heads=4,
                                   decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
+    # the same transformer on 64-px crops in 4-px patches: a 16 x 16 token grid, four times the picture at
+    # the 32-px backbone's resolution (four times the cost per crop, a quarter of the crops per photo);
+    # grown from a 32-px run (pretrain_mae --grow-grid)
+    "vit-micro-64p4-d12": MAEConfig(img_size=64, patch_size=4, embed_dim=128, depth=12, num_heads=4,
+                                    decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
 }
 
 

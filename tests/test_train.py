@@ -734,6 +734,64 @@ def test_grow_patch_starts_from_the_shrunk_crop() -> None:
     assert torch.equal(grown.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
 
 
+def test_grow_grid_keeps_the_source_on_its_corner() -> None:
+    """A backbone grown to a larger token grid of the same patches, given only the tokens of a crop's top-left
+    corner (the source's grid), computes what the source computes on that sub-crop; its positions extend
+    the source's; a learned (not sin-cos) embedding and a smaller grid are refused."""
+    torch = pytest.importorskip("torch")
+
+    from cinemae.export.model import MaskedAutoencoderViT, preset
+    from cinemae.train.pretrain_mae import grow_grid
+
+    torch.manual_seed(0)
+    cfg = preset("tiny")  # 32-px crops, 4-px patches: an 8 x 8 grid
+    src = MaskedAutoencoderViT(cfg).eval()
+    grown = MaskedAutoencoderViT(cfg.with_(img_size=64)).eval()
+    state = grow_grid(src.state_dict(), 16)
+    grown.load_state_dict(state, strict=True)
+    x = torch.randn(3, 3, 64, 64)
+    corner = torch.tensor([r * 16 + c for r in range(8) for c in range(8)]).expand(3, -1)
+    with torch.no_grad():
+        a = src.forward_encoder(x[:, :, :32, :32], torch.arange(64).expand(3, -1))
+        b = grown.forward_encoder(x, corner)
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    # the source's positions are the new grid's top-left corner; the others are new
+    pe = state["pos_embed"][0, 1:].reshape(16, 16, -1)
+    torch.testing.assert_close(pe[:8, :8].reshape(64, -1), src.pos_embed[0, 1:])
+    assert not torch.allclose(pe[8:, 8:].reshape(64, -1), src.pos_embed[0, 1:])
+    assert torch.equal(state["blocks.1.mlp.fc2.weight"], src.state_dict()["blocks.1.mlp.fc2.weight"])
+    with pytest.raises(ValueError, match="larger one"):
+        grow_grid(src.state_dict(), 8)
+    learned = dict(src.state_dict(), pos_embed=torch.randn_like(src.pos_embed))
+    with pytest.raises(ValueError, match="sin-cos"):
+        grow_grid(learned, 16)
+
+
+def test_pretrain_grows_the_grid_on_photo_crops(tmp_path: Path) -> None:
+    """--grow-grid from a 32-px run: asked for, recorded in the summary, refused for another backbone."""
+    pytest.importorskip("torch")
+    import torch
+
+    from cinemae.export.model import MaskedAutoencoderViT, preset
+    from cinemae.train.pretrain_mae import main
+
+    root = _write_photo_folder(tmp_path / "photos")
+    src = tmp_path / "src.pth"
+    torch.save({"model": MaskedAutoencoderViT(preset("vit-micro-32-d12")).state_dict(),
+                "config": preset("vit-micro-32-d12").to_dict()}, src)
+    common = ["--images", str(root), "--exclude-source", "held/", "--arch", "vit-micro-64p4-d12", "--epochs", "1",
+              "--batch", "4", "--crops-per-epoch", "4", "--holdout-frac", "0.3", "--warmup-steps", "1",
+              "--log-every", "0", "--threads", "1", "--init", str(src)]
+    with pytest.raises(SystemExit, match="different backbone"):  # not without asking for it
+        main(common + ["--out", str(tmp_path / "a")])
+    assert main(common + ["--grow-grid", "--out", str(tmp_path / "b")]) == 0
+    s = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert s["init_from"]["grown"] == {"from_img_size": 32, "to_img_size": 64, "patch": 4}
+    assert s["config"]["img_size"] == 64 and s["config"]["patch_size"] == 4
+    with pytest.raises(SystemExit, match="same patches"):  # 8-px patches are not the source's 4-px ones
+        main(common[:5] + ["vit-micro-64-d12"] + common[6:] + ["--grow-grid", "--out", str(tmp_path / "c")])
+
+
 def test_pretrain_grows_to_larger_patches_on_photo_crops(tmp_path: Path) -> None:
     """--grow-patch from a 32-px run: asked for, recorded in the summary, refused for another backbone."""
     torch = pytest.importorskip("torch")

@@ -34,6 +34,11 @@ encoder block with copies of itself whose output projections are zero.
 -> ``vit-micro-64-d12``: 32-px crops in 4-px patches -> 64-px crops in 8-px patches, the same 8 x 8 token
 grid) starts from that run's function on the crop shrunk 2x: :func:`grow_patch`.
 
+``--grow-grid`` with ``--init`` of a run on smaller crops in the same patches (``vit-micro-32-d12`` ->
+``vit-micro-64p4-d12``: a 16 x 16 token grid instead of 8 x 8) keeps every weight and extends the fixed
+sin-cos position embeddings to the larger grid (:func:`grow_grid`): the source's positions are the top-left
+corner of the new grid, so on the tokens of a crop's top-left quarter alone the encoder is the source's.
+
 ``--device cuda`` trains on a GPU, where photo crops are cut too (``--crops-on``, :class:`DeviceCrops`:
 the pictures held on the device, a batch of crops one gather); ``--autocast bf16``
 runs the forward pass in bfloat16 (weights, AdamW state and the reported held-out loss stay
@@ -155,6 +160,27 @@ def grow_patch(state: dict[str, Any]) -> dict[str, Any]:
     idx = src_rows.reshape(-1)  # indexing copies: the source's tensors are not shared
     out["decoder_pred.weight"] = state["decoder_pred.weight"][idx]
     out["decoder_pred.bias"] = state["decoder_pred.bias"][idx]
+    return out
+
+
+def grow_grid(state: dict[str, Any], grid: int) -> dict[str, Any]:
+    """An MAE state dict for a g x g token grid -> one for ``grid`` x ``grid`` tokens of the same patches
+    (crops ``grid / g`` times the side). The fixed 2-D sin-cos position embeddings (``pos_embed`` [1, 1+g*g, D],
+    ``decoder_pos_embed`` [1, 1+g*g, Dd]) are recomputed for the larger grid; as they are a function of the
+    integer (row, column), the source's g x g positions are exactly the new grid's top-left g x g. Every other
+    tensor is kept, so the encoder given only the tokens of a crop's top-left g x g patches computes what the
+    source computes on that sub-crop. A source whose embeddings are not the sin-cos ones is refused."""
+    from ..export.model import sincos_pos_embed
+
+    out = dict(state)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        v = state[key]  # [1, 1+g*g, dim]
+        g, dim = math.isqrt(v.shape[1] - 1), int(v.shape[-1])
+        if grid <= g:
+            raise ValueError(f"can grow a {g} x {g} grid only to a larger one, not {grid} x {grid}")
+        if not np.allclose(v[0].float().numpy(), sincos_pos_embed(dim, g), atol=1e-6):
+            raise ValueError(f"{key} is not the fixed sin-cos embedding: it cannot be extended to a larger grid")
+        out[key] = v.new_tensor(sincos_pos_embed(dim, grid))[None]
     return out
 
 
@@ -573,6 +599,14 @@ def pretrain(args: argparse.Namespace, log: Any = _logger.info) -> dict[str, Any
             state = grow_patch(state)
             grown = {"from_patch": src_cfg["patch_size"], "to_patch": cfg.patch_size,
                      "from_img_size": src_cfg["img_size"], "to_img_size": cfg.img_size}
+        elif getattr(args, "grow_grid", False):
+            # larger crops in the same patches: a larger token grid, every weight kept (grow_grid)
+            if {**src_cfg, "img_size": cfg.img_size} != cfg.to_dict() or cfg.img_size <= src_cfg["img_size"]:
+                raise SystemExit(f"--grow-grid: --arch {args.arch} is not --init {args.init}'s backbone on "
+                                 "larger crops in the same patches")
+            state = grow_grid(state, cfg.grid)
+            grown = {"from_img_size": src_cfg["img_size"], "to_img_size": cfg.img_size,
+                     "patch": cfg.patch_size}
         elif src_cfg != cfg.to_dict():
             raise SystemExit(f"--init {args.init} holds a different backbone ({src['config']}) than --arch {args.arch}")
         model.load_state_dict(state)
@@ -776,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grow-patch", action="store_true",
                     help="with --init of a run whose crops and patches are half the side (vit-micro-32-d12 -> "
                          "vit-micro-64-d12): start from its function on the crop shrunk 2x (grow_patch)")
+    ap.add_argument("--grow-grid", action="store_true",
+                    help="with --init of a run on smaller crops in the same patches (vit-micro-32-d12 -> "
+                         "vit-micro-64p4-d12): keep its weights, extend its position embeddings (grow_grid)")
     return ap
 
 
