@@ -767,54 +767,39 @@ def test_grow_grid_keeps_the_source_on_its_corner() -> None:
         grow_grid(learned, 16)
 
 
-def test_pretrain_grows_the_grid_on_photo_crops(tmp_path: Path) -> None:
-    """--grow-grid from a 32-px run: asked for, recorded in the summary, refused for another backbone."""
-    pytest.importorskip("torch")
-    import torch
-
-    from cinemae.export.model import MaskedAutoencoderViT, preset
-    from cinemae.train.pretrain_mae import main
-
-    root = _write_photo_folder(tmp_path / "photos")
-    src = tmp_path / "src.pth"
-    torch.save({"model": MaskedAutoencoderViT(preset("vit-micro-32-d12")).state_dict(),
-                "config": preset("vit-micro-32-d12").to_dict()}, src)
-    common = ["--images", str(root), "--exclude-source", "held/", "--arch", "vit-micro-64p4-d12", "--epochs", "1",
-              "--batch", "4", "--crops-per-epoch", "4", "--holdout-frac", "0.3", "--warmup-steps", "1",
-              "--log-every", "0", "--threads", "1", "--init", str(src)]
-    with pytest.raises(SystemExit, match="different backbone"):  # not without asking for it
-        main(common + ["--out", str(tmp_path / "a")])
-    assert main(common + ["--grow-grid", "--out", str(tmp_path / "b")]) == 0
-    s = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert s["init_from"]["grown"] == {"from_img_size": 32, "to_img_size": 64, "patch": 4}
-    assert s["config"]["img_size"] == 64 and s["config"]["patch_size"] == 4
-    with pytest.raises(SystemExit, match="same patches"):  # 8-px patches are not the source's 4-px ones
-        main(common[:5] + ["vit-micro-64-d12"] + common[6:] + ["--grow-grid", "--out", str(tmp_path / "c")])
-
-
-def test_pretrain_grows_to_larger_patches_on_photo_crops(tmp_path: Path) -> None:
-    """--grow-patch from a 32-px run: asked for, recorded in the summary, refused for another backbone."""
+@pytest.mark.parametrize("flag, arch, grown, refused", [
+    ("--grow-patch", "vit-micro-64-d12",
+     {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64}, ("tiny", None, "twice the side")),
+    ("--grow-grid", "vit-micro-64p4-d12",
+     {"from_img_size": 32, "to_img_size": 64, "patch": 4}, (None, "vit-micro-64-d12", "same patches")),
+])
+def test_pretrain_grows_a_32px_run_on_photo_crops(tmp_path: Path, flag: str, arch: str, grown: dict,
+                                                  refused: tuple) -> None:
+    """--grow-patch / --grow-grid from a 32-px run: asked for, recorded in the summary, refused for a source
+    (``refused``: another init preset, or another --arch) it cannot grow into --arch."""
     torch = pytest.importorskip("torch")
     from cinemae.export.model import MaskedAutoencoderViT, preset
     from cinemae.train.pretrain_mae import main
 
     root = _write_photo_folder(tmp_path / "photos")
-    src = tmp_path / "src.pth"
-    torch.save({"model": MaskedAutoencoderViT(preset("vit-micro-32-d12")).state_dict(),
-                "config": preset("vit-micro-32-d12").to_dict()}, src)
-    common = ["--images", str(root), "--exclude-source", "held/", "--arch", "vit-micro-64-d12", "--epochs", "1",
-              "--batch", "4", "--crops-per-epoch", "4", "--holdout-frac", "0.3", "--warmup-steps", "1",
-              "--log-every", "0", "--threads", "1", "--init", str(src)]
+
+    def run(init: str, to: str, *extra: str) -> int:
+        src = tmp_path / f"{init}.pth"
+        torch.save({"model": MaskedAutoencoderViT(preset(init)).state_dict(), "config": preset(init).to_dict()}, src)
+        return main(["--images", str(root), "--exclude-source", "held/", "--arch", to, "--epochs", "1",
+                     "--batch", "4", "--crops-per-epoch", "4", "--holdout-frac", "0.3", "--warmup-steps", "1",
+                     "--log-every", "0", "--threads", "1", "--init", str(src), *extra])
+
     with pytest.raises(SystemExit, match="different backbone"):  # not without asking for it
-        main(common + ["--out", str(tmp_path / "a")])
-    assert main(common + ["--grow-patch", "--out", str(tmp_path / "b")]) == 0
+        run("vit-micro-32-d12", arch, "--out", str(tmp_path / "a"))
+    assert run("vit-micro-32-d12", arch, flag, "--out", str(tmp_path / "b")) == 0
     s = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert s["init_from"]["grown"] == {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64}
+    assert s["init_from"]["grown"] == grown
     assert s["config"]["img_size"] == 64 and "native 64-px crops" in s["crops"]
-    torch.save({"model": MaskedAutoencoderViT(preset("tiny")).state_dict(), "config": preset("tiny").to_dict()},
-               tmp_path / "tiny.pth")
-    with pytest.raises(SystemExit, match="twice the side"):
-        main(common[:-1] + [str(tmp_path / "tiny.pth"), "--grow-patch", "--out", str(tmp_path / "c")])
+    assert s["config"]["patch_size"] == preset(arch).patch_size
+    other_init, other_arch, match = refused
+    with pytest.raises(SystemExit, match=match):
+        run(other_init or "vit-micro-32-d12", other_arch or arch, flag, "--out", str(tmp_path / "c"))
 
 
 def test_pretrain_grows_a_shallower_run(tmp_path: Path) -> None:
