@@ -769,14 +769,14 @@ def test_grow_grid_keeps_the_source_on_its_corner() -> None:
 
 @pytest.mark.parametrize("flag, arch, grown, refused", [
     ("--grow-patch", "vit-micro-64-d12",
-     {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64}, ("tiny", None, "twice the side")),
+     {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64}, ("tiny", "vit-micro-64-d12", "twice the side")),
     ("--grow-grid", "vit-micro-64p4-d12",
-     {"from_img_size": 32, "to_img_size": 64, "patch": 4}, (None, "vit-micro-64-d12", "same patches")),
+     {"from_img_size": 32, "to_img_size": 64, "patch": 4}, ("vit-micro-32-d12", "vit-micro-64-d12", "same patches")),
 ])
 def test_pretrain_grows_a_32px_run_on_photo_crops(tmp_path: Path, flag: str, arch: str, grown: dict,
                                                   refused: tuple) -> None:
     """--grow-patch / --grow-grid from a 32-px run: asked for, recorded in the summary, refused for a source
-    (``refused``: another init preset, or another --arch) it cannot grow into --arch."""
+    (``refused``: the init preset, the --arch and the message of a pair it cannot grow)."""
     torch = pytest.importorskip("torch")
     from cinemae.export.model import MaskedAutoencoderViT, preset
     from cinemae.train.pretrain_mae import main
@@ -797,9 +797,9 @@ def test_pretrain_grows_a_32px_run_on_photo_crops(tmp_path: Path, flag: str, arc
     assert s["init_from"]["grown"] == grown
     assert s["config"]["img_size"] == 64 and "native 64-px crops" in s["crops"]
     assert s["config"]["patch_size"] == preset(arch).patch_size
-    other_init, other_arch, match = refused
+    bad_init, bad_arch, match = refused
     with pytest.raises(SystemExit, match=match):
-        run(other_init or "vit-micro-32-d12", other_arch or arch, flag, "--out", str(tmp_path / "c"))
+        run(bad_init, bad_arch, flag, "--out", str(tmp_path / "c"))
 
 
 def test_pretrain_grows_a_shallower_run(tmp_path: Path) -> None:
