@@ -769,7 +769,8 @@ def test_grow_grid_keeps_the_source_on_its_corner() -> None:
 
 @pytest.mark.parametrize("flag, arch, grown, refused", [
     ("--grow-patch", "vit-micro-64-d12",
-     {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64}, ("tiny", "vit-micro-64-d12", "twice the side")),
+     {"from_patch": 4, "to_patch": 8, "from_img_size": 32, "to_img_size": 64},
+     ("tiny", "vit-micro-64-d12", "twice the side")),
     ("--grow-grid", "vit-micro-64p4-d12",
      {"from_img_size": 32, "to_img_size": 64, "patch": 4}, ("vit-micro-32-d12", "vit-micro-64-d12", "same patches")),
 ])
