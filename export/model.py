@@ -123,6 +123,10 @@ PRESETS: dict[str, MAEConfig] = {
     # grown from a 32-px run (pretrain_mae --grow-grid)
     "vit-micro-64p4-d12": MAEConfig(img_size=64, patch_size=4, embed_dim=128, depth=12, num_heads=4,
                                     decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
+    # ViT-Tiny's width on section 21's window (64-px crops in 8-px patches, an 8 x 8 grid): the device run's
+    # backbone (train/RECIPE.md section 16), pretrained from scratch where a GPU gives it the crops
+    "vit-tiny-64": MAEConfig(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                             decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
 }
 
 

@@ -11,9 +11,11 @@ from cinemae.export.model import PRESETS, MaskedAutoencoderViT, preset, sincos_p
 from cinemae.runtime.masks import full_ids_keep, make_masks  # noqa: E402
 
 TINY = ["tiny", "tiny-p8", "tiny-224"]
+# the photo backbones (32- and 64-px crops, 4- and 8-px patches) and the device run's
+PHOTO = ["vit-micro-32-d12", "vit-micro-64-d12", "vit-micro-64p4-d12", "vit-tiny-32", "vit-tiny-64"]
 
 
-@pytest.mark.parametrize("arch", TINY)
+@pytest.mark.parametrize("arch", TINY + PHOTO)
 def test_shapes(arch: str) -> None:
     cfg = preset(arch)
     m = MaskedAutoencoderViT(cfg).eval()

@@ -2,8 +2,9 @@
 
 Issue 19's better version of the photo backbone's pretraining: the same recipe as the CPU stages
 (real photo crops only, re-shipped copies, ``train/pretrain_mae.py``) for a ViT-Tiny-class encoder
-(``vit-tiny-32``, 192 wide x 12 blocks, 5.8 M parameters) on the device for a few minutes, crops cut on the GPU
-(``--crops-on device``). Three steps, build / run / bring back, each a subcommand:
+(``vit-tiny-64``: 192 wide x 12 blocks on 64-px crops in 8-px patches, the window and token size that
+steadied the CPU backbones in RECIPE section 21, at ViT-Tiny's width for the separation they lacked) on
+the device for a few minutes, crops cut on the GPU (``--crops-on device``). Three steps, build / run / bring back, each a subcommand:
 
     # here: the training reals, minus the sources held out of the head's evaluation, as a folder to carry
     python -m cinemae.train.device_pretrain pack --images ../shared/data/photos-train --out runs/device-carry
@@ -54,7 +55,9 @@ def recipe(dry_run: bool) -> list[str]:
                 "--threads", "2", "--log-every", "8", "--seed", "0"]
     # batch 1024 at lr 1e-3 (MAE's 1.5e-4 per 256, raised for a small model trained briefly); an epoch
     # is 1,048,576 crops so that each epoch's re-shipping of the pictures on the CPU stays a small share
-    return ["--arch", "vit-tiny-32", "--device", "cuda", "--crops-on", "device", "--batch", "1024",
+    # vit-tiny-64, not the first recipe's vit-tiny-32: RECIPE sections 21-22 found the steadiness and the
+    # lift on unseen generators in 8-px tokens and their missing separation in capacity, not in the window
+    return ["--arch", "vit-tiny-64", "--device", "cuda", "--crops-on", "device", "--batch", "1024",
             "--crops-per-epoch", "1048576", "--epochs", "1000", "--lr", "1e-3", "--warmup-steps", "300",
             "--holdout-frac", "0.1", "--reship", "0.5", "--max-side", "512", "--autocast", "bf16",
             "--threads", str(min(16, os.cpu_count() or 2)), "--log-every", "200", "--seed", "0"]
