@@ -4,7 +4,8 @@ Issue 19's better version of the photo backbone's pretraining: the same recipe a
 (real photo crops only, re-shipped copies, ``train/pretrain_mae.py``) for a ViT-Tiny-class encoder
 (``vit-tiny-64``: 192 wide x 12 blocks on 64-px crops in 8-px patches, the window and token size that
 steadied the CPU backbones in RECIPE section 21, at ViT-Tiny's width for the separation they lacked) on
-the device for a few minutes, crops cut on the GPU (``--crops-on device``). Three steps, build / run / bring back, each a subcommand:
+the device for a few minutes, crops cut on the GPU (``--crops-on device``). Three steps, build / run /
+bring back, each a subcommand:
 
     # here: the training reals, minus the sources held out of the head's evaluation, as a folder to carry
     python -m cinemae.train.device_pretrain pack --images ../shared/data/photos-train --out runs/device-carry
