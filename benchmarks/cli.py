@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --data: also score every image with the re-shipping ensemble "
                          "(cinemae-detect --reship: a preset such as default, or views like jpeg:60,shrink:0.5) "
                          "and report its verdicts' flip rates, accuracy, share uncertain and cost")
+    ap.add_argument("--reship-on", default="delivered", choices=("delivered", "picture"),
+                    help="with --reship and a tiled bundle: the views re-ship the image as delivered, or the "
+                         "picture its crops are cut from (bars trimmed, shrunk to max_side)")
     ap.add_argument("--reship-cost-rounds", type=int, default=3, metavar="N",
                     help="with --reship: rounds of the ensemble's side-by-side cost measurement over --data "
                          "(0: not measured, e.g. for one part of a set run in parts, benchmarks/merge_flips)")
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--perturb needs --data (labelled images)")
         from ..runtime.reship import ReshipEnsemble
 
-        views = ReshipEnsemble.parse(args.reship)
+        views = ReshipEnsemble.parse(args.reship, args.reship_on)
         if views is not None and not args.data:
             raise ValueError("--reship needs --data (labelled images)")
         if args.reship_cost_rounds < 0:
@@ -472,6 +475,7 @@ def _accuracy(args: argparse.Namespace, target: Any, ks: list[int], perts: list[
             "perturbations": [p.name for p in perts], "threshold": bundle.threshold,
             "abstain_band": list(bundle.abstain_band), "tiles": None if tiles is None else tiles.to_manifest(),
             "reship": None if views is None else views.names,
+            "reship_on": None if views is None else views.on,
             "flip_rule": "an image's verdict (ai / real / uncertain, the bundle's threshold and abstain band) "
                          "differs from its verdict on the clean image at the same K; hard = ai <-> real"}
     return acc_rows, info

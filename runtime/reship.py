@@ -46,6 +46,13 @@ RESHIP_SET = ("upscale:2", "crop:0.6", "letterbox:16x9", "jpeg:40", "jpeg:60", "
 #: ``full`` without the letterbox, for tiled bundles that cut border bars (``tiles.trim_borders``:
 #: a letterboxed view is the original again, a fifth of the cost for nothing) and with a harsher
 #: JPEG: the re-shippings that still move such a bundle are recompression, downscale and crop.
+#: what a tiled bundle's ensemble views re-ship: ``delivered``, the image as it arrived; ``picture``,
+#: the picture its crops are cut from (bars trimmed, shrunk to ``max_side``). They differ only for an
+#: image larger than ``max_side`` (or with bars): there a ``delivered`` view is shrunk back to about the
+#: original's own picture (``shrink:0.5`` of a 2048-px photo is the same 512-px picture again), and a
+#: 2x upscaled copy's views are not the original's views (train/RECIPE.md section 25)
+VIEWS_ON = ("delivered", "picture")
+
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "default": ("crop:0.7", "letterbox:16x9"),
     "full": ("crop:0.7", "letterbox:16x9", "jpeg:75", "shrink:0.5"),
@@ -172,11 +179,20 @@ class ReshipEnsemble:
 
     views: tuple[Reshipping, ...]
     label: str = ""
+    on: str = "delivered"
 
     @classmethod
-    def parse(cls, arg: str | Sequence[str] | None) -> ReshipEnsemble | None:
+    def parse(cls, arg: str | Sequence[str] | None, on: str = "delivered") -> ReshipEnsemble | None:
         """None / "" / "none" -> None; a preset name (:data:`ENSEMBLES`), a comma-separated list
-        or a sequence of re-shipping specs -> the ensemble. Raises ValueError (one sentence)."""
+        or a sequence of re-shipping specs -> the ensemble. ``on``: what a tiled bundle's views
+        re-ship (:data:`VIEWS_ON`). Raises ValueError (one sentence)."""
+        if on not in VIEWS_ON:
+            raise ValueError(f"the ensemble's views act on one of {', '.join(VIEWS_ON)}, not {on!r}")
+        ens = cls._parse(arg)
+        return None if ens is None else cls(ens.views, ens.label, on)
+
+    @classmethod
+    def _parse(cls, arg: str | Sequence[str] | None) -> ReshipEnsemble | None:
         if arg is None:
             return None
         if isinstance(arg, str):
@@ -204,10 +220,17 @@ class ReshipEnsemble:
                     max_pixels: int | None = None) -> list[np.ndarray]:
         """The decoded original [h, w, 3] in [0, 1] -> one network input per view, preprocessed
         as the runtime preprocesses any image: [1, 3, S, S] (resize + centre crop), or [T, 3, S, S]
-        for a tiled bundle (``tiles``, a :class:`~cinemae.runtime.tiles.TileSpec`)."""
-        from .preprocess import normalise, resize_crop
-        from .tiles import tile_views
+        for a tiled bundle (``tiles``, a :class:`~cinemae.runtime.tiles.TileSpec`). With ``on`` =
+        ``picture`` and a tiled bundle, each view re-ships the picture the crops are cut from (borders
+        trimmed, shrunk to ``max_side``; :func:`~cinemae.runtime.tiles.prepare_picture` without its
+        canonical JPEG) rather than the delivered image."""
+        from dataclasses import replace
 
+        from .preprocess import normalise, resize_crop
+        from .tiles import prepare_picture, tile_views
+
+        if tiles is not None and self.on == "picture":
+            rgb = prepare_picture(rgb, img_size, replace(tiles, canonical_jpeg=None), max_pixels)[0]  # type: ignore[type-var]
         out = []
         for v in self.views:
             x = v.apply(rgb, max_pixels)
