@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                          + ", ".join(f"{k} = {','.join(v)}" for k, v in ENSEMBLES.items())
                          + ") or views such as jpeg:60,shrink:0.5 (jpeg:Q, shrink:S, upscale:S, crop:F, "
                            "letterbox:AxB)")
+    ap.add_argument("--reship-on", default="delivered", choices=("delivered", "picture"),
+                    help="with --reship and a tiled bundle: the views re-ship the image as delivered, or the "
+                         "picture its crops are cut from (bars trimmed, shrunk to the bundle's max_side)")
     ap.add_argument("--no-provenance", action="store_true",
                     help="do not read C2PA / XMP / EXIF / generator metadata")
     ap.add_argument("--no-provenance-policy", action="store_true",
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         provenance_policy=not args.no_provenance_policy, trust_anchors=trust,
                         formats=args.formats.split(",") if args.formats else None,
                         require_signature=args.require_signature, reship=args.reship,
+                        reship_on=args.reship_on,
                         recheck=False if args.no_recheck else args.recheck_margin)
     if det is None:
         return 2

@@ -101,6 +101,11 @@ def test_parse_reshippings_and_preset() -> None:
     assert ReshipEnsemble.parse("photo").names == ["crop:0.7", "jpeg:60", "shrink:0.5"]
     assert ReshipEnsemble.parse("none") is None and ReshipEnsemble.parse(None) is None
     assert ReshipEnsemble.parse("jpeg:60, shrink:0.5").names == ["jpeg:60", "shrink:0.5"]
+    assert ReshipEnsemble.parse("photo").on == "delivered"
+    assert ReshipEnsemble.parse("photo", "picture").on == "picture"
+    assert ReshipEnsemble.parse(None, "picture") is None
+    with pytest.raises(ValueError, match="delivered, picture"):
+        ReshipEnsemble.parse("photo", "sideways")
 
 
 def test_reshipping_respects_pixel_limit() -> None:
@@ -251,6 +256,32 @@ def test_ensemble_on_tiled_bundle(tmp_path: Path) -> None:
         assert v["logit"] == pytest.approx(float(np.mean(alone.logit.astype(np.float64))), abs=1e-5)
 
 
+def test_ensemble_views_on_picture_in_detector(tmp_path: Path) -> None:
+    """Detector(reship_on="picture"): a 2x copy of an image within max_side is scored with views of
+    the picture its crops are cut from (the copy shrunk back), each view's logit that of those crops."""
+    from cinemae.runtime.tiles import TileSpec, prepare_picture, tile_views
+
+    root = tmp_path / "tiled"
+    shutil.copytree(_embedded(), root)
+    m = json.loads((root / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit",
+                  "trim_borders": True, "max_side": 100}
+    (root / "cinemae.json").write_text(json.dumps(m))
+    big = parse_reshipping("upscale:2").apply(_rgb(70, 100, seed=5))
+    det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo", reship_on="picture")
+    assert det.reship is not None and det.reship.on == "picture"
+    r = det.detect(big)
+    plain = Detector(root, backend="onnxruntime", device="cpu", provenance=False).detect(big)
+    assert r.ok and r.logit == pytest.approx(plain.logit, abs=1e-6)
+    pic = prepare_picture(big, 32, TileSpec.from_manifest(m))[0]
+    assert pic.shape == (70, 100, 3)
+    for v in r.reship[1:]:
+        alone = det.run_arrays(tile_views(parse_reshipping(v["view"]).apply(pic), 32, det.tiles)[0])
+        assert v["logit"] == pytest.approx(float(np.mean(alone.logit.astype(np.float64))), abs=1e-5)
+    with pytest.raises(ValueError, match="delivered, picture"):
+        Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo", reship_on="x")
+
+
 def test_detect_cli_reship(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from cinemae.runtime.cli import main
 
@@ -367,3 +398,48 @@ def test_bench_parts_merge_to_the_whole(tmp_path: Path) -> None:
     assert "8 images" in (tmp_path / "merged.md").read_text()
     assert merge_main([str(tmp_path / "pa" / "bench.json"), str(tmp_path / "pa" / "bench.json"),
                        "--out", str(out)]) == 2
+
+
+# where a tiled bundle's views act: the delivered image or the picture its crops are cut from -------
+_SPEC_KW = {"mode": "grid", "n": 16, "trim_borders": True, "max_side": 96}
+
+
+@pytest.mark.parametrize("reship", ["upscale:2", "letterbox:16x9", "upscale:1.5"])
+def test_views_on_picture_see_the_originals_picture(reship: str) -> None:
+    """An upscaled (past max_side) or letterboxed copy: with on=picture its views are re-shippings of
+    the picture the tiling cuts, i.e. of the copy shrunk / trimmed back; with on=delivered they are
+    re-shippings of the copy itself, which the tiling then shrinks (other pixels, other scale)."""
+    from dataclasses import replace
+
+    from cinemae.runtime.tiles import TileSpec, prepare_picture
+
+    spec = TileSpec(**_SPEC_KW)
+    img = _rgb(72, 90, seed=5)  # within max_side, no bars: its own picture
+    copy = parse_reshipping(reship).apply(img)
+    pic = prepare_picture(copy, 32, replace(spec, canonical_jpeg=None))[0]
+    assert pic.shape != copy.shape
+    on_pic = ReshipEnsemble.parse("photo", "picture").view_arrays(copy, 32, 1.0, spec)
+    want = ReshipEnsemble.parse("photo").view_arrays(pic, 32, 1.0, spec)
+    delivered = ReshipEnsemble.parse("photo").view_arrays(copy, 32, 1.0, spec)
+    assert [a.shape for a in on_pic] == [a.shape for a in want]
+    for a, b in zip(on_pic, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(on_pic, delivered, strict=True))
+    if reship.startswith("letterbox"):  # the bars are cut exactly: the copy's views are the original's
+        for a, b in zip(on_pic, ReshipEnsemble.parse("photo").view_arrays(img, 32, 1.0, spec), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("reship", ["none", "jpeg:60", "shrink:0.5", "crop:0.6"])
+def test_views_on_picture_change_nothing_within_max_side(reship: str) -> None:
+    """An image the tiling neither trims nor shrinks gets the same views either way, and an untiled
+    bundle (no picture) ignores ``on``."""
+    from cinemae.runtime.tiles import TileSpec
+
+    img = _rgb(72, 90, seed=6)
+    x = img if reship == "none" else parse_reshipping(reship).apply(img)
+    for spec in (TileSpec(**_SPEC_KW), None):
+        a = ReshipEnsemble.parse("photo", "picture").view_arrays(x, 32, 0.875, spec)
+        b = ReshipEnsemble.parse("photo").view_arrays(x, 32, 0.875, spec)
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_array_equal(u, v)
