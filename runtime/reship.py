@@ -21,6 +21,10 @@ views of all images go through the same backend call as more rows (like a tiled 
 crops); the image's score and statistics are the original's, and its verdict is the original's
 when every view's verdict agrees with it, else ``uncertain``. What it buys and costs on the
 embedded bundle is measured in ``benchmarks/results/reship_cifake32_photos.md``.
+
+For a tiled bundle the views re-ship either the image as delivered (``on="delivered"``) or the
+picture its crops are cut from (``on="picture"``: uniform bars trimmed, shrunk to ``max_side``).
+The two differ only for an image with bars or larger than ``max_side``; :data:`VIEWS_ON`.
 """
 
 from __future__ import annotations
