@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 from .reship_cost import measure_cost
 
                 result["reship_cost"] = measure_cost(bundle, args.data, args.limit, args.reship, args.threads, log,
-                                                     rounds=args.reship_cost_rounds)
+                                                     rounds=args.reship_cost_rounds, on=args.reship_on)
             save()
     except KeyboardInterrupt:
         result["interrupted"] = True

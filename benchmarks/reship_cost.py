@@ -16,8 +16,10 @@ from typing import Any
 
 
 def measure_cost(bundle: Any, data: str, limit: int, reship: str, threads: int | None,
-                 log: Callable[[str], None], rounds: int = 3, batch: int = 16) -> dict[str, Any]:
-    """{rounds: [{plain_img_s, reship_img_s, ratio}], median ratio, ...}; an error is a row with it."""
+                 log: Callable[[str], None], rounds: int = 3, batch: int = 16, on: str = "delivered"
+                 ) -> dict[str, Any]:
+    """{rounds: [{plain_img_s, reship_img_s, ratio}], median ratio, ...}; an error is a row with it.
+    ``on``: what a tiled bundle's views re-ship (``Detector(reship_on=...)``)."""
     from ..runtime.detector import Detector
     from .datasets import load_labeled
 
@@ -25,7 +27,7 @@ def measure_cost(bundle: Any, data: str, limit: int, reship: str, threads: int |
         files = [it.read() for it in load_labeled(data, limit)]
         plain = Detector(bundle, backend="onnxruntime", device="cpu", threads=threads, provenance=False)
         ens = Detector(bundle, backend="onnxruntime", device="cpu", threads=threads, provenance=False,
-                       reship=reship)
+                       reship=reship, reship_on=on)
     except Exception as e:  # noqa: BLE001 - a failing measurement is a row with its error
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -56,7 +58,7 @@ def measure_cost(bundle: Any, data: str, limit: int, reship: str, threads: int |
             log(f"  reship cost round {r + 1}: plain {n / p[0]:.1f} img/s, ensemble {n / e[0]:.1f} img/s "
                 f"({e[0] / p[0]:.2f}x the time; CPU time {e[1] / p[1]:.2f}x)")
         views = ens.reship.names if ens.reship else []
-    return {"views": views, "images": len(files), "batch": batch, "backend": "onnxruntime-cpu fp32",
+    return {"views": views, "views_on": on, "images": len(files), "batch": batch, "backend": "onnxruntime-cpu fp32",
             "provenance": False, "rows_per_image": 1 + len(views), "rounds": out,
             "median_slowdown": statistics.median(x["ratio"] for x in out),
             "median_cpu_ratio": statistics.median(x["cpu_ratio"] for x in out),
