@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --data: also score every image with the re-shipping ensemble "
                          "(cinemae-detect --reship: a preset such as default, or views like jpeg:60,shrink:0.5) "
                          "and report its verdicts' flip rates, accuracy, share uncertain and cost")
-    ap.add_argument("--reship-on", default="delivered", choices=("delivered", "picture"),
-                    help="with --reship and a tiled bundle: the views re-ship the image as delivered, or the "
-                         "picture its crops are cut from (bars trimmed, shrunk to max_side)")
+    ap.add_argument("--reship-on", default="picture", choices=("picture", "delivered"),
+                    help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
+                         "(default; bars trimmed, shrunk to max_side) or the image as delivered")
     ap.add_argument("--reship-cost-rounds", type=int, default=3, metavar="N",
                     help="with --reship: rounds of the ensemble's side-by-side cost measurement over --data "
                          "(0: not measured, e.g. for one part of a set run in parts, benchmarks/merge_flips)")

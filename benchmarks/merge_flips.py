@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SAME = ("threshold", "abstain_band", "tiles", "reship", "perturbations")
+SAME = ("threshold", "abstain_band", "tiles", "reship", "reship_on", "perturbations")
 
 
 class MergeError(ValueError):

@@ -199,7 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
             info = result["accuracy_info"]
             md += ["", "## Verdict flips against the clean images", "",
                    f"Rule: {info.get('flip_rule', '')}; threshold {info.get('threshold')}, abstain band "
-                   f"{info.get('abstain_band')}" + (f"; ensemble views {info['reship']}" if info.get("reship") else ""),
+                   f"{info.get('abstain_band')}" + (f"; ensemble views {info['reship']}" if info.get("reship") else "")
+                   + (f" on the {info['reship_on']}" if info.get("reship") and info.get("reship_on") else ""),
                    "", format_flips(result["accuracy"])]
     if result.get("reship_cost"):
         md += ["", "## " + format_reship_cost(result["reship_cost"])]

@@ -16,7 +16,7 @@ from typing import Any
 
 
 def measure_cost(bundle: Any, data: str, limit: int, reship: str, threads: int | None,
-                 log: Callable[[str], None], rounds: int = 3, batch: int = 16, on: str = "delivered"
+                 log: Callable[[str], None], rounds: int = 3, batch: int = 16, on: str = "picture"
                  ) -> dict[str, Any]:
     """{rounds: [{plain_img_s, reship_img_s, ratio}], median ratio, ...}; an error is a row with it.
     ``on``: what a tiled bundle's views re-ship (``Detector(reship_on=...)``)."""

@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                          + ", ".join(f"{k} = {','.join(v)}" for k, v in ENSEMBLES.items())
                          + ") or views such as jpeg:60,shrink:0.5 (jpeg:Q, shrink:S, upscale:S, crop:F, "
                            "letterbox:AxB)")
-    ap.add_argument("--reship-on", default="delivered", choices=("delivered", "picture"),
-                    help="with --reship and a tiled bundle: the views re-ship the image as delivered, or the "
-                         "picture its crops are cut from (bars trimmed, shrunk to the bundle's max_side)")
+    ap.add_argument("--reship-on", default="picture", choices=("picture", "delivered"),
+                    help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
+                         "(default; bars trimmed, shrunk to the bundle's max_side) or the image as delivered")
     ap.add_argument("--no-provenance", action="store_true",
                     help="do not read C2PA / XMP / EXIF / generator metadata")
     ap.add_argument("--no-provenance-policy", action="store_true",

@@ -190,8 +190,8 @@ class Detector:
                 comma-separated list or a sequence of re-shippings (``jpeg:60``, ``shrink:0.5``, ...);
                 each image is also scored as those re-encodings of itself, in the same backend call,
                 and is ``uncertain`` unless all agree (:mod:`cinemae.runtime.reship`). None: off
-    reship_on:  what a tiled bundle's views re-ship: ``delivered`` (the image as it arrived) or
-                ``picture`` (the picture its crops are cut from: bars trimmed, shrunk to max_side)
+    reship_on:  what a tiled bundle's views re-ship: ``picture`` (default; the picture its crops are
+                cut from: bars trimmed, shrunk to max_side) or ``delivered`` (the image as it arrived)
     recheck:    at a reduced precision, re-score images whose p lies near a decision edge with
                 the same backend at fp32 (:class:`cinemae.runtime.recheck.Recheck`). None/True:
                 with the margin the bundle measured for this backend and precision (none measured:
@@ -205,7 +205,7 @@ class Detector:
                  provenance: bool = True, provenance_policy: bool = True,
                  trust_anchors: str | None = None, formats: Sequence[str] | None = None,
                  require_signature: str | os.PathLike[str] | None = None,
-                 reship: str | Sequence[str] | None = None, reship_on: str = "delivered",
+                 reship: str | Sequence[str] | None = None, reship_on: str = "picture",
                  recheck: bool | float | None = None) -> None:
         #: image formats accepted, checked from the header before decoding (None: DEFAULT_FORMATS)
         self.formats = allowed_formats(formats)

@@ -101,8 +101,8 @@ def test_parse_reshippings_and_preset() -> None:
     assert ReshipEnsemble.parse("photo").names == ["crop:0.7", "jpeg:60", "shrink:0.5"]
     assert ReshipEnsemble.parse("none") is None and ReshipEnsemble.parse(None) is None
     assert ReshipEnsemble.parse("jpeg:60, shrink:0.5").names == ["jpeg:60", "shrink:0.5"]
-    assert ReshipEnsemble.parse("photo").on == "delivered"
-    assert ReshipEnsemble.parse("photo", "picture").on == "picture"
+    assert ReshipEnsemble.parse("photo").on == "picture"  # the default since train/RECIPE.md section 25
+    assert ReshipEnsemble.parse("photo", "delivered").on == "delivered"
     assert ReshipEnsemble.parse(None, "picture") is None
     with pytest.raises(ValueError, match="delivered, picture"):
         ReshipEnsemble.parse("photo", "sideways")
@@ -268,8 +268,8 @@ def test_ensemble_views_on_picture_in_detector(tmp_path: Path) -> None:
                   "trim_borders": True, "max_side": 100}
     (root / "cinemae.json").write_text(json.dumps(m))
     big = parse_reshipping("upscale:2").apply(_rgb(70, 100, seed=5))
-    det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo", reship_on="picture")
-    assert det.reship is not None and det.reship.on == "picture"
+    det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo")
+    assert det.reship is not None and det.reship.on == "picture"  # the default
     r = det.detect(big)
     plain = Detector(root, backend="onnxruntime", device="cpu", provenance=False).detect(big)
     assert r.ok and r.logit == pytest.approx(plain.logit, abs=1e-6)
@@ -381,6 +381,11 @@ def test_bench_parts_merge_to_the_whole(tmp_path: Path) -> None:
                     (theirs["flip"][c]["flipped"], theirs["flip"][c]["hard"], theirs["flip"][c]["n"])
     with pytest.raises(MergeError, match="must be disjoint"):
         merge([a, a])
+    assert a["accuracy_info"]["reship_on"] == "picture"
+    delivered = json.loads(json.dumps(b))  # a part whose views re-shipped the delivered image
+    delivered["accuracy_info"]["reship_on"] = "delivered"
+    with pytest.raises(MergeError, match="reship_on"):
+        merge([a, delivered])
     from cinemae.benchmarks.merge_flips import markdown
 
     reals_only = json.loads(json.dumps(a))  # a part with no fake: its fake cells are '-', not an error
@@ -419,14 +424,15 @@ def test_views_on_picture_see_the_originals_picture(reship: str) -> None:
     pic = prepare_picture(copy, 32, replace(spec, canonical_jpeg=None))[0]
     assert pic.shape != copy.shape
     on_pic = ReshipEnsemble.parse("photo", "picture").view_arrays(copy, 32, 1.0, spec)
-    want = ReshipEnsemble.parse("photo").view_arrays(pic, 32, 1.0, spec)
-    delivered = ReshipEnsemble.parse("photo").view_arrays(copy, 32, 1.0, spec)
+    want = ReshipEnsemble.parse("photo", "delivered").view_arrays(pic, 32, 1.0, spec)
+    delivered = ReshipEnsemble.parse("photo", "delivered").view_arrays(copy, 32, 1.0, spec)
     assert [a.shape for a in on_pic] == [a.shape for a in want]
     for a, b in zip(on_pic, want, strict=True):
         np.testing.assert_array_equal(a, b)
     assert any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(on_pic, delivered, strict=True))
     if reship.startswith("letterbox"):  # the bars are cut exactly: the copy's views are the original's
-        for a, b in zip(on_pic, ReshipEnsemble.parse("photo").view_arrays(img, 32, 1.0, spec), strict=True):
+        for a, b in zip(on_pic, ReshipEnsemble.parse("photo", "delivered").view_arrays(img, 32, 1.0, spec),
+                        strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -440,6 +446,6 @@ def test_views_on_picture_change_nothing_within_max_side(reship: str) -> None:
     x = img if reship == "none" else parse_reshipping(reship).apply(img)
     for spec in (TileSpec(**_SPEC_KW), None):
         a = ReshipEnsemble.parse("photo", "picture").view_arrays(x, 32, 0.875, spec)
-        b = ReshipEnsemble.parse("photo").view_arrays(x, 32, 0.875, spec)
+        b = ReshipEnsemble.parse("photo", "delivered").view_arrays(x, 32, 0.875, spec)
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
