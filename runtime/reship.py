@@ -42,14 +42,6 @@ KINDS = ("jpeg", "shrink", "upscale", "crop", "letterbox")
 #: ``--perturb reship``
 RESHIP_SET = ("upscale:2", "crop:0.6", "letterbox:16x9", "jpeg:40", "jpeg:60", "jpeg:75", "jpeg:95", "shrink:0.5")
 
-#: named ensembles for ``--reship`` (views added to the original; see the module docstring)
-#: ``default``: the pair that took the embedded bundle's ai <-> real flips under every re-shipping of
-#: RESHIP_SET to 0 on ../shared/data/photos (benchmarks/results/reship_cifake32_photos.md); JPEG and
-#: downscale views change nothing there (a 32-px model never sees those artefacts). ``full`` adds them
-#: for native-resolution (tiled) bundles, whose verdicts codecs and scale can move. ``photo`` is
-#: ``full`` without the letterbox, for tiled bundles that cut border bars (``tiles.trim_borders``:
-#: a letterboxed view is the original again, a fifth of the cost for nothing) and with a harsher
-#: JPEG: the re-shippings that still move such a bundle are recompression, downscale and crop.
 #: what a tiled bundle's ensemble views re-ship: ``picture`` (the default), the picture its crops are
 #: cut from (bars trimmed, shrunk to ``max_side``); ``delivered``, the image as it arrived (before
 #: RECIPE section 25). They differ only for an image larger than ``max_side`` or with bars: there a
@@ -59,6 +51,14 @@ RESHIP_SET = ("upscale:2", "crop:0.6", "letterbox:16x9", "jpeg:40", "jpeg:60", "
 #: of 1,488 re-shipped images, all flips 12.1% -> 9.2% (benchmarks/results/reship_photo32_photos.md)
 VIEWS_ON = ("delivered", "picture")
 
+#: named ensembles for ``--reship`` (views added to the original; see the module docstring)
+#: ``default``: the pair that took the embedded bundle's ai <-> real flips under every re-shipping of
+#: RESHIP_SET to 0 on ../shared/data/photos (benchmarks/results/reship_cifake32_photos.md); JPEG and
+#: downscale views change nothing there (a 32-px model never sees those artefacts). ``full`` adds them
+#: for native-resolution (tiled) bundles, whose verdicts codecs and scale can move. ``photo`` is
+#: ``full`` without the letterbox, for tiled bundles that cut border bars (``tiles.trim_borders``:
+#: a letterboxed view is the original again, a fifth of the cost for nothing) and with a harsher
+#: JPEG: the re-shippings that still move such a bundle are recompression, downscale and crop.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "default": ("crop:0.7", "letterbox:16x9"),
     "full": ("crop:0.7", "letterbox:16x9", "jpeg:75", "shrink:0.5"),
@@ -237,6 +237,7 @@ class ReshipEnsemble:
 
         if tiles is not None and self.on == "picture":
             rgb = prepare_picture(rgb, img_size, replace(tiles, canonical_jpeg=None), max_pixels)[0]  # type: ignore[type-var]
+            tiles = replace(tiles, scale="native")  # type: ignore[type-var]  # the picture is already at scale
         out = []
         for v in self.views:
             x = v.apply(rgb, max_pixels)

@@ -449,3 +449,22 @@ def test_views_on_picture_change_nothing_within_max_side(reship: str) -> None:
         b = ReshipEnsemble.parse("photo", "delivered").view_arrays(x, 32, 0.875, spec)
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
+
+
+def test_views_on_picture_scale_applies_once() -> None:
+    """A tiling at a fixed scale: the picture is already at that scale, so a view that keeps the size
+    (jpeg) has as many crops as the image itself, and the views are the delivered-style views of the
+    picture tiled natively."""
+    from dataclasses import replace
+
+    from cinemae.runtime.tiles import TileSpec, prepare_picture, tile_views
+
+    spec = TileSpec(mode="grid", n=64, scale=0.5)
+    img = _rgb(160, 224, seed=7)
+    views = ReshipEnsemble.parse("jpeg:60,shrink:0.5", "picture").view_arrays(img, 32, 1.0, spec)
+    assert len(views[0]) == len(tile_views(img, 32, spec)[0])
+    pic = prepare_picture(img, 32, spec)[0]
+    want = ReshipEnsemble.parse("jpeg:60,shrink:0.5", "delivered").view_arrays(pic, 32, 1.0,
+                                                                              replace(spec, scale="native"))
+    for a, b in zip(views, want, strict=True):
+        np.testing.assert_array_equal(a, b)
