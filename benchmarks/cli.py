@@ -38,6 +38,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..runtime.reship import VIEWS_ON
+
     ap = argparse.ArgumentParser(
         prog="cinemae-bench",
         description="Latency (p50/p95), throughput, per-stage time, FLOPs against the device peak and, "
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --data: also score every image with the re-shipping ensemble "
                          "(cinemae-detect --reship: a preset such as default, or views like jpeg:60,shrink:0.5) "
                          "and report its verdicts' flip rates, accuracy, share uncertain and cost")
-    ap.add_argument("--reship-on", default="picture", choices=("picture", "delivered"),
+    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
                     help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
                          "(default; bars trimmed, shrunk to max_side) or the image as delivered")
     ap.add_argument("--reship-cost-rounds", type=int, default=3, metavar="N",

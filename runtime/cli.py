@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--explain-k", type=int, default=None, metavar="N",
                     help="make heatmaps from N masking runs (e.g. 8, so every patch is scored); the "
                          "verdict still comes from the bundle's K")
-    from .reship import ENSEMBLES
+    from .reship import ENSEMBLES, VIEWS_ON
 
     ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
                     help="opt-in re-shipping ensemble: also score each image as re-encodings of itself (one "
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                          + ", ".join(f"{k} = {','.join(v)}" for k, v in ENSEMBLES.items())
                          + ") or views such as jpeg:60,shrink:0.5 (jpeg:Q, shrink:S, upscale:S, crop:F, "
                            "letterbox:AxB)")
-    ap.add_argument("--reship-on", default="picture", choices=("picture", "delivered"),
+    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
                     help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
                          "(default; bars trimmed, shrunk to the bundle's max_side) or the image as delivered")
     ap.add_argument("--no-provenance", action="store_true",
