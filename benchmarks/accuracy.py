@@ -135,16 +135,14 @@ def prepare_groups(items: list[LabeledItem], perturbation: Perturbation, img_siz
     """Decode, perturb and preprocess every item as the runtime does (resize + centre crop, or the
     bundle's ``tiles``), adding the ensemble's ``views`` of each perturbed image; an item that
     cannot be read (or perturbed within the limits) is an error record, not a row."""
-    from ..runtime.preprocess import InputError, load_image, normalise, resize_crop
-    from ..runtime.tiles import tile_views
+    from ..runtime.preprocess import InputError, load_image
+    from ..runtime.reship import original_and_views
 
     parts, counts, labels, gens, names, errors = [], [], [], [], [], []
     for it in items:
         try:
             x = perturbation.apply(load_image(it.read()))
-            own = tile_views(x, img_size, tiles)[0] if tiles is not None else \
-                normalise(resize_crop(x, img_size, crop_ratio))[None]
-            group = [own, *(views.view_arrays(x, img_size, crop_ratio, tiles) if views else [])]
+            group = original_and_views(x, img_size, crop_ratio, tiles, views)[0]
         except InputError as e:
             errors.append({"item": it.name, "code": e.code, "error": str(e)})
             continue

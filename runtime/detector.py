@@ -34,7 +34,7 @@ from .preprocess import (
     read_bytes,
 )
 from .recheck import Recheck
-from .reship import ReshipEnsemble, decide, ensemble_verdict
+from .reship import ReshipEnsemble, decide, ensemble_verdict, original_and_views
 from .tiles import TileSpec, reduce_logits, tile_views
 
 EMBEDDED_DOMAIN_WARNING = (
@@ -306,15 +306,21 @@ class Detector:
                 r.provenance = no_provenance("a decoded array carries no file metadata")
             if isinstance(src, np.ndarray) and src.ndim >= 2:
                 r.image_size = (int(src.shape[1]), int(src.shape[0]))
-        arr, r.tile_boxes = self.preprocess_views(data if data is not None else src)
-        if self.reship is not None:  # the ensemble's views: more rows after the original's
-            bb = self.bundle.backbone
-            rgb = load_image(data if data is not None else src, self.max_pixels, self.max_bytes, self.formats)
-            parts = [arr if arr.ndim == 4 else arr[None],
-                     *self.reship.view_arrays(rgb, bb.img_size, self.bundle.crop_ratio, self.tiles, self.max_pixels)]
-            r.view_rows = [len(p) for p in parts]
-            arr = np.concatenate(parts)
-        return arr
+        src = data if data is not None else src
+        if self.reship is None:
+            arr, r.tile_boxes = self.preprocess_views(src)
+            return arr
+        # the ensemble's views: more rows after the original's, all from one decode of the file
+        bb = self.bundle.backbone
+        rgb = load_image(src, self.max_pixels, self.max_bytes, self.formats)
+        if self.tiles is None:  # the original's row as plain detection makes it (a reduced-scale decode)
+            parts = [self.preprocess_views(src)[0][None],
+                     *self.reship.view_arrays(rgb, bb.img_size, self.bundle.crop_ratio, None, self.max_pixels)]
+        else:  # one picture serves the crops and the views (reship.original_and_views)
+            parts, r.tile_boxes = original_and_views(rgb, bb.img_size, self.bundle.crop_ratio, self.tiles,
+                                                     self.reship, self.max_pixels)
+        r.view_rows = [len(p) for p in parts]
+        return np.concatenate(parts)
 
     # scoring -----------------------------------------------------------------------------------
     def run_arrays(self, images: np.ndarray, *, want_feature: bool = False,

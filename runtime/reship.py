@@ -223,26 +223,60 @@ class ReshipEnsemble:
         return [v.name for v in self.views]
 
     def view_arrays(self, rgb: np.ndarray, img_size: int, crop_ratio: float, tiles: object = None,
-                    max_pixels: int | None = None) -> list[np.ndarray]:
+                    max_pixels: int | None = None, *, picture: np.ndarray | None = None) -> list[np.ndarray]:
         """The decoded original [h, w, 3] in [0, 1] -> one network input per view, preprocessed
         as the runtime preprocesses any image: [1, 3, S, S] (resize + centre crop), or [T, 3, S, S]
         for a tiled bundle (``tiles``, a :class:`~cinemae.runtime.tiles.TileSpec`). With ``on`` =
         ``picture`` and a tiled bundle, each view re-ships the picture the crops are cut from (borders
         trimmed, shrunk to ``max_side``; :func:`~cinemae.runtime.tiles.prepare_picture` without its
-        canonical JPEG) rather than the delivered image."""
+        canonical JPEG) rather than the delivered image; ``picture``: that picture [h', w', 3] when the
+        caller has already made it (:func:`original_and_views`), so it is not made twice."""
         from dataclasses import replace
 
-        from .preprocess import normalise, resize_crop
-        from .tiles import prepare_picture, tile_views
+        from .tiles import prepare_picture
 
         if tiles is not None and self.on == "picture":
-            rgb = prepare_picture(rgb, img_size, replace(tiles, canonical_jpeg=None), max_pixels)[0]  # type: ignore[type-var]
+            if picture is None:
+                picture = prepare_picture(rgb, img_size, replace(tiles, canonical_jpeg=None),  # type: ignore[type-var]
+                                          max_pixels)[0]
+            rgb = picture
             tiles = replace(tiles, scale="native")  # type: ignore[type-var]  # the picture is already at scale
-        out = []
-        for v in self.views:
-            x = v.apply(rgb, max_pixels)
-            if tiles is not None:
-                out.append(tile_views(x, img_size, tiles, max_pixels)[0])  # type: ignore[arg-type]
-            else:
-                out.append(normalise(resize_crop(x, img_size, crop_ratio))[None])
-        return out
+        return [self._view_rows(v.apply(rgb, max_pixels), img_size, crop_ratio, tiles, max_pixels) for v in self.views]
+
+    @staticmethod
+    def _view_rows(x: np.ndarray, img_size: int, crop_ratio: float, tiles: object, max_pixels: int | None
+                   ) -> np.ndarray:
+        """One re-shipped image [h, w, 3] -> its rows, [T, 3, S, S] tiled or [1, 3, S, S]."""
+        from .preprocess import normalise, resize_crop
+        from .tiles import tile_views
+
+        if tiles is not None:
+            return tile_views(x, img_size, tiles, max_pixels)[0]  # type: ignore[arg-type]
+        return normalise(resize_crop(x, img_size, crop_ratio))[None]
+
+
+def original_and_views(rgb: np.ndarray, img_size: int, crop_ratio: float, tiles: object = None,
+                       views: ReshipEnsemble | None = None, max_pixels: int | None = None
+                       ) -> tuple[list[np.ndarray], list[tuple[int, int, int, int]] | None]:
+    """One decoded image [h, w, 3] in [0, 1] -> ([the original's rows, each view's rows], crop boxes).
+
+    The original's rows are [T, 3, S, S] with T boxes for a tiled bundle (``tiles``), else
+    [1, 3, S, S] (resize + centre crop) and None; the views' as :meth:`ReshipEnsemble.view_arrays`.
+    A tiled bundle's picture is trimmed and resized once and serves both the original's crops and
+    (``on="picture"``) the views: the cost of the ensemble is its views, not a second preparation."""
+    from dataclasses import replace
+
+    from .preprocess import jpeg_round_trip, normalise, resize_crop
+    from .tiles import cut_tiles, prepare_picture
+
+    if tiles is None:
+        own = normalise(resize_crop(rgb, img_size, crop_ratio))[None]
+        return [own, *(views.view_arrays(rgb, img_size, crop_ratio, None, max_pixels) if views else [])], None
+    q = tiles.canonical_jpeg  # type: ignore[attr-defined]
+    picture, placement = prepare_picture(rgb, img_size, replace(tiles, canonical_jpeg=None),  # type: ignore[type-var]
+                                         max_pixels)
+    own, boxes = cut_tiles(jpeg_round_trip(picture, q) if q is not None else picture, placement, img_size,
+                           tiles)  # type: ignore[arg-type]
+    if views is None:
+        return [own], boxes
+    return [own, *views.view_arrays(rgb, img_size, crop_ratio, tiles, max_pixels, picture=picture)], boxes

@@ -226,12 +226,20 @@ def tile_views(rgb: np.ndarray, img_size: int, spec: TileSpec, max_pixels: int |
 
     boxes: (left, top, right, bottom) of each crop in the ORIGINAL image's pixels (after EXIF
     orientation), so a record can say which part of the picture each crop logit came from."""
+    return cut_tiles(*prepare_picture(rgb, img_size, spec, max_pixels), img_size, spec)
+
+
+def cut_tiles(picture: np.ndarray, placement: tuple[int, int, int, int], img_size: int, spec: TileSpec
+              ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The picture [h, w, 3] and its placement (oy, ox, h0, w0) from :func:`prepare_picture` ->
+    (crops [T, 3, S, S] float32 normalised, boxes in the original image's pixels): the cutting half
+    of :func:`tile_views`, for a caller that needs the picture itself too (the ensemble's views)."""
     from .preprocess import normalise
 
-    rgb, (oy, ox, h0, w0) = prepare_picture(rgb, img_size, spec, max_pixels)
-    h, w = rgb.shape[:2]
+    oy, ox, h0, w0 = placement
+    h, w = picture.shape[:2]
     corners = tile_boxes(h, w, img_size, spec)
-    crops = np.stack([normalise(rgb[t:t + img_size, left:left + img_size]) for t, left in corners])
+    crops = np.stack([normalise(picture[t:t + img_size, left:left + img_size]) for t, left in corners])
     sy, sx = h0 / h, w0 / w
     boxes = [(ox + round(left * sx), oy + round(t * sy), ox + round((left + img_size) * sx),
               oy + round((t + img_size) * sy)) for t, left in corners]

@@ -468,3 +468,68 @@ def test_views_on_picture_scale_applies_once() -> None:
                                                                               replace(spec, scale="native"))
     for a, b in zip(views, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+_ONE_PICTURE_SPECS = [None, _SPEC_KW, {"mode": "grid", "n": 16, "scale": 0.5},
+                      {**_SPEC_KW, "canonical_jpeg": 90}, {"mode": "random", "n": 9, "seed": 3, "max_side": 64}]
+
+
+@pytest.mark.parametrize("spec_kw", _ONE_PICTURE_SPECS)
+@pytest.mark.parametrize("on", ["picture", "delivered"])
+def test_original_and_views_equal_the_separate_preparations(spec_kw: dict | None, on: str) -> None:
+    """original_and_views (one picture for the crops and the views) gives exactly the rows and boxes
+    of tile_views / resize-crop for the original plus view_arrays for the views, for every tiling
+    (bars, fixed scale, a canonical JPEG that the views must not inherit, random crops) and both modes."""
+    from cinemae.runtime.preprocess import normalise, resize_crop
+    from cinemae.runtime.reship import original_and_views
+    from cinemae.runtime.tiles import TileSpec, tile_views
+
+    spec = TileSpec(**spec_kw) if spec_kw else None
+    img = _rgb(90, 150, seed=8)
+    img[:12] = 0.0  # a bar for trim_borders
+    ens = ReshipEnsemble.parse("photo", on)
+    parts, boxes = original_and_views(img, 32, 0.875, spec, ens)
+    own, want_boxes = tile_views(img, 32, spec) if spec else (normalise(resize_crop(img, 32, 0.875))[None], None)
+    assert boxes == want_boxes
+    want = [own, *ens.view_arrays(img, 32, 0.875, spec)]
+    assert len(parts) == len(want) == 4
+    for a, b in zip(parts, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    alone, alone_boxes = original_and_views(img, 32, 0.875, spec, None)
+    np.testing.assert_array_equal(alone[0], own)
+    assert len(alone) == 1 and alone_boxes == want_boxes
+
+
+def test_detector_ensemble_decodes_and_prepares_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiled bundle with the ensemble on: one decode of the file and one trimmed, resized picture
+    of the original per image (before, the file was decoded and that picture made twice: once for the
+    crops, once for the views), with the same logits as views prepared apart."""
+    import cinemae.runtime.detector as detector_mod
+    import cinemae.runtime.tiles as tiles_mod
+
+    root = tmp_path / "tiled"
+    shutil.copytree(_embedded(), root)
+    m = json.loads((root / "cinemae.json").read_text())
+    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit",
+                  "trim_borders": True, "max_side": 100}
+    (root / "cinemae.json").write_text(json.dumps(m))
+    data = _jpeg_bytes(_rgb(120, 160, seed=9))
+    det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo")
+    calls = {"load_image": 0, "prepare_picture": 0}
+
+    def counted(name: str, fn):  # noqa: ANN001, ANN202 - a pass-through that counts its calls
+        def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(detector_mod, "load_image", counted("load_image", detector_mod.load_image))
+    monkeypatch.setattr(tiles_mod, "prepare_picture", counted("prepare_picture", tiles_mod.prepare_picture))
+    r = det.detect(data)
+    # the original's picture once, and each view's own tiling of its re-shipped picture (3 views)
+    assert r.ok and calls == {"load_image": 1, "prepare_picture": 1 + 3}
+    monkeypatch.undo()
+    pic = tiles_mod.prepare_picture(load_image(data), 32, det.tiles)[0]
+    for v in r.reship[1:]:
+        alone = det.run_arrays(tiles_mod.tile_views(parse_reshipping(v["view"]).apply(pic), 32, det.tiles)[0])
+        assert v["logit"] == pytest.approx(float(np.mean(alone.logit.astype(np.float64))), abs=1e-5)
