@@ -239,12 +239,19 @@ def test_ensemble_is_one_batched_call_and_bad_input_is_per_item() -> None:
     assert rs[1].ok and rs[1].reship[1]["view"] == "upscale:4"
 
 
-def test_ensemble_on_tiled_bundle(tmp_path: Path) -> None:
+def _tiled_copy(tmp_path: Path, **extra: object) -> tuple[Path, dict]:
+    """A copy of the embedded bundle that tiles: a 4-crop native grid plus ``extra`` tiling keys;
+    (its folder, its manifest)."""
     root = tmp_path / "tiled"
     shutil.copytree(_embedded(), root)
     m = json.loads((root / "cinemae.json").read_text())
-    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit"}
+    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit", **extra}
     (root / "cinemae.json").write_text(json.dumps(m))
+    return root, m
+
+
+def test_ensemble_on_tiled_bundle(tmp_path: Path) -> None:
+    root, _ = _tiled_copy(tmp_path)
     img = _rgb(70, 100, seed=5)
     plain = Detector(root, backend="onnxruntime", device="cpu", provenance=False).detect(img)
     det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="crop:0.6,shrink:0.5")
@@ -261,12 +268,7 @@ def test_ensemble_views_on_picture_in_detector(tmp_path: Path) -> None:
     the picture its crops are cut from (the copy shrunk back), each view's logit that of those crops."""
     from cinemae.runtime.tiles import TileSpec, prepare_picture, tile_views
 
-    root = tmp_path / "tiled"
-    shutil.copytree(_embedded(), root)
-    m = json.loads((root / "cinemae.json").read_text())
-    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit",
-                  "trim_borders": True, "max_side": 100}
-    (root / "cinemae.json").write_text(json.dumps(m))
+    root, m = _tiled_copy(tmp_path, trim_borders=True, max_side=100)
     big = parse_reshipping("upscale:2").apply(_rgb(70, 100, seed=5))
     det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo")
     assert det.reship is not None and det.reship.on == "picture"  # the default
@@ -507,12 +509,7 @@ def test_detector_ensemble_decodes_and_prepares_once(tmp_path: Path, monkeypatch
     import cinemae.runtime.detector as detector_mod
     import cinemae.runtime.tiles as tiles_mod
 
-    root = tmp_path / "tiled"
-    shutil.copytree(_embedded(), root)
-    m = json.loads((root / "cinemae.json").read_text())
-    m["tiles"] = {"mode": "grid", "n": 4, "scale": "native", "seed": 0, "reduce": "mean_logit",
-                  "trim_borders": True, "max_side": 100}
-    (root / "cinemae.json").write_text(json.dumps(m))
+    root, m = _tiled_copy(tmp_path, trim_borders=True, max_side=100)
     data = _jpeg_bytes(_rgb(120, 160, seed=9))
     det = Detector(root, backend="onnxruntime", device="cpu", provenance=False, reship="photo")
     calls = {"load_image": 0, "prepare_picture": 0}
