@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..runtime.backends.base import cpu_flags
+
 LIBRARIES = ("cinemae", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "openvino",
              "opencv-python-headless", "pillow", "tensorrt", "cuda-python", "matplotlib")
 
@@ -53,21 +55,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags_summary() -> list[str]:
-    """The vector extensions that matter for GEMM speed (avx2, avx512f, amx, ...)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16",
-                                                    "avx512_vnni", "avx512_fp16", "amx_bf16",
-                                                    "amx_int8", "amx_tile", "f16c"))
-    return []
-
-
 def cpu_nominal_peak() -> dict[str, Any] | None:
     """Nominal float32 peak from /proc/cpuinfo: cores x MHz x FLOPs per cycle (32 with AVX2+FMA,
     64 with AVX-512: two FMA pipes; 16 with AVX only). A ceiling for context, not a measurement."""
@@ -76,7 +63,7 @@ def cpu_nominal_peak() -> dict[str, Any] | None:
     except OSError:
         return None
     mhz = [float(x.split(":")[1]) for x in text.splitlines() if x.startswith("cpu MHz")]
-    flags = set(cpu_flags_summary())
+    flags = set(cpu_flags())
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
     if not mhz:
         return None
@@ -148,7 +135,7 @@ def environment() -> dict[str, Any]:
                    + (", ".join(gpus) if gpus else "no GPU"),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "cpu_flags": cpu_flags_summary(),
+        "cpu_flags": cpu_flags(),
         "cpu_nominal_peak": cpu_nominal_peak(),
         "gpus": gpus,
         "os": platform.platform(),

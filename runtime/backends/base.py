@@ -9,11 +9,30 @@ below cross to the host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..masks import MaskSet
+
+#: the CPU's ISA extensions that change what a compiler or runtime emits for a graph (GEMM speed, bf16 /
+#: int8 support): an OpenVINO cache key, and the benchmark's record of the machine
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "avx_vnni",
+             "amx_bf16", "amx_int8", "amx_tile", "amx_fp16")
+
+
+def cpu_flags() -> list[str]:
+    """The ISA extensions of this CPU that change the compiled code (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return sorted(f for f in ISA_FLAGS if f in have)
+    return []
 
 
 class BackendUnavailable(RuntimeError):

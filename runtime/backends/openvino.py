@@ -38,13 +38,11 @@ from ..bundle import Bundle, sha256_file
 from ..cache import cache_root
 from ..masks import MaskSet
 from ..pipeline import GRAPH_OF, PipelineConfig, run_pipeline
-from .base import BackendUnavailable, BatchOutput
+from .base import BackendUnavailable, BatchOutput, cpu_flags
 
 PRECISIONS = ("fp32", "bf16", "int8")
 #: INFERENCE_PRECISION_HINT per precision (int8: the quantised ops run in int8, the rest in f32)
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "avx_vnni",
-             "amx_bf16", "amx_int8", "amx_tile", "amx_fp16")
 
 
 def check_bf16(capabilities: Sequence[str], device: str = "CPU") -> None:
@@ -56,19 +54,6 @@ def check_bf16(capabilities: Sequence[str], device: str = "CPU") -> None:
         raise BackendUnavailable(
             f"OpenVINO {device} has no native bf16 (its capabilities are {', '.join(capabilities)}; bf16 "
             "needs AVX512-BF16 or AMX-BF16); use --precision fp32 or int8")
-
-
-def cpu_flags() -> list[str]:
-    """The ISA extensions of this CPU that change the compiled code (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return sorted(f for f in ISA_FLAGS if f in have)
-    return []
 
 
 def device_id(full_name: str, flags: Sequence[str]) -> str:
