@@ -122,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     if explain and args.out:
         print("cinemae-detect: --heatmap/--explain-k are not available with --out", file=sys.stderr)
         return 2
-    if explain and args.reship:
-        print("cinemae-detect: --heatmap/--explain-k are not available with --reship", file=sys.stderr)
-        return 2
     trust = None
     if args.c2pa_trust:
         try:

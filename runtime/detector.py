@@ -61,7 +61,9 @@ class Result:
                    provenance policy made it ``ai`` (then ``reason`` is ``provenance``)
     reason:        ``pixels`` or ``provenance``
     heatmap:       the reduced per-patch map with patch boxes in the original image, when asked
-                   for (``explain``; :func:`cinemae.runtime.explain.heatmap.heatmap_record`)
+                   for (``explain``; :func:`cinemae.runtime.explain.heatmap.heatmap_record`); for a
+                   tiled bundle the map of its crop logits over the picture
+                   (:func:`cinemae.runtime.explain.heatmap.tile_map_record`, ``kind`` ``"tiles"``)
     image_size:    (W, H) of the original image after EXIF orientation (not in the record)
     want_heatmap:  a heatmap asked for this item alone (False; True: from the bundle's K runs; N:
                    from N runs), honoured by :meth:`Detector.score_prepared` (not in the record)
@@ -373,7 +375,9 @@ class Detector:
         gets its own heatmap (the service's per-request ``?explain=1``). The provenance policy is
         applied here. A tiled bundle's image ([T, 3, S, S]) is T rows of the same call; its logit is
         the mean of its crop logits, its stats the mean of theirs, ``lcas`` its crops' runs
-        [T*K, L], ``tiles`` the per-crop logits (no heatmap). Returns ``results``."""
+        [T*K, L], ``tiles`` the per-crop logits, and its ``heatmap`` (when asked for) the map of
+        its crop logits over the picture (``kind`` ``"tiles"``; ``explain_k`` does not apply). With
+        the re-shipping ensemble the heatmap is the original image's. Returns ``results``."""
         for r in results:
             r.model = self.model
         idx = [i for i, a in enumerate(arrays) if a is not None]
@@ -383,10 +387,11 @@ class Detector:
         parts = [arrays[i] if arrays[i].ndim == 4 else arrays[i][None] for i in idx]  # type: ignore[union-attr]
         bounds = np.cumsum([0] + [len(p) for p in parts])
         batch = np.concatenate(parts)
-        tiled = len(batch) != len(idx) or any(arrays[i].ndim == 4 for i in idx)  # type: ignore[union-attr]
         try:
-            # Heatmaps are per view; a tiled image reports its per-crop logits instead.
-            wants: list[bool | int | None] = [False] * len(idx) if tiled else [
+            # A heatmap is of the image as delivered: its first row (with the ensemble, the views'
+            # rows follow it). A tiled image reports its per-crop logits instead.
+            asked = [bool(explain or results[i].want_heatmap) for i in idx]  # a tiled image: its tile map
+            wants: list[bool | int | None] = [False] * len(idx) if self.tiles is not None else [
                 (explain_k or True) if explain else results[i].want_heatmap for i in idx]
             out = self.run_arrays(batch, want_lcas=want_lcas or any(w is not False for w in wants))
             rechecked = None if self.recheck is None else self.recheck.apply(  # rows per view of each image
@@ -398,7 +403,8 @@ class Detector:
                 from .explain.web import batch_maps
 
                 t = time.perf_counter()
-                maps = batch_maps(self, batch, out.lcas, wants)
+                first = bounds[:-1]  # each image's own row
+                maps = batch_maps(self, batch[first], None if out.lcas is None else out.lcas[first], wants)
                 out.timings["explain"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - a backend failure fails this batch only
             for i in idx:
@@ -419,6 +425,8 @@ class Detector:
                 boxes = r.tile_boxes or [None] * (b - a)
                 r.tiles = [{"box": None if bx is None else list(bx), "logit": float(v)}
                            for bx, v in zip(boxes, crop_logits, strict=True)]
+                if asked[j] and r.tile_boxes:
+                    r.heatmap = self._tile_map(r, crop_logits)
             else:
                 logit = float(crop_logits[0])
             if not math.isfinite(logit):
@@ -441,6 +449,16 @@ class Detector:
 
                 r.heatmap = explain_record(self, maps[j], r.image_size)
         return results
+
+    def _tile_map(self, r: Result, crop_logits: np.ndarray) -> dict[str, Any]:
+        """A tiled image's map of which crops drove its verdict (:func:`~.explain.heatmap.tile_map_record`)."""
+        from .explain.heatmap import tile_map_record
+
+        boxes = r.tile_boxes or []
+        w, h = r.image_size or (max(bx[2] for bx in boxes), max(bx[3] for bx in boxes))
+        t = self.threshold
+        return tile_map_record(boxes, crop_logits, w, h,
+                               threshold_logit=math.log(t / (1 - t)) if 0 < t < 1 else None)
 
     def _ensemble(self, logits: np.ndarray, rows: list[int], original: str) -> tuple[str, list[dict[str, Any]]]:
         """The re-shipping ensemble's verdict and per-view record from one image's row logits

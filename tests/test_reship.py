@@ -304,7 +304,11 @@ def test_detect_cli_reship(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert rec["score"] == good[0]["score"]
     assert main([str(_embedded()), str(f), "--reship", "sharpen:2"]) == 2
     assert "sharpen" in capsys.readouterr().err
-    assert main([str(_embedded()), str(f), "--reship", "default", "--heatmap", str(tmp_path / "h")]) == 2
+    # --heatmap with the ensemble: the original image's map (it was refused before)
+    assert main([str(_embedded()), str(f), "--reship", "default", "--heatmap", str(tmp_path / "h"),
+                 "--backend", "onnxruntime", "--device", "cpu"]) == 0
+    maps = list((tmp_path / "h").glob("*.heatmap.json"))
+    assert len(maps) == 1 and json.loads(maps[0].read_text())["heatmap"]["runs"] == 2
 
 
 def test_bench_perturb_reship_outputs(tmp_path: Path) -> None:
@@ -530,3 +534,16 @@ def test_detector_ensemble_decodes_and_prepares_once(tmp_path: Path, monkeypatch
     for v in r.reship[1:]:
         alone = det.run_arrays(tiles_mod.tile_views(parse_reshipping(v["view"]).apply(pic), 32, det.tiles)[0])
         assert v["logit"] == pytest.approx(float(np.mean(alone.logit.astype(np.float64))), abs=1e-5)
+
+
+@pytest.mark.parametrize("explain_k", [None, 8])
+def test_ensemble_heatmap_is_the_originals(explain_k: int | None) -> None:
+    """With the ensemble on, an untiled bundle's heatmap (and --explain-k's extra runs) is made from
+    the original image's row alone, so it equals plain detection's; before, asking for one with the
+    ensemble gave none."""
+    img = _rgb(60, 80, seed=11)
+    plain = _detector().detect(img, explain=True, explain_k=explain_k)
+    r = _detector(reship="default").detect(img, explain=True, explain_k=explain_k)
+    assert r.ok and r.reship is not None and len(r.reship) == 3
+    assert plain.heatmap is not None and r.heatmap == plain.heatmap
+    assert r.logit == pytest.approx(plain.logit, abs=1e-6)

@@ -99,6 +99,31 @@ def test_detect_explain_and_png(server, tmp_path: Path) -> None:
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_query", bad
 
 
+def test_detect_explain_on_a_tiled_bundle(tmp_path: Path) -> None:
+    """The default photo model scores crops: ?explain=1 gives its tile map (each crop's logit over the
+    picture, ``kind`` ``tiles``), &png=1 its overlay; before, a tiled bundle answered with no heatmap."""
+    import base64
+
+    from cinemae.benchmarks.serve_load import ServerProcess
+    from cinemae.runtime.bundle import embedded_bundle_path
+
+    if embedded_bundle_path("photo32") is None:
+        pytest.skip("this install has no photo32 bundle")
+    a, _ = images(tmp_path)
+    srv = ServerProcess("photo32", "--max-batch", "2", env={"CINEMAE_TOKEN": TOKEN}, log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        h = {"Authorization": f"Bearer {TOKEN}"}
+        rec = httpx.post(srv.url + "/v1/detect?explain=1&png=1", headers=h, content=a.read_bytes()).json()["results"][0]
+    finally:
+        assert srv.terminate() == 0, srv.log_text()
+    hm = rec["heatmap"]
+    assert hm["kind"] == "tiles" and hm["tiles"] == len(rec["tiles"]) > 1 and hm["image"] == [256, 256]
+    assert hm["covered"] == 1.0 and hm["range"][0] <= rec["logit"] <= hm["range"][1]
+    with Image.open(io.BytesIO(base64.b64decode(rec["heatmap_png"].split(",", 1)[1]))) as im:
+        assert im.format == "PNG"
+
+
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium binary (apt-get install chromium)")
 def test_review_page_in_chromium(server, tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) is not installed")

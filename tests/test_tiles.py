@@ -503,3 +503,67 @@ def test_stability_probes_view_mean_scores_each_copy_with_its_own_members() -> N
     assert 0 < t["flips"]["jpeg:40"] <= 0.5 and t["mean_flip"] == t["max_flip"] == t["flips"]["jpeg:40"]
     assert t["logit_shift"] == pytest.approx(np.median(np.abs(j40 - l0)) / np.std(l0))
     assert 0.5 < t["auc"] <= 1 and "val_auc" in t
+
+
+# the tile map: which crops of a tiled image drove its verdict ------------------------------------
+def test_tile_map_record_cells_are_the_mean_of_the_crops_covering_them() -> None:
+    """Overlapping crops: each cell's value is the mean logit of the crops containing its centre; a
+    cell no crop reaches is null (hatched), never 0; hottest is the highest cell; the grid is
+    rows x cols over the crops' union (here not square, and not at the image's origin)."""
+    from cinemae.runtime.explain.heatmap import tile_map_record
+
+    boxes = [(5, 10, 37, 42), (13, 10, 45, 42), (5, 74, 37, 106)]  # two overlapping, one far below
+    rec = tile_map_record(boxes, [1.0, 3.0, -2.0], 100, 130, threshold_logit=0.5)
+    assert rec["kind"] == "tiles" and rec["tiles"] == 3 and rec["threshold_logit"] == 0.5
+    assert rec["crop"] == [5.0, 10.0, 45.0, 106.0] and rec["grid"] == [3, 1]  # 40 x 96 px in ~32-px cells
+    assert rec["boxes"][0] == [5.0, 10.0, 45.0, 42.0]  # centre (25, 26): in both upper crops
+    assert rec["values"] == [[2.0], [None], [-2.0]]  # the middle cell: no crop, no value
+    assert rec["cell_tiles"] == [[2], [0], [1]]
+    assert rec["covered"] == pytest.approx(2 / 3) and rec["range"] == [-2.0, 2.0]
+    assert [(h["row"], h["col"], h["value"]) for h in rec["hottest"]] == [(0, 0, 2.0), (2, 0, -2.0)]
+    with pytest.raises(ValueError, match="2 crop boxes for 3"):
+        tile_map_record(boxes[:2], [1.0, 2.0, 3.0], 100, 130)
+
+
+@pytest.mark.parametrize("mode", ["grid", "seeded"])
+def test_tiled_detector_heatmap_is_its_tile_map(tiny_bundle_copy: Path, mode: str) -> None:
+    """explain=True on a tiled bundle gives the map of the image's own crop logits (Result.tiles),
+    drawn by the same overlay as an LCAS heatmap; before, a tiled image got no heatmap at all."""
+    from cinemae.runtime.explain.heatmap import tile_map_record
+    from cinemae.runtime.explain.overlay import render_overlay
+
+    det = Detector(_tiled(tiny_bundle_copy, mode=mode, n=6), backend="onnxruntime", device="cpu",
+                   provenance=False)
+    img = _image(70, 100, seed=3)
+    r = det.detect(img, explain=True)
+    plain = det.detect(img)
+    assert r.ok and plain.heatmap is None and r.logit == pytest.approx(plain.logit, abs=1e-6)
+    hm = r.heatmap
+    assert hm is not None and hm["kind"] == "tiles" and hm["tiles"] == len(r.tiles) == 6
+    want = tile_map_record([t["box"] for t in r.tiles], [t["logit"] for t in r.tiles], 100, 70,
+                           threshold_logit=float(np.log(det.threshold / (1 - det.threshold))))
+    assert hm == want
+    crop_logits = [t["logit"] for t in r.tiles]
+    assert min(crop_logits) - 1e-6 <= hm["range"][0] <= hm["range"][1] <= max(crop_logits) + 1e-6
+    png = render_overlay(img, hm)
+    assert png.shape[1] >= 320 and png.dtype == np.uint8
+    det.close()
+
+
+def test_detect_cli_heatmap_on_a_tiled_bundle(tiny_bundle_copy: Path, tmp_path: Path) -> None:
+    """cinemae-detect --heatmap DIR writes the overlay and JSON for a tiled bundle (the default
+    photo model is one), with the ensemble on too: the map is the original image's."""
+    from PIL import Image
+
+    from cinemae.runtime.cli import main
+
+    bundle = _tiled(tiny_bundle_copy, n=6)
+    f = tmp_path / "a.png"
+    Image.fromarray(_image(70, 100, seed=4)).save(f)
+    out = tmp_path / "maps"
+    assert main([str(bundle), str(f), "--heatmap", str(out), "--reship", "jpeg:60", "--no-progress",
+                 "--backend", "onnxruntime", "--device", "cpu"]) == 0
+    js = sorted(out.glob("*.heatmap.json"))
+    assert len(js) == 1 and len(list(out.glob("*.heatmap.png"))) == 1
+    hm = json.loads(js[0].read_text())["heatmap"]
+    assert hm["kind"] == "tiles" and hm["tiles"] == 6 and hm["image"] == [100, 70]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,63 @@ def heatmap_record(lcas: np.ndarray, width: int, height: int, img_size: int, cro
         "boxes": boxes.tolist(),
         "hottest": [{"index": i, "row": i // g, "col": i % g, "value": float(mean[i]),
                      "box": boxes[i].tolist()} for i in order],
+    }
+
+
+def tile_map_record(boxes: Sequence[Sequence[float]], logits: Sequence[float], width: int, height: int,
+                    *, threshold_logit: float | None = None, top: int = 5) -> dict[str, Any]:
+    """A tiled image's crops -> the JSON-able map of which parts of the picture drove its verdict,
+    in the heatmap record's layout (``kind`` ``"tiles"``), so the overlay, the files and the review
+    page draw it as they draw an LCAS heatmap.
+
+    boxes:  T crop boxes [x0, y0, x1, y1] in the original image's pixels (``Result.tiles``), all of
+            one size (a tiling's crops are)
+    logits: T crop logits; the image logit is their mean (``tiles.reduce_logits``)
+    width, height: the original image (after EXIF orientation)
+
+    The cells: a uniform grid of rows x cols cells over the region the crops cover (their union's
+    bounding box: the picture after bars were trimmed), each cell about one crop in size; a cell's
+    value is the mean logit of the crops that contain its centre (null where none does, e.g. between
+    seeded crops). Keys as :func:`heatmap_record` (grid is [rows, cols]; crop is the covered region;
+    runs and count are absent) plus ``kind``, ``tiles`` (T), ``threshold_logit`` (the logit at the
+    bundle's threshold: a cell above it pulls towards ``ai``) and ``cell_tiles`` (rows x cols: how
+    many crops each value is the mean of)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    lg = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if len(b) == 0 or len(b) != len(lg):
+        raise ValueError(f"{len(b)} crop boxes for {len(lg)} crop logits")
+    x0, y0 = float(b[:, 0].min()), float(b[:, 1].min())
+    x1, y1 = float(b[:, 2].max()), float(b[:, 3].max())
+    cw, ch = float(np.median(b[:, 2] - b[:, 0])), float(np.median(b[:, 3] - b[:, 1]))
+    cols = max(1, round((x1 - x0) / max(cw, 1e-9)))
+    rows = max(1, round((y1 - y0) / max(ch, 1e-9)))
+    xs = x0 + (x1 - x0) * np.arange(cols + 1) / cols
+    ys = y0 + (y1 - y0) * np.arange(rows + 1) / rows
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    cells = np.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], axis=1)  # [L, 4] row-major
+    cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
+    inside = ((b[None, :, 0] <= cx[:, None]) & (cx[:, None] < b[None, :, 2])
+              & (b[None, :, 1] <= cy[:, None]) & (cy[:, None] < b[None, :, 3]))  # [L, T]
+    count = inside.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, (inside * lg[None, :]).sum(axis=1) / np.maximum(count, 1), np.nan)
+    cov = count > 0
+    cells = np.round(cells, 2)
+    vals = [[None if not cov[i * cols + j] else round(float(mean[i * cols + j]), 6) for j in range(cols)]
+            for i in range(rows)]
+    order = [int(i) for i in np.argsort(-np.where(cov, mean, -np.inf), kind="stable")[:top] if cov[i]]
+    return {
+        "kind": "tiles", "grid": [rows, cols], "tiles": int(len(lg)),
+        "threshold_logit": None if threshold_logit is None else round(float(threshold_logit), 6),
+        "values": vals, "cell_tiles": count.reshape(rows, cols).tolist(),
+        "covered": round(float(cov.mean()), 6),
+        "range": [float(mean[cov].min()), float(mean[cov].max())] if cov.any() else None,
+        "image": [int(width), int(height)],
+        "crop": [round(v, 2) for v in (x0, y0, x1, y1)],
+        "patch_size_px": [round((x1 - x0) / cols, 3), round((y1 - y0) / rows, 3)],
+        "boxes": cells.tolist(),
+        "hottest": [{"index": i, "row": i // cols, "col": i % cols, "value": float(mean[i]),
+                     "box": cells[i].tolist()} for i in order],
     }
 
 

@@ -2,7 +2,8 @@
 
 Patches are coloured with the ``inferno`` colour map from the lowest to the highest reduced LCAS
 of the image (the legend prints both ends); patches no run masked are cross-hatched grey instead
-of coloured; the image under the colours is shown in grey; the three hottest patches are outlined
+of coloured (a tiled image's record, ``kind`` ``"tiles"``: its cells by crop logit, cells no crop
+covers hatched); the image under the colours is shown in grey; the three hottest patches are outlined
 in cyan; the part of the image outside the network's centre crop is dimmed.
 """
 
@@ -53,8 +54,8 @@ def render_overlay(rgb: np.ndarray, record: dict[str, Any], max_side: int = 768,
     out = (base * 0.45).astype(np.uint8)  # dim what the network did not see
     out[cy0:cy1, cx0:cx1] = base[cy0:cy1, cx0:cx1]
 
-    vals = values_array(record)  # [g, g]
-    g = vals.shape[0]
+    vals = values_array(record)  # [rows, cols]: g x g patches, or a tiled image's cells
+    gr, gc = vals.shape
     lo, hi = record["range"] if record.get("range") else (0.0, 1.0)
     col = _colours(vals, lo, hi)  # [g, g, 3]
     cw, ch = cx1 - cx0, cy1 - cy0
@@ -69,15 +70,16 @@ def render_overlay(rgb: np.ndarray, record: dict[str, Any], max_side: int = 768,
     region = np.where(((covered == 0) & hatch)[..., None], 160.0, region)
     out[cy0:cy1, cx0:cx1] = np.clip(region, 0, 255).astype(np.uint8)
     # patch grid lines, faint
-    for i in range(1, g):
-        x = cx0 + round(cw * i / g)
-        y = cy0 + round(ch * i / g)
+    for i in range(1, gc):
+        x = cx0 + round(cw * i / gc)
         out[cy0:cy1, x] = (out[cy0:cy1, x] * 0.7).astype(np.uint8)
+    for i in range(1, gr):
+        y = cy0 + round(ch * i / gr)
         out[y, cx0:cx1] = (out[y, cx0:cx1] * 0.7).astype(np.uint8)
     for hot in record.get("hottest", [])[:3]:  # outline the three hottest patches
         r, c = hot["row"], hot["col"]
-        p0 = (cx0 + round(cw * c / g), cy0 + round(ch * r / g))
-        p1 = (cx0 + round(cw * (c + 1) / g) - 1, cy0 + round(ch * (r + 1) / g) - 1)
+        p0 = (cx0 + round(cw * c / gc), cy0 + round(ch * r / gr))
+        p1 = (cx0 + round(cw * (c + 1) / gc) - 1, cy0 + round(ch * (r + 1) / gr) - 1)
         cv2.rectangle(out, p0, p1, (0, 255, 255), 1)
     return np.concatenate([out, legend(ow, lo, hi, record)], axis=0)
 
@@ -97,10 +99,14 @@ def legend(width: int, lo: float, hi: float, record: dict[str, Any]) -> np.ndarr
     txt = f"{hi:.3g}"
     (tw, _), _ = cv2.getTextSize(txt, font, fs, 1)
     cv2.putText(strip, txt, (8 + bar_w - tw, 27), font, fs, dark, 1, cv2.LINE_AA)
-    mid = f"LCAS, mean of {record['runs']} runs"
+    tiles = record.get("kind") == "tiles"
+    mid = f"crop logit, {record['tiles']} crops" if tiles else f"LCAS, mean of {record['runs']} runs"
     (mw, _), _ = cv2.getTextSize(mid, font, fs, 1)
     cv2.putText(strip, mid, (max(8, (width - mw) // 2), 27), font, fs, dark, 1, cv2.LINE_AA)
-    cov = f"hatched: never masked ({100 * (1 - record['covered']):.1f}% of patches); cyan: hottest"
+    cov = (f"threshold at logit {record['threshold_logit']:.3g}; cyan: highest cells" if tiles
+           and record.get("threshold_logit") is not None else
+           f"hatched: no crop ({100 * (1 - record['covered']):.1f}% of cells); cyan: highest" if tiles else
+           f"hatched: never masked ({100 * (1 - record['covered']):.1f}% of patches); cyan: hottest")
     cv2.putText(strip, cov, (8, 40), font, fs * 0.9, (90, 90, 90), 1, cv2.LINE_AA)
     return strip
 

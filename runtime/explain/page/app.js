@@ -136,7 +136,9 @@ function card(file, rec, url) {
   if (heat) {
     side.append(el("div", {class: "row muted"}, el("label", {}, toggle, " heatmap"),
       el("span", {}, fmt(heat.range && heat.range[0], 2)), el("span", {class: "legend"}), el("span", {}, fmt(heat.range && heat.range[1], 2)),
-      el("span", {}, `mean of ${heat.runs} runs, ${Math.round(100 * heat.covered)}% of patches covered`)));
+      el("span", {}, heat.kind === "tiles"
+        ? `crop logit of ${heat.tiles} crops, threshold at logit ${fmt(heat.threshold_logit, 2)}`
+        : `mean of ${heat.runs} runs, ${Math.round(100 * heat.covered)}% of patches covered`)));
   }
   c.append(el("div", {class: "row"}, side, el("div", {"data-testid": "provenance"}, el("b", {}, "Provenance"), provenanceList(rec.provenance))));
   return c;
