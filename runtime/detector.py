@@ -227,7 +227,6 @@ class Detector:
         self.max_bytes = max_bytes
         self.threshold = self.bundle.threshold
         self.abstain_band = self.bundle.abstain_band
-        self.model = self.model_info()
         self.read_provenance = provenance
         self.provenance_policy = provenance_policy
         self.trust_anchors = trust_anchors
@@ -236,13 +235,17 @@ class Detector:
         except ValueError as e:
             raise ValueError(f"{self.bundle.root}: {e}") from None
         self.reship: ReshipEnsemble | None = ReshipEnsemble.parse(reship, reship_on)
+        self.model = self.model_info()
 
     def model_info(self) -> dict[str, Any]:
         """What produced this detector's results: the bundle's fingerprint (id, version,
-        manifest_sha256) plus backend, precision, K and the decision threshold."""
+        manifest_sha256) plus backend, precision, K and the decision threshold, and the re-shipping
+        ensemble when it is on (``reship``: its views and what they act on; it changes verdicts)."""
+        ens = self.reship
         return {**self.bundle.fingerprint(), "backend": self.backend.name,
                 "precision": self.backend.precision, "k": self.k, "threshold": self.threshold,
-                **({"recheck_margin": self.recheck.margin} if self.recheck else {})}
+                **({"recheck_margin": self.recheck.margin} if self.recheck else {}),
+                **({"reship": {"views": ens.names, "on": ens.on}} if ens is not None else {})}
 
     @property
     def backend_name(self) -> str:

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--k", type=int, default=None, help="masking runs (default: the bundle's)")
     ap.add_argument("--max-pixels", type=int, default=None, help="per-image decoded pixel limit")
+    from cinemae.runtime.reship import ENSEMBLES, VIEWS_ON
+
+    ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
+                    help="opt-in re-shipping ensemble (as cinemae-detect --reship: a preset, "
+                         + ", ".join(ENSEMBLES) + ", or views such as jpeg:60,shrink:0.5); recorded in "
+                         "OUT/scan.json, so a rerun with another ensemble is refused")
+    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
+                    help="with --reship and a tiled bundle: the views re-ship the picture (default) or the "
+                         "image as delivered")
     ap.add_argument("--num-cpus", type=int, default=None,
                     help="local Ray only: CPUs it may use (default: all)")
     ap.add_argument("--object-store-mb", type=int, default=512,
@@ -153,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cinemae.runtime.bundle import BundleError, resolve_bundle
     from cinemae.runtime.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+    from cinemae.runtime.reship import ReshipEnsemble
 
     try:
         bundle_arg, sources = split_bundle(args.paths, args.bundle)
@@ -160,11 +170,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: give at least one folder, file, URI or --manifest", file=sys.stderr)
             return 2
         bundle = resolve_bundle(bundle_arg)
+        ens = ReshipEnsemble.parse(args.reship, args.reship_on)  # a bad ensemble stops here, before Ray
     except (BundleError, OSError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     k = bundle.k if args.k is None else args.k
-    meta = {"model": bundle.fingerprint(), "k": k, "precision": args.precision}
+    meta = {"model": bundle.fingerprint(), "k": k, "precision": args.precision,
+            **({"reship": {"views": ens.names, "on": ens.on}} if ens is not None else {})}
     store = ShardStore(args.out)
     try:
         store.lock()
@@ -194,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                            "backend": args.backend, "device": args.device, "precision": args.precision,
                            "k": args.k, "batch_size": args.batch_size,
                            "threads": max(1, int(math.ceil(args.cpus_per_actor))),
-                           "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES}
+                           "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS, "max_bytes": DEFAULT_MAX_BYTES,
+                           "reship": args.reship, "reship_on": args.reship_on}
         try:
             ray = _init_ray(args)
         except Exception as e:  # noqa: BLE001 - no cluster at --address, Ray cannot start here, ...

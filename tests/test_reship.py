@@ -547,3 +547,30 @@ def test_ensemble_heatmap_is_the_originals(explain_k: int | None) -> None:
     assert r.ok and r.reship is not None and len(r.reship) == 3
     assert plain.heatmap is not None and r.heatmap == plain.heatmap
     assert r.logit == pytest.approx(plain.logit, abs=1e-6)
+
+
+def test_serve_reship(tmp_path: Path) -> None:
+    """cinemae-serve --reship: a real server on loopback answers each image with its views, names the
+    ensemble in the model, and keeps the original's score and heatmap; a bad ensemble stops the start."""
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from cinemae.benchmarks.serve_load import ServerProcess
+    from cinemae.runtime.serve.cli import main as serve_main
+
+    data = _jpeg_bytes(_rgb(48, 64, seed=12))
+    srv = ServerProcess(_embedded(), "--reship", "default", "--max-batch", "4", log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        body = httpx.post(srv.url + "/v1/detect?explain=1", content=data).json()
+    finally:
+        assert srv.terminate() == 0, srv.log_text()
+    rec = body["results"][0]
+    assert body["model"]["reship"] == {"views": ["crop:0.7", "letterbox:16x9"], "on": "picture"}
+    assert [v["view"] for v in rec["reship"]] == ["original", "crop:0.7", "letterbox:16x9"]
+    plain = _detector().detect(data, explain=True)  # ONNX Runtime here; the service's backend may differ
+    assert plain.heatmap is not None and rec["score"] == pytest.approx(plain.score, abs=1e-4)
+    hm = rec["heatmap"]
+    assert hm["grid"] == plain.heatmap["grid"] and hm["runs"] == plain.heatmap["runs"]
+    assert hm["range"] == pytest.approx(plain.heatmap["range"], abs=1e-4)
+    assert [h["index"] for h in hm["hottest"]] == [h["index"] for h in plain.heatmap["hottest"]]
+    assert serve_main([str(_embedded()), "--reship", "blur:3"]) == 2

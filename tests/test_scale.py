@@ -190,6 +190,43 @@ def test_local_scan_bad_inputs_resume_and_a_new_input(tmp_path: Path) -> None:
     r = subprocess.run(scan_cmd(REPO / "runtime" / "bundles" / "cifake32", "in", "--k", "1", *common),
                        cwd=tmp_path, capture_output=True, text=True, env=ray_env(), timeout=900)
     assert r.returncode == 2 and "other settings (k)" in r.stderr  # never mixes two settings in one folder
+    r = subprocess.run(scan_cmd("in", "--reship", "jpeg:60", *common), cwd=tmp_path, capture_output=True,
+                       text=True, env=ray_env(), timeout=900)
+    assert r.returncode == 2 and "other settings (reship)" in r.stderr  # an ensemble changes verdicts
+    r = subprocess.run(scan_cmd("in", "--reship", "blur:2", "--out", tmp_path / "bad"), cwd=tmp_path,
+                       capture_output=True, text=True, env=ray_env(), timeout=900)
+    assert r.returncode == 2 and "bad re-shipping 'blur:2'" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_local_scan_with_the_reship_ensemble(tmp_path: Path) -> None:
+    """--reship: each actor's Detector runs the ensemble; the records (views, model) are
+    cinemae-detect --reship --out's, and scan.json names the ensemble."""
+    _need_ray()
+    import cv2
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        assert cv2.imwrite(str(tmp_path / "in" / f"im{i}.png"), rng.integers(0, 255, (40 + i, 48, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    r = subprocess.run(scan_cmd("in", "--reship", "default", "--out", out, "--actors", "1", "--num-cpus", "1",
+                                "--object-store-mb", "100"), cwd=tmp_path, capture_output=True, text=True,
+                       env=ray_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = shard_records(out)
+    assert json.loads((out / "scan.json").read_text())["reship"] == {"views": ["crop:0.7", "letterbox:16x9"],
+                                                                     "on": "picture"}
+    local = subprocess.run([sys.executable, "-m", "cinemae.runtime.cli", "in", "--reship", "default", "--out",
+                            "local.jsonl", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                           env=ray_env(), timeout=900)
+    assert local.returncode == 0, local.stderr[-2000:]
+    for line in (tmp_path / "local.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        rec = recs[d["source"]]
+        assert [v["view"] for v in rec["reship"]] == ["original", "crop:0.7", "letterbox:16x9"]
+        assert rec["model"] == d["model"] and rec["verdict"] == d["verdict"]
+        assert [v["verdict"] for v in rec["reship"]] == [v["verdict"] for v in d["reship"]]
+        assert abs(rec["score"] - d["score"]) <= 1e-6
 
 
 N_FULL = 2000  # the full runs are marked slow: python -m pytest -q -m slow tests/test_scale.py

@@ -177,7 +177,7 @@ def test_resume_key_is_the_normalised_absolute_path(tiny_bundle: Path, tmp_path:
 
 
 def test_resume_refuses_to_mix_models(tiny_bundle: Path, tiny_bundle_copy: Path, tmp_path: Path, capsys) -> None:
-    """Every record names its model; resuming with another K, precision or bundle is refused and
+    """Every record names its model; resuming with another K, precision, bundle or ensemble is refused and
     the file is left as it was."""
     import shutil
 
@@ -198,6 +198,10 @@ def test_resume_refuses_to_mix_models(tiny_bundle: Path, tiny_bundle_copy: Path,
     assert run_detect(tiny_bundle_copy, tmp_path / "in", "--out", out, "--resume") == 2
     assert "manifest" in capsys.readouterr().err
     assert out.read_bytes() == before
+    # the re-shipping ensemble changes verdicts: resuming with one (or another one) is refused too
+    assert run_detect(tiny_bundle, tmp_path / "in", "--out", out, "--resume", "--reship", "jpeg:60") == 2
+    err = capsys.readouterr().err
+    assert "ensemble jpeg:60 on the picture" in err and out.read_bytes() == before
     # the same model resumes
     assert run_detect(tiny_bundle, tmp_path / "in", "--out", out, "--resume") == 0
     assert len(records(out)) == 4

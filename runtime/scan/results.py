@@ -11,7 +11,7 @@ that drives the scan says it. The Ray cluster scan writes its shards with the sa
 * Resume key: (content sha256, normalised absolute path): ``small``, ``/abs/small`` and
   ``/abs//small`` are one input; a file whose content changed is scored again; two paths with
   identical content each get a record.
-* One model per file: resuming with another bundle, K or precision is refused (the backend may
+* One model per file: resuming with another bundle, K, precision or re-shipping ensemble is refused (the backend may
   differ: the same graphs give the same scores within the parity tolerance).
 * Durability: each batch is appended with one ``write`` on an ``O_APPEND`` descriptor, then
   ``fsync``. A kill loses at most the batch being written and leaves at most one torn last line,
@@ -47,7 +47,7 @@ class ResultsExist(ScanError):
 
 
 class ModelMismatch(ScanError):
-    """The file holds records of another model (bundle, K or precision)."""
+    """The file holds records of another model (bundle, K, precision or ensemble)."""
 
 
 class ResultsWriteError(ScanError):
@@ -77,14 +77,19 @@ def record_identity(rec: dict[str, Any]) -> bytes:
     return record_key(rec.get("sha256"), path_from_record(rec["path"], rec.get("path_bytes_b64")))
 
 
-def model_key(model: dict[str, Any]) -> tuple[str, int, str]:
-    """What must match for records to share a file: manifest sha256, K, precision."""
-    return str(model["manifest_sha256"]), int(model["k"]), str(model["precision"])
+def model_key(model: dict[str, Any]) -> tuple[str, int, str, str]:
+    """What must match for records to share a file: manifest sha256, K, precision and the
+    re-shipping ensemble (its views and mode, or none: it turns verdicts into ``uncertain``)."""
+    ens = model.get("reship")
+    return (str(model["manifest_sha256"]), int(model["k"]), str(model["precision"]),
+            json.dumps(ens, sort_keys=True) if ens else "")
 
 
 def describe_model(model: dict[str, Any]) -> str:
+    ens = model.get("reship")
+    views = f", ensemble {','.join(ens.get('views', []))} on the {ens.get('on')}" if isinstance(ens, dict) else ""
     return (f"{model.get('id')} {model.get('version')} (manifest {str(model.get('manifest_sha256'))[:12]}, "
-            f"K={model.get('k')}, {model.get('precision')})")
+            f"K={model.get('k')}, {model.get('precision')}{views})")
 
 
 def encode_records(records: Iterable[dict[str, Any]]) -> bytes:

@@ -25,6 +25,10 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
                             "manifest_sha256": {"type": "string"}, "backend": {"type": "string"},
                             "precision": {"type": "string"}, "k": {"type": "integer"},
                             "threshold": {"type": "number"},
+                            "reship": {"type": "object", "description": "Only when the service runs the re-shipping "
+                                       "ensemble (cinemae-serve --reship): its views and what they act on.",
+                                       "properties": {"views": {"type": "array", "items": {"type": "string"}},
+                                                      "on": {"type": "string", "enum": ["delivered", "picture"]}}},
                             "trained": {"type": "boolean", "description": "Top-level model only."}}}
     number_or_null = {"type": ["number", "null"]}
     result = {
@@ -51,7 +55,17 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
             "provenance": {"type": "object", "description": "What the file says about itself (C2PA, XMP, "
                            "EXIF, generator text chunks, JPEG comments), read before the pixels."},
             "heatmap": {"type": "object", "description": "With explain: the per-patch map (values, count, "
-                        "covered, range, crop, boxes, hottest)."},
+                        "covered, range, crop, boxes, hottest); for a tiled bundle (kind 'tiles') the map of its "
+                        "crop logits over the picture (values, cell_tiles, threshold_logit, ...)."},
+            "tiles": {"type": "array", "description": "A tiled bundle: each crop's box in the original image and "
+                      "its logit (the image's logit is their mean).",
+                      "items": {"type": "object", "properties": {"box": {"type": ["array", "null"]},
+                                                                 "logit": {"type": "number"}}}},
+            "reship": {"type": "array", "description": "With the re-shipping ensemble: each view's p, logit and "
+                       "verdict, the original first; the verdict is the original's when all agree, else uncertain.",
+                       "items": {"type": "object", "properties": {
+                           "view": {"type": "string"}, "score": {"type": "number"}, "logit": {"type": "number"},
+                           "verdict": {"type": "string"}}}},
             "heatmap_png": {"type": ["string", "null"], "description": "With png=1: the overlay as a data URL."}}}
     detect_response = {"type": "object", "required": ["request_id", "model", "results"],
                        "properties": {"request_id": {"type": "string"},
