@@ -2,7 +2,7 @@
 made once (``runtime.reship.original_and_views``), side by side in one run on the same files,
 alternating per image; the rows of both must be equal. Run from the repository root:
 
-    python benchmarks/results/reship_prepare_once_x86_64-2core-amd-epyc-cpu/measure.py 24
+    python benchmarks/results/reship_prepare_once_x86_64-2core-amd-epyc-cpu/measure.py 24 OUT.json
 
 'before' is the path ``Detector.prepare`` took up to commit 99bf4a4, rebuilt from functions that are
 unchanged: ``preprocess_views(file)`` (decode + picture + crops), then ``load_image(file)`` and
@@ -11,6 +11,7 @@ Backend time is not included."""
 
 import io
 import json
+import logging
 import statistics
 import sys
 import time
@@ -24,7 +25,10 @@ from cinemae.runtime.detector import Detector, Result
 from cinemae.runtime.preprocess import load_image
 
 warnings.simplefilter("ignore")
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+log = logging.getLogger("measure")
 limit = int(sys.argv[1]) if len(sys.argv) > 1 else 24
+out_path = sys.argv[2] if len(sys.argv) > 2 else "result.json"
 det = Detector("photo32", backend="onnxruntime", device="cpu", provenance=False, reship="photo")
 assert det.reship is not None and det.tiles is not None
 bb = det.bundle.backbone
@@ -65,5 +69,6 @@ for label, fs in files.items():
     sizes = [Image.open(io.BytesIO(x)).size for x in fs]
     out[label] = {"images": len(fs), "median_pixels": int(statistics.median(w * h for w, h in sizes)),
                   "before_ms": round(b_ms, 1), "after_ms": round(a_ms, 1), "ratio": round(a_ms / b_ms, 3)}
-    print(label, out[label], flush=True)
-print(json.dumps(out, indent=1))
+    log.info("%s %s", label, out[label])
+with open(out_path, "w") as fh:
+    json.dump(out, fh, indent=1)
