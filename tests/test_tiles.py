@@ -525,6 +525,23 @@ def test_tile_map_record_cells_are_the_mean_of_the_crops_covering_them() -> None
         tile_map_record(boxes[:2], [1.0, 2.0, 3.0], 100, 130)
 
 
+@pytest.mark.parametrize("thr", [-5.0, 5.0])
+def test_tile_map_overlay_outlines_the_cells_above_the_threshold(thr: float) -> None:
+    """The overlay of a tile map draws a white outline round each cell at or above the threshold's
+    logit and none round the others; the legend marks the threshold when it is inside the range."""
+    from cinemae.runtime.explain.heatmap import tile_map_record
+    from cinemae.runtime.explain.overlay import LEGEND_H, render_overlay
+
+    boxes = [(x, y, x + 80, y + 80) for y in (0, 80, 160, 240) for x in (0, 80, 160, 240)]
+    rec = tile_map_record(boxes, np.linspace(-1, 1, 16), 320, 320, threshold_logit=thr)
+    out = render_overlay(np.full((320, 320, 3), 90, np.uint8), rec)  # 320 px: drawn at scale 1
+    white = (out[:320, :320] == 255).all(axis=-1)
+    assert white[0, 5] == (thr < -1) and white[80, 85] == (thr < -1)  # the top edges of two cells
+    rec_mid = tile_map_record(boxes, np.linspace(-1, 1, 16), 320, 320, threshold_logit=0.0)
+    legend = render_overlay(np.full((320, 320, 3), 90, np.uint8), rec_mid)[-LEGEND_H:]
+    assert (legend[1:17, 150:170] == 0).all(axis=-1).any()  # the black tick near the middle of the bar
+
+
 @pytest.mark.parametrize("mode", ["grid", "seeded"])
 def test_tiled_detector_heatmap_is_its_tile_map(tiny_bundle_copy: Path, mode: str) -> None:
     """explain=True on a tiled bundle gives the map of the image's own crop logits (Result.tiles),

@@ -76,6 +76,14 @@ def render_overlay(rgb: np.ndarray, record: dict[str, Any], max_side: int = 768,
     for i in range(1, gr):
         y = cy0 + round(ch * i / gr)
         out[y, cx0:cx1] = (out[y, cx0:cx1] * 0.7).astype(np.uint8)
+    thr = record.get("threshold_logit") if record.get("kind") == "tiles" else None
+    if thr is not None:  # a tile map: outline (white) every cell at or above the threshold's logit
+        for i, row in enumerate(record["values"]):
+            for j, v in enumerate(row):
+                if v is not None and v >= thr:
+                    p0 = (cx0 + round(cw * j / gc), cy0 + round(ch * i / gr))
+                    p1 = (cx0 + round(cw * (j + 1) / gc) - 1, cy0 + round(ch * (i + 1) / gr) - 1)
+                    cv2.rectangle(out, p0, p1, (255, 255, 255), 1)
     for hot in record.get("hottest", [])[:3]:  # outline the three hottest patches
         r, c = hot["row"], hot["col"]
         p0 = (cx0 + round(cw * c / gc), cy0 + round(ch * r / gr))
@@ -93,6 +101,10 @@ def legend(width: int, lo: float, hi: float, record: dict[str, Any]) -> np.ndarr
     bar_w = max(16, width - 16)
     bar = _colours(np.linspace(lo, hi, bar_w)[None, :].repeat(10, 0), lo, hi)
     strip[4:14, 8:8 + bar_w] = bar
+    thr = record.get("threshold_logit") if record.get("kind") == "tiles" else None
+    if thr is not None and hi > lo and lo <= thr <= hi:  # where the threshold falls on the scale
+        x = 8 + round((bar_w - 1) * (thr - lo) / (hi - lo))
+        strip[1:17, max(8, x - 1):x + 2] = (0, 0, 0)
     font, fs = cv2.FONT_HERSHEY_SIMPLEX, 0.35 if width < 400 else 0.45
     dark = (20, 20, 20)
     cv2.putText(strip, f"{lo:.3g}", (8, 27), font, fs, dark, 1, cv2.LINE_AA)
@@ -103,7 +115,8 @@ def legend(width: int, lo: float, hi: float, record: dict[str, Any]) -> np.ndarr
     mid = f"crop logit, {record['tiles']} crops" if tiles else f"LCAS, mean of {record['runs']} runs"
     (mw, _), _ = cv2.getTextSize(mid, font, fs, 1)
     cv2.putText(strip, mid, (max(8, (width - mw) // 2), 27), font, fs, dark, 1, cv2.LINE_AA)
-    cov = (f"threshold at logit {record['threshold_logit']:.3g}; cyan: highest cells" if tiles
+    cov = (f"black tick: threshold (logit {record['threshold_logit']:.3g}); white: cells above; cyan: highest"
+           if tiles
            and record.get("threshold_logit") is not None else
            f"hatched: no crop ({100 * (1 - record['covered']):.1f}% of cells); cyan: highest" if tiles else
            f"hatched: never masked ({100 * (1 - record['covered']):.1f}% of patches); cyan: hottest")

@@ -63,6 +63,13 @@ function drawMap(canvas, img, heat, show) {
     ctx.fillStyle = `rgba(${c[0]},${c[1]},${c[2]},0.6)`;
     ctx.fillRect(x, y, w, h);
   });
+  if (heat.kind === "tiles" && heat.threshold_logit !== null && heat.threshold_logit !== undefined) {
+    ctx.strokeStyle = "white";  // a tile map: the cells at or above the threshold's logit
+    heat.boxes.forEach((b, i) => {
+      const v = heat.values[Math.floor(i / g)][i % g];
+      if (v !== null && v >= heat.threshold_logit) ctx.strokeRect(b[0] * fx, b[1] * fy, (b[2] - b[0]) * fx, (b[3] - b[1]) * fy);
+    });
+  }
   ctx.strokeStyle = "cyan";
   for (const hot of (heat.hottest || []).slice(0, 3)) {
     const b = hot.box;
@@ -137,7 +144,7 @@ function card(file, rec, url) {
     side.append(el("div", {class: "row muted"}, el("label", {}, toggle, " heatmap"),
       el("span", {}, fmt(heat.range && heat.range[0], 2)), el("span", {class: "legend"}), el("span", {}, fmt(heat.range && heat.range[1], 2)),
       el("span", {}, heat.kind === "tiles"
-        ? `crop logit of ${heat.tiles} crops, threshold at logit ${fmt(heat.threshold_logit, 2)}`
+        ? `crop logit of ${heat.tiles} crops; outlined white: cells at or above the threshold (logit ${fmt(heat.threshold_logit, 2)})`
         : `mean of ${heat.runs} runs, ${Math.round(100 * heat.covered)}% of patches covered`)));
   }
   c.append(el("div", {class: "row"}, side, el("div", {"data-testid": "provenance"}, el("b", {}, "Provenance"), provenanceList(rec.provenance))));
