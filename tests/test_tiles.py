@@ -525,6 +525,21 @@ def test_tile_map_record_cells_are_the_mean_of_the_crops_covering_them() -> None
         tile_map_record(boxes[:2], [1.0, 2.0, 3.0], 100, 130)
 
 
+def test_tile_map_record_is_bounded_for_a_huge_picture() -> None:
+    """Small crops spread over a huge picture: at most MAX_TILE_CELLS cells, every crop still counted."""
+    from cinemae.runtime.explain.heatmap import MAX_TILE_CELLS, tile_map_record
+
+    xs = np.linspace(0, 20000 - 32, 16)
+    ys = np.linspace(0, 15000 - 32, 16)
+    boxes = [(x, y, x + 32, y + 32) for y in ys for x in xs]
+    rec = tile_map_record(boxes, np.arange(256.0), 20000, 15000)
+    rows, cols = rec["grid"]
+    assert rows * cols <= MAX_TILE_CELLS and cols > rows > 1 and len(rec["boxes"]) == rows * cols
+    assert sum(map(sum, rec["cell_tiles"])) == 256  # each crop in exactly one (larger) cell
+    assert rec["range"] == [0.0, 255.0]
+    assert rec["crop"] == [0.0, 0.0, 20000.0, 15000.0]
+
+
 @pytest.mark.parametrize("thr", [-5.0, 5.0])
 def test_tile_map_overlay_outlines_the_cells_above_the_threshold(thr: float) -> None:
     """The overlay of a tile map draws a white outline round each cell at or above the threshold's

@@ -118,6 +118,11 @@ def heatmap_record(lcas: np.ndarray, width: int, height: int, img_size: int, cro
     }
 
 
+#: at most this many cells in a tile map (64 x 64): a huge picture tiled by small crops gets cells of
+#: several crops' size, so the record (and a served response) stays bounded
+MAX_TILE_CELLS = 4096
+
+
 def tile_map_record(boxes: Sequence[Sequence[float]], logits: Sequence[float], width: int, height: int,
                     *, threshold_logit: float | None = None, top: int = 5) -> dict[str, Any]:
     """A tiled image's crops -> the JSON-able map of which parts of the picture drove its verdict,
@@ -132,8 +137,10 @@ def tile_map_record(boxes: Sequence[Sequence[float]], logits: Sequence[float], w
     The cells: a uniform grid of rows x cols cells over the region the crops cover (their union's
     bounding box: the picture after bars were trimmed), each cell about one crop in size; a cell's
     value is the mean logit of the crops that contain its centre (null where none does, e.g. between
-    seeded crops). Keys as :func:`heatmap_record` (grid is [rows, cols]; crop is the covered region;
-    runs and count are absent) plus ``kind``, ``tiles`` (T), ``threshold_logit`` (the logit at the
+    seeded crops). Where that would make more than :data:`MAX_TILE_CELLS` cells, the cells are
+    larger and each holds the mean of the crops whose centre lies in it. Keys as
+    :func:`heatmap_record` (grid is [rows, cols]; crop is the covered region; runs and count are
+    absent) plus ``kind``, ``tiles`` (T), ``threshold_logit`` (the logit at the
     bundle's threshold: a cell above it pulls towards ``ai``) and ``cell_tiles`` (rows x cols: how
     many crops each value is the mean of)."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -145,13 +152,22 @@ def tile_map_record(boxes: Sequence[Sequence[float]], logits: Sequence[float], w
     cw, ch = float(np.median(b[:, 2] - b[:, 0])), float(np.median(b[:, 3] - b[:, 1]))
     cols = max(1, round((x1 - x0) / max(cw, 1e-9)))
     rows = max(1, round((y1 - y0) / max(ch, 1e-9)))
+    coarse = rows * cols > MAX_TILE_CELLS
+    if coarse:  # crops far smaller than the picture: coarser cells, a bounded record
+        f = math.sqrt(rows * cols / MAX_TILE_CELLS)
+        rows, cols = max(1, int(rows / f)), max(1, int(cols / f))
     xs = x0 + (x1 - x0) * np.arange(cols + 1) / cols
     ys = y0 + (y1 - y0) * np.arange(rows + 1) / rows
     r, c = np.divmod(np.arange(rows * cols), cols)
     cells = np.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], axis=1)  # [L, 4] row-major
-    cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
-    inside = ((b[None, :, 0] <= cx[:, None]) & (cx[:, None] < b[None, :, 2])
-              & (b[None, :, 1] <= cy[:, None]) & (cy[:, None] < b[None, :, 3]))  # [L, T]
+    if coarse:  # a cell larger than a crop: the crops whose centre lies in it
+        bx, by = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        inside = ((cells[:, None, 0] <= bx[None]) & (bx[None] < cells[:, None, 2])
+                  & (cells[:, None, 1] <= by[None]) & (by[None] < cells[:, None, 3]))  # [L, T]
+    else:  # the crops that contain the cell's centre
+        cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
+        inside = ((b[None, :, 0] <= cx[:, None]) & (cx[:, None] < b[None, :, 2])
+                  & (b[None, :, 1] <= cy[:, None]) & (cy[:, None] < b[None, :, 3]))  # [L, T]
     count = inside.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, (inside * lg[None, :]).sum(axis=1) / np.maximum(count, 1), np.nan)
