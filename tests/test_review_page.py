@@ -4,6 +4,7 @@ page shows, keep a screenshot. Skips when Playwright or a Chromium binary is mis
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -124,57 +125,94 @@ def test_detect_explain_on_a_tiled_bundle(tmp_path: Path) -> None:
         assert im.format == "PNG"
 
 
-@pytest.mark.skipif(BROWSER is None, reason="no Chromium binary (apt-get install chromium)")
-def test_review_page_in_chromium(server, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) is not installed")
-    a, b = images(tmp_path)
-    requests: list = []
+@contextlib.contextmanager
+def _checked_in_chromium(sync_api, url: str, files: list[Path], requests: list | None = None):  # noqa: ANN001, ANN202
+    """Chromium on the review page at ``url``: the token saved, ``files`` uploaded and checked;
+    yields (page, page errors)."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=BROWSER, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
             "--no-first-run", "--disable-extensions"])
         try:
             page = browser.new_page(viewport={"width": 1150, "height": 900})
-            page.on("request", lambda req: requests.append(req))
+            if requests is not None:
+                page.on("request", lambda req: requests.append(req))
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
+            page.goto(url + "/")
             page.fill("#token", TOKEN)
             page.click("#token-save")
-            page.set_input_files("#files", [str(a), str(b)])
+            page.set_input_files("#files", [str(f) for f in files])
             # locators, not wait_for_function: the page's CSP forbids the eval that polling uses
-            page.locator("[data-testid=result] canvas[data-drawn]").nth(1).wait_for(timeout=120_000)
-            sync_api.expect(page.locator("#status")).to_contain_text("2 image(s) checked")
-            cards = page.locator("[data-testid=result]")
-            assert cards.count() == 2
-            by_name = {cards.nth(i).locator("h2").text_content(): cards.nth(i) for i in range(2)}
-            gen, noise = by_name["generated.png"], by_name["noise-square.jpg"]
-            # the PNG with generator parameters: ai by provenance, the pixel verdict shown beside it
-            assert gen.locator("[data-testid=verdict]").text_content() == "ai"
-            assert "by provenance" in gen.locator("[data-testid=reason]").text_content()
-            prov = gen.locator("[data-testid=provenance]").text_content()
-            assert "generator parameters" in prov and "Steps: 30" in prov and "no C2PA manifest" in prov
-            # the noise square: a pixel verdict, a score, and the heatmap drawn over the image
-            assert noise.locator("[data-testid=verdict]").text_content() in ("ai", "real", "uncertain")
-            float(noise.locator("[data-testid=score]").text_content())
-            assert noise.locator("canvas").get_attribute("data-drawn") == "heatmap"
-            assert "mean of 8 runs, 100% of patches covered" in noise.text_content()
-            # the hottest patch drawn lies in the noise square (image x 128..192, y 64..128 of 256)
-            hot = page.evaluate("""() => {
-                const c = [...document.querySelectorAll('[data-testid=result]')]
-                  .find(e => e.querySelector('h2').textContent === 'noise-square.jpg').querySelector('canvas');
-                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                let best = -1, at = null;
-                for (let y = 0; y < c.height; y += 4) for (let x = 0; x < c.width; x += 4) {
-                  const i = 4 * (y * c.width + x), v = d[i] + d[i + 1] - d[i + 2];  // yellow-ness
-                  if (v > best) { best = v; at = [x / c.width, y / c.height]; }
-                }
-                return at; }""")
-            assert 0.45 <= hot[0] <= 0.8 and 0.2 <= hot[1] <= 0.55, hot
-            page.screenshot(path=str(tmp_path / "review-page.png"), full_page=True)
-            assert errors == []
+            page.locator("[data-testid=result] canvas[data-drawn]").nth(len(files) - 1).wait_for(timeout=120_000)
+            sync_api.expect(page.locator("#status")).to_contain_text(f"{len(files)} image(s) checked")
+            yield page, errors
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium binary (apt-get install chromium)")
+def test_review_page_with_a_tiled_bundle_and_the_ensemble(tmp_path: Path) -> None:
+    """The default photo model behind cinemae-serve --reship: the page draws the tile map (its own
+    caption) and lists each view's verdict."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) is not installed")
+    from cinemae.benchmarks.serve_load import ServerProcess
+    from cinemae.runtime.bundle import embedded_bundle_path
+
+    if embedded_bundle_path("photo32") is None:
+        pytest.skip("this install has no photo32 bundle")
+    a, _ = images(tmp_path)
+    srv = ServerProcess("photo32", "--reship", "default", env={"CINEMAE_TOKEN": TOKEN}, log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        with _checked_in_chromium(sync_api, srv.url, [a]) as (page, errors):
+            card = page.locator("[data-testid=result]").nth(0)
+            assert card.locator("canvas").get_attribute("data-drawn") == "heatmap"
+            assert "crop logit of" in card.text_content() and "at or above the threshold" in card.text_content()
+            rows = card.locator("[data-testid=views] tr")
+            assert rows.count() == 4  # the header, the original and two views
+            assert [rows.nth(i).locator("td").nth(0).text_content() for i in (1, 2, 3)] == [
+                "original", "crop:0.7", "letterbox:16x9"]
+            page.screenshot(path=str(tmp_path / "tiled.png"), full_page=True)
+            assert errors == []
+    finally:
+        assert srv.terminate() == 0, srv.log_text()
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium binary (apt-get install chromium)")
+def test_review_page_in_chromium(server, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) is not installed")
+    a, b = images(tmp_path)
+    requests: list = []
+    with _checked_in_chromium(sync_api, server.url, [a, b], requests) as (page, errors):
+        cards = page.locator("[data-testid=result]")
+        assert cards.count() == 2
+        by_name = {cards.nth(i).locator("h2").text_content(): cards.nth(i) for i in range(2)}
+        gen, noise = by_name["generated.png"], by_name["noise-square.jpg"]
+        # the PNG with generator parameters: ai by provenance, the pixel verdict shown beside it
+        assert gen.locator("[data-testid=verdict]").text_content() == "ai"
+        assert "by provenance" in gen.locator("[data-testid=reason]").text_content()
+        prov = gen.locator("[data-testid=provenance]").text_content()
+        assert "generator parameters" in prov and "Steps: 30" in prov and "no C2PA manifest" in prov
+        # the noise square: a pixel verdict, a score, and the heatmap drawn over the image
+        assert noise.locator("[data-testid=verdict]").text_content() in ("ai", "real", "uncertain")
+        float(noise.locator("[data-testid=score]").text_content())
+        assert noise.locator("canvas").get_attribute("data-drawn") == "heatmap"
+        assert "mean of 8 runs, 100% of patches covered" in noise.text_content()
+        # the hottest patch drawn lies in the noise square (image x 128..192, y 64..128 of 256)
+        hot = page.evaluate("""() => {
+            const c = [...document.querySelectorAll('[data-testid=result]')]
+              .find(e => e.querySelector('h2').textContent === 'noise-square.jpg').querySelector('canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let best = -1, at = null;
+            for (let y = 0; y < c.height; y += 4) for (let x = 0; x < c.width; x += 4) {
+              const i = 4 * (y * c.width + x), v = d[i] + d[i + 1] - d[i + 2];  // yellow-ness
+              if (v > best) { best = v; at = [x / c.width, y / c.height]; }
+            }
+            return at; }""")
+        assert 0.45 <= hot[0] <= 0.8 and 0.2 <= hot[1] <= 0.55, hot
+        page.screenshot(path=str(tmp_path / "review-page.png"), full_page=True)
+        assert errors == []
     assert (tmp_path / "review-page.png").stat().st_size > 10_000
     detect = [r for r in requests if "/v1/detect" in r.url]
     assert len(detect) == 2

@@ -128,6 +128,12 @@ function card(file, rec, url) {
       el("tr", {}, el("th", {}, "s1 variability"), el("td", {}, fmt(stats[0]))),
       el("tr", {}, el("th", {}, "s2 mean anomaly"), el("td", {}, fmt(stats[1]))),
       el("tr", {}, el("th", {}, "s3 sensitivity"), el("td", {}, fmt(stats[2])))));
+    if (rec.reship) {  // the re-shipping ensemble: each view's verdict; the answer is uncertain unless all agree
+      body.append(el("table", {"data-testid": "views"},
+        el("tr", {}, el("th", {}, "view"), el("th", {}, "p(AI)"), el("th", {}, "verdict")),
+        ...rec.reship.map(x => el("tr", {}, el("td", {}, x.view), el("td", {}, fmt(x.score)),
+                                  el("td", {class: `verdict ${x.verdict}`}, x.verdict)))));
+    }
   } else {
     body.append(el("p", {"data-testid": "error"}, `${rec.error_code}: ${rec.error}`));
   }
