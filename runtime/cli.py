@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .bundle import BundleError
-from .commands import TABLE_HEADER, configure_logging, format_row, open_detector
+from .commands import TABLE_HEADER, add_reship_arguments, configure_logging, format_row, open_detector
 from .inputs import iter_inputs, split_bundle
 
 
@@ -65,18 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--explain-k", type=int, default=None, metavar="N",
                     help="make heatmaps from N masking runs (e.g. 8, so every patch is scored); the "
                          "verdict still comes from the bundle's K")
-    from .reship import ENSEMBLES, VIEWS_ON
-
-    ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
-                    help="opt-in re-shipping ensemble: also score each image as re-encodings of itself (one "
-                         "backend call) and answer uncertain unless all agree; the score stays the original's, "
-                         "--json lists each view's. A preset ("
-                         + ", ".join(f"{k} = {','.join(v)}" for k, v in ENSEMBLES.items())
-                         + ") or views such as jpeg:60,shrink:0.5 (jpeg:Q, shrink:S, upscale:S, crop:F, "
-                           "letterbox:AxB)")
-    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
-                    help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
-                         "(default; bars trimmed, shrunk to the bundle's max_side) or the image as delivered")
+    add_reship_arguments(ap)
     ap.add_argument("--no-provenance", action="store_true",
                     help="do not read C2PA / XMP / EXIF / generator metadata")
     ap.add_argument("--no-provenance-policy", action="store_true",

@@ -1,9 +1,11 @@
 """What the commands (``cinemae-detect``, the scan, ``cinemae-serve``, ``cinemae-stream``) share
-without being a command themselves: opening the Detector a command runs on, and the table row.
+without being a command themselves: opening the Detector a command runs on, the re-shipping
+ensemble's flags, and the table row.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -46,6 +48,23 @@ def configure_logging(stream: str = "stderr", level: int = logging.INFO) -> None
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def add_reship_arguments(ap: argparse.ArgumentParser, what: str = "each image") -> None:
+    """``--reship PRESET|VIEWS`` and ``--reship-on``, the opt-in re-shipping ensemble
+    (``Detector(reship=..., reship_on=...)``), with the same choices and help in every command."""
+    from .reship import ENSEMBLES, VIEWS_ON
+
+    ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
+                    help=f"opt-in re-shipping ensemble: also score {what} as re-encodings of itself (one "
+                         "backend call) and answer uncertain unless all agree; the score stays the original's, "
+                         "records list each view's. A preset ("
+                         + ", ".join(f"{k} = {','.join(v)}" for k, v in ENSEMBLES.items())
+                         + ") or views such as jpeg:60,shrink:0.5 (jpeg:Q, shrink:S, upscale:S, crop:F, "
+                           "letterbox:AxB). It costs about one more set of rows per view")
+    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
+                    help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
+                         "(default; bars trimmed, shrunk to the bundle's max_side) or the image as delivered")
 
 
 def _stderr(line: str) -> None:

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "and add the map to the JSON line")
     ap.add_argument("--explain-k", type=int, default=None, metavar="N",
                     help="heatmaps from N masking runs (e.g. 8: every patch scored); the verdict keeps the bundle's K")
+    from .commands import add_reship_arguments
+
+    add_reship_arguments(ap, "each scored frame")
     return ap
 
 
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     from .commands import open_detector
 
     det = open_detector("cinemae-stream", args.bundle, backend=args.backend, device=args.device,
-                        precision=args.precision, batch_size=1, threads=args.threads)
+                        precision=args.precision, batch_size=1, threads=args.threads, reship=args.reship,
+                        reship_on=args.reship_on)
     if det is None:
         return 2
     source = parse_source(args.source)

@@ -61,15 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--k", type=int, default=None, help="masking runs (default: the bundle's)")
     ap.add_argument("--max-pixels", type=int, default=None, help="per-image decoded pixel limit")
-    from cinemae.runtime.reship import ENSEMBLES, VIEWS_ON
+    from cinemae.runtime.commands import add_reship_arguments
 
-    ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
-                    help="opt-in re-shipping ensemble (as cinemae-detect --reship: a preset, "
-                         + ", ".join(ENSEMBLES) + ", or views such as jpeg:60,shrink:0.5); recorded in "
-                         "OUT/scan.json, so a rerun with another ensemble is refused")
-    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
-                    help="with --reship and a tiled bundle: the views re-ship the picture (default) or the "
-                         "image as delivered")
+    add_reship_arguments(ap, "each input")  # recorded in OUT/scan.json: a rerun with another is refused
     ap.add_argument("--num-cpus", type=int, default=None,
                     help="local Ray only: CPUs it may use (default: all)")
     ap.add_argument("--object-store-mb", type=int, default=512,

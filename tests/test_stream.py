@@ -70,6 +70,24 @@ def test_file_every_n_frames(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
             assert det.detect(decoded[x["frame"]]).score != pytest.approx(x["score"], abs=1e-7)
 
 
+def test_stream_reship(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    """--reship: each scored frame's line lists the views, and its verdict is the ensemble's."""
+    from cinemae.runtime import Detector
+
+    video = tmp_path / "clip.avi"
+    write_video(video, n=6)
+    decoded = read_back(video)
+    assert main([str(tiny_bundle), "--source", str(video), "--every", "3", "--reship", "jpeg:60,shrink:0.5"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["frame"] for x in lines] == [0, 3]
+    with Detector(tiny_bundle, reship="jpeg:60,shrink:0.5") as det:
+        for x in lines:
+            want = det.detect(decoded[x["frame"]][:, :, ::-1])
+            assert [v["view"] for v in x["reship"]] == ["original", "jpeg:60", "shrink:0.5"]
+            assert x["verdict"] == want.verdict and x["model"]["reship"]["views"] == ["jpeg:60", "shrink:0.5"]
+            assert [v["score"] for v in x["reship"]] == pytest.approx([v["score"] for v in want.reship], abs=1e-5)
+
+
 def test_missing_file_is_an_error(tiny_bundle: Path, tmp_path: Path) -> None:
     assert main([str(tiny_bundle), "--source", str(tmp_path / "none.avi")]) == 2
 

@@ -26,16 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help=device_help())
     ap.add_argument("--precision", default="fp32", choices=precision_choices())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime")
-    from ..reship import ENSEMBLES, VIEWS_ON
+    from ..commands import add_reship_arguments
 
-    ap.add_argument("--reship", metavar="PRESET|VIEWS", default=None,
-                    help="opt-in re-shipping ensemble for every image (as cinemae-detect --reship): also score "
-                         "re-encodings of it in the same backend call, uncertain unless all agree. A preset ("
-                         + ", ".join(ENSEMBLES) + ") or views such as jpeg:60,shrink:0.5. Each image then costs "
-                         "about 1 + views times the rows")
-    ap.add_argument("--reship-on", default="picture", choices=VIEWS_ON,
-                    help="with --reship and a tiled bundle: the views re-ship the picture its crops are cut from "
-                         "(default) or the image as delivered")
+    add_reship_arguments(ap)
     g = ap.add_argument_group("batching and decoding")
     g.add_argument("--max-batch", type=int, default=d.max_batch, help="images per backend call")
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
