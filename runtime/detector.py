@@ -428,13 +428,13 @@ class Detector:
                 boxes = r.tile_boxes or [None] * (b - a)
                 r.tiles = [{"box": None if bx is None else list(bx), "logit": float(v)}
                            for bx, v in zip(boxes, crop_logits, strict=True)]
-                if asked[j] and r.tile_boxes:
-                    r.heatmap = self._tile_map(r, crop_logits)
             else:
                 logit = float(crop_logits[0])
             if not math.isfinite(logit):
                 r.error, r.error_code = f"backend {self.backend.name} gave a non-finite logit ({logit})", "internal"
                 continue
+            if r.tiles is not None and asked[j] and r.tile_boxes:  # a finite mean: every crop logit is finite
+                r.heatmap = self._tile_map(r, crop_logits)
             p = sigmoid(logit)
             r.logit, r.score, r.pixel_verdict = logit, p, self.verdict(p)
             if view_logits is not None:
