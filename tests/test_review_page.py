@@ -100,24 +100,32 @@ def test_detect_explain_and_png(server, tmp_path: Path) -> None:
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_query", bad
 
 
-def test_detect_explain_on_a_tiled_bundle(tmp_path: Path) -> None:
-    """The default photo model scores crops: ?explain=1 gives its tile map (each crop's logit over the
-    picture, ``kind`` ``tiles``), &png=1 its overlay; before, a tiled bundle answered with no heatmap."""
-    import base64
-
+@contextlib.contextmanager
+def _photo32_server(tmp_path: Path, *args: str):  # noqa: ANN202
+    """A real cinemae-serve on loopback running the embedded photo model (tiled) with ``args``; it
+    must stop cleanly. Skips when this install has no photo32 bundle."""
     from cinemae.benchmarks.serve_load import ServerProcess
     from cinemae.runtime.bundle import embedded_bundle_path
 
     if embedded_bundle_path("photo32") is None:
         pytest.skip("this install has no photo32 bundle")
-    a, _ = images(tmp_path)
-    srv = ServerProcess("photo32", "--max-batch", "2", env={"CINEMAE_TOKEN": TOKEN}, log=tmp_path / "server.log")
+    srv = ServerProcess("photo32", *args, env={"CINEMAE_TOKEN": TOKEN}, log=tmp_path / "server.log")
     try:
         srv.wait_ready()
-        h = {"Authorization": f"Bearer {TOKEN}"}
-        rec = httpx.post(srv.url + "/v1/detect?explain=1&png=1", headers=h, content=a.read_bytes()).json()["results"][0]
+        yield srv
     finally:
         assert srv.terminate() == 0, srv.log_text()
+
+
+def test_detect_explain_on_a_tiled_bundle(tmp_path: Path) -> None:
+    """The default photo model scores crops: ?explain=1 gives its tile map (each crop's logit over the
+    picture, ``kind`` ``tiles``), &png=1 its overlay; before, a tiled bundle answered with no heatmap."""
+    import base64
+
+    a, _ = images(tmp_path)
+    with _photo32_server(tmp_path, "--max-batch", "2") as srv:
+        h = {"Authorization": f"Bearer {TOKEN}"}
+        rec = httpx.post(srv.url + "/v1/detect?explain=1&png=1", headers=h, content=a.read_bytes()).json()["results"][0]
     hm = rec["heatmap"]
     assert hm["kind"] == "tiles" and hm["tiles"] == len(rec["tiles"]) > 1 and hm["image"] == [256, 256]
     assert hm["covered"] == 1.0 and hm["range"][0] <= rec["logit"] <= hm["range"][1]
@@ -156,15 +164,8 @@ def test_review_page_with_a_tiled_bundle_and_the_ensemble(tmp_path: Path) -> Non
     """The default photo model behind cinemae-serve --reship: the page draws the tile map (its own
     caption) and lists each view's verdict."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python package) is not installed")
-    from cinemae.benchmarks.serve_load import ServerProcess
-    from cinemae.runtime.bundle import embedded_bundle_path
-
-    if embedded_bundle_path("photo32") is None:
-        pytest.skip("this install has no photo32 bundle")
     a, _ = images(tmp_path)
-    srv = ServerProcess("photo32", "--reship", "default", env={"CINEMAE_TOKEN": TOKEN}, log=tmp_path / "server.log")
-    try:
-        srv.wait_ready()
+    with _photo32_server(tmp_path, "--reship", "default") as srv:
         with _checked_in_chromium(sync_api, srv.url, [a]) as (page, errors):
             card = page.locator("[data-testid=result]").nth(0)
             assert card.locator("canvas").get_attribute("data-drawn") == "heatmap"
@@ -175,8 +176,6 @@ def test_review_page_with_a_tiled_bundle_and_the_ensemble(tmp_path: Path) -> Non
                 "original", "crop:0.7", "letterbox:16x9"]
             page.screenshot(path=str(tmp_path / "tiled.png"), full_page=True)
             assert errors == []
-    finally:
-        assert srv.terminate() == 0, srv.log_text()
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium binary (apt-get install chromium)")

@@ -76,20 +76,26 @@ def render_overlay(rgb: np.ndarray, record: dict[str, Any], max_side: int = 768,
     for i in range(1, gr):
         y = cy0 + round(ch * i / gr)
         out[y, cx0:cx1] = (out[y, cx0:cx1] * 0.7).astype(np.uint8)
-    thr = record.get("threshold_logit") if record.get("kind") == "tiles" else None
-    if thr is not None:  # a tile map: outline (white) every cell at or above the threshold's logit
-        for i, row in enumerate(record["values"]):
-            for j, v in enumerate(row):
-                if v is not None and v >= thr:
-                    p0 = (cx0 + round(cw * j / gc), cy0 + round(ch * i / gr))
-                    p1 = (cx0 + round(cw * (j + 1) / gc) - 1, cy0 + round(ch * (i + 1) / gr) - 1)
-                    cv2.rectangle(out, p0, p1, (255, 255, 255), 1)
-    for hot in record.get("hottest", [])[:3]:  # outline the three hottest patches
-        r, c = hot["row"], hot["col"]
+
+    def outline(r: int, c: int, rgb: tuple[int, int, int]) -> None:  # one cell's border, 1 px
         p0 = (cx0 + round(cw * c / gc), cy0 + round(ch * r / gr))
         p1 = (cx0 + round(cw * (c + 1) / gc) - 1, cy0 + round(ch * (r + 1) / gr) - 1)
-        cv2.rectangle(out, p0, p1, (0, 255, 255), 1)
+        cv2.rectangle(out, p0, p1, rgb, 1)
+
+    thr = _tile_threshold(record)
+    if thr is not None:  # a tile map: outline (white) every cell at or above the threshold's logit
+        for r, row in enumerate(record["values"]):  # the record's own floats, not the float32 copy
+            for c, v in enumerate(row):
+                if v is not None and v >= thr:
+                    outline(r, c, (255, 255, 255))
+    for hot in record.get("hottest", [])[:3]:  # outline the three hottest patches
+        outline(hot["row"], hot["col"], (0, 255, 255))
     return np.concatenate([out, legend(ow, lo, hi, record)], axis=0)
+
+
+def _tile_threshold(record: dict[str, Any]) -> float | None:
+    """A tile map's ``threshold_logit`` (None for an LCAS heatmap, or a tile map without one)."""
+    return record.get("threshold_logit") if record.get("kind") == "tiles" else None
 
 
 def legend(width: int, lo: float, hi: float, record: dict[str, Any]) -> np.ndarray:
@@ -101,7 +107,7 @@ def legend(width: int, lo: float, hi: float, record: dict[str, Any]) -> np.ndarr
     bar_w = max(16, width - 16)
     bar = _colours(np.linspace(lo, hi, bar_w)[None, :].repeat(10, 0), lo, hi)
     strip[4:14, 8:8 + bar_w] = bar
-    thr = record.get("threshold_logit") if record.get("kind") == "tiles" else None
+    thr = _tile_threshold(record)
     if thr is not None and hi > lo and lo <= thr <= hi:  # where the threshold falls on the scale
         x = 8 + round((bar_w - 1) * (thr - lo) / (hi - lo))
         strip[1:17, max(8, x - 1):x + 2] = (0, 0, 0)
@@ -115,11 +121,13 @@ def legend(width: int, lo: float, hi: float, record: dict[str, Any]) -> np.ndarr
     mid = f"crop logit, {record['tiles']} crops" if tiles else f"LCAS, mean of {record['runs']} runs"
     (mw, _), _ = cv2.getTextSize(mid, font, fs, 1)
     cv2.putText(strip, mid, (max(8, (width - mw) // 2), 27), font, fs, dark, 1, cv2.LINE_AA)
-    cov = (f"black tick: threshold (logit {record['threshold_logit']:.3g}); white: cells above; cyan: highest"
-           if tiles
-           and record.get("threshold_logit") is not None else
-           f"hatched: no crop ({100 * (1 - record['covered']):.1f}% of cells); cyan: highest" if tiles else
-           f"hatched: never masked ({100 * (1 - record['covered']):.1f}% of patches); cyan: hottest")
+    uncovered = f"{100 * (1 - record['covered']):.1f}%"
+    if thr is not None:
+        cov = f"black tick: threshold (logit {thr:.3g}); white: cells above; cyan: highest"
+    elif tiles:
+        cov = f"hatched: no crop ({uncovered} of cells); cyan: highest"
+    else:
+        cov = f"hatched: never masked ({uncovered} of patches); cyan: hottest"
     cv2.putText(strip, cov, (8, 40), font, fs * 0.9, (90, 90, 90), 1, cv2.LINE_AA)
     return strip
 

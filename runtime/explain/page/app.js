@@ -50,9 +50,13 @@ function drawMap(canvas, img, heat, show) {
   const fx = canvas.width / heat.image[0], fy = canvas.height / heat.image[1];
   const [lo, hi] = heat.range || [0, 1];
   const g = heat.grid[1];
+  const thr = heat.kind === "tiles" ? heat.threshold_logit : null;  // a tile map: outline the cells at or above it
+  const above = [];
+  const strokeBox = b => ctx.strokeRect(b[0] * fx, b[1] * fy, (b[2] - b[0]) * fx, (b[3] - b[1]) * fy);
   ctx.save();
   heat.boxes.forEach((b, i) => {
     const v = heat.values[Math.floor(i / g)][i % g];
+    if (v !== null && thr !== null && thr !== undefined && v >= thr) above.push(b);
     const x = b[0] * fx, y = b[1] * fy, w = (b[2] - b[0]) * fx, h = (b[3] - b[1]) * fy;
     if (v === null) {  // never masked: hatched, not coloured
       ctx.strokeStyle = "rgba(200,200,200,0.8)";
@@ -63,18 +67,10 @@ function drawMap(canvas, img, heat, show) {
     ctx.fillStyle = `rgba(${c[0]},${c[1]},${c[2]},0.6)`;
     ctx.fillRect(x, y, w, h);
   });
-  if (heat.kind === "tiles" && heat.threshold_logit !== null && heat.threshold_logit !== undefined) {
-    ctx.strokeStyle = "white";  // a tile map: the cells at or above the threshold's logit
-    heat.boxes.forEach((b, i) => {
-      const v = heat.values[Math.floor(i / g)][i % g];
-      if (v !== null && v >= heat.threshold_logit) ctx.strokeRect(b[0] * fx, b[1] * fy, (b[2] - b[0]) * fx, (b[3] - b[1]) * fy);
-    });
-  }
+  ctx.strokeStyle = "white";
+  above.forEach(strokeBox);
   ctx.strokeStyle = "cyan";
-  for (const hot of (heat.hottest || []).slice(0, 3)) {
-    const b = hot.box;
-    ctx.strokeRect(b[0] * fx, b[1] * fy, (b[2] - b[0]) * fx, (b[3] - b[1]) * fy);
-  }
+  for (const hot of (heat.hottest || []).slice(0, 3)) strokeBox(hot.box);
   ctx.restore();
 }
 
