@@ -245,7 +245,7 @@ class Detector:
         return {**self.bundle.fingerprint(), "backend": self.backend.name,
                 "precision": self.backend.precision, "k": self.k, "threshold": self.threshold,
                 **({"recheck_margin": self.recheck.margin} if self.recheck else {}),
-                **({"reship": {"views": ens.names, "on": ens.on}} if ens is not None else {})}
+                **({"reship": ens.fingerprint()} if ens is not None else {})}
 
     @property
     def backend_name(self) -> str:

@@ -222,6 +222,11 @@ class ReshipEnsemble:
     def names(self) -> list[str]:
         return [v.name for v in self.views]
 
+    def fingerprint(self) -> dict[str, object]:
+        """What a results record's ``model`` (and a scan's ``scan.json``) says of the ensemble: its
+        views and what they act on, since they change verdicts."""
+        return {"views": self.names, "on": self.on}
+
     def view_arrays(self, rgb: np.ndarray, img_size: int, crop_ratio: float, tiles: object = None,
                     max_pixels: int | None = None, *, picture: np.ndarray | None = None) -> list[np.ndarray]:
         """The decoded original [h, w, 3] in [0, 1] -> one network input per view, preprocessed

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     k = bundle.k if args.k is None else args.k
     meta = {"model": bundle.fingerprint(), "k": k, "precision": args.precision,
-            **({"reship": {"views": ens.names, "on": ens.on}} if ens is not None else {})}
+            **({"reship": ens.fingerprint()} if ens is not None else {})}
     store = ShardStore(args.out)
     try:
         store.lock()
